@@ -16,7 +16,8 @@ Parameter axes
   ``vocab``      vocabulary.
   ``layers``     the stacked-layer axis created by ``nn.scan``.
   ``lora_rank``  LoRA bottleneck.
-  ``conv_space`` spatial / temporal extent of a convolution kernel.
+  ``conv_space`` the first spatial / temporal axis of a convolution kernel (further spatial
+                 axes are ``None``: Flax refuses a logical name twice in one array).
   ``norm``       scale / bias vectors of normalisation layers.
 Activation axes
   ``batch``, ``length`` (sequence / tokens), ``act_embed``, ``act_heads``, ``act_kv_heads``,

@@ -255,7 +255,7 @@ class CLIPVisionEmbeddings(nn.Module):
             use_bias=False,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            kernel_init=_p(_kernel_init, ("conv_space", "conv_space", None, "embed")),
+            kernel_init=_p(_kernel_init, ("conv_space", None, None, "embed")),
             name="patch_embedding",
         )(pixel_values.astype(cfg.dtype))
         patches = patches.reshape(b, -1, cfg.hidden_size)  # row-major, as HF's flatten(2)
