@@ -16,6 +16,7 @@ import transformers
 from exo2ego_jax.checkpoints.hf_clip import load_clip_vision, save_clip_vision, tensor_map
 from exo2ego_jax.checkpoints.safetensors_io import CheckpointError, TensorIndex, write_safetensors
 from exo2ego_jax.models import clip
+from exo2ego_jax.sharding import DEFAULT_RULES
 
 TOL = 1e-4
 
@@ -359,8 +360,11 @@ def test_every_param_has_logical_names(scan):
         assert (leaf.names[0] == "layers") == (scan and "encoder" in where), where
     specs = nn.get_partition_spec(boxed)
     assert specs["embeddings"]["patch_embedding"]["kernel"] == jax.sharding.PartitionSpec(
-        "conv_space", "conv_space", None, "embed"
+        "conv_space", None, None, "embed"
     )
+    # Every spec must map onto the mesh through the project's rules table.
+    for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
+        nn.logical_to_mesh_axes(tuple(spec), DEFAULT_RULES)
     if scan:
         assert specs["encoder"]["layers"]["self_attn"]["q_proj"]["kernel"] == (
             jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")
