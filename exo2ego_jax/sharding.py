@@ -58,7 +58,9 @@ DEFAULT_RULES: LogicalRules = (
 )
 
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
+def make_mesh(
+    shape: Sequence[int], devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
     """A ``('data', 'fsdp', 'tensor')`` mesh; one ``-1`` entry is filled from the device count."""
     devices = list(devices if devices is not None else jax.devices())
     shape = list(shape)

@@ -46,7 +46,9 @@ def test_sharded_write_loads_with_reference_reader(tmp_path):
     save_file(ref, tmp_path / "src.safetensors")
     src = TensorIndex(tmp_path)
     out = write_safetensors(
-        tmp_path / "out", ((n, src.get(n)) for n in src.names()), max_shard_bytes=40,
+        tmp_path / "out",
+        ((n, src.get(n)) for n in src.names()),
+        max_shard_bytes=40,
         config={"model_type": "x"},
     )
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -69,7 +71,9 @@ def test_sharded_write_loads_with_reference_reader(tmp_path):
 def test_single_shard_uses_plain_file_name(tmp_path):
     out = write_safetensors(tmp_path / "o", [("a", np.ones((2, 2), np.float32))])
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
-    np.testing.assert_array_equal(load_file(out / "model.safetensors")["a"].numpy(), np.ones((2, 2)))
+    np.testing.assert_array_equal(
+        load_file(out / "model.safetensors")["a"].numpy(), np.ones((2, 2))
+    )
 
 
 def test_clear_errors(tmp_path):

@@ -18,8 +18,12 @@ def test_fill_and_names():
 
 @pytest.mark.parametrize(
     "shape, message",
-    [((3, -1, 1), "not divisible by 3"), ((2, 2, 1), "needs 4 devices but 8"),
-     ((-1, -1, 1), "at most one"), ((8, 1), "must have 3 entries")],
+    [
+        ((3, -1, 1), "not divisible by 3"),
+        ((2, 2, 1), "needs 4 devices but 8"),
+        ((-1, -1, 1), "at most one"),
+        ((8, 1), "must have 3 entries"),
+    ],
 )
 def test_bad_mesh_shapes_are_named(shape, message):
     with pytest.raises(ValueError, match=message):

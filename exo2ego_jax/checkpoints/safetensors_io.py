@@ -135,7 +135,9 @@ class TensorIndex:
         try:
             return self._entries[name]
         except KeyError:
-            raise CheckpointError(f"{self.path}: tensor {name!r} not found in the checkpoint") from None
+            raise CheckpointError(
+                f"{self.path}: tensor {name!r} not found in the checkpoint"
+            ) from None
 
     def get(self, name: str) -> np.ndarray:
         file, data_start, info = self._info(name)
@@ -168,7 +170,9 @@ def _write_one(file: Path, tensors: list[tuple[str, np.ndarray]], metadata: dict
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for _, arr in tensors:
-            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+            f.write(
+                np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+            )
 
 
 def write_safetensors(

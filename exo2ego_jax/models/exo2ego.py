@@ -208,7 +208,7 @@ class Exo2Ego:
         return self.connector.apply({"params": params["connector"]}, feats)
 
     def encode_ego(self, params: Params, frames: jax.Array) -> jax.Array:
-        """``x = E_ego(frames)``: ``float[B, T, H, W, 3]`` (CLIP-normalised) -> ``float[B, S, D]``."""
+        """``x = E_ego(frames)``: CLIP-normalised ``float[B, T, H, W, 3]`` -> ``float[B, S, D]``."""
         return self._encode(params["ego_encoder"], frames)
 
     def encode_exo(self, params: Params, frames: jax.Array) -> jax.Array:
