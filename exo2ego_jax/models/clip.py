@@ -276,6 +276,35 @@ class CLIPVisionEmbeddings(nn.Module):
         return _constrain(x, _TOKENS)
 
 
+class _Projection(nn.Module):
+    """``y = einsum(x, kernel) + bias`` with a multi-axis kernel (DenseGeneral's params).
+
+    Flax's ``DenseGeneral`` initialises a *flattened* 2-D kernel and reshapes it, which
+    breaks logical-axis constraints on its 3-D names once sharding rules are active; this
+    module creates the kernel in its final shape.
+    """
+
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    bias_shape: tuple[int, ...]
+    bias_axes: tuple[str | None, ...]
+    equation: str
+    config: CLIPVisionConfig
+    contracting: tuple[int, ...] = (0,)  # kernel axes that are inputs (for the fan-in)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        out_axes = tuple(i for i in range(len(self.kernel_shape)) if i not in self.contracting)
+        init = nn.initializers.lecun_normal(in_axis=self.contracting, out_axis=out_axes)
+        kernel = self.param(
+            "kernel", _p(init, self.kernel_axes), self.kernel_shape, cfg.param_dtype
+        )
+        bias = self.param("bias", _p(_zeros, self.bias_axes), self.bias_shape, cfg.param_dtype)
+        y = jnp.einsum(self.equation, x.astype(cfg.dtype), kernel.astype(cfg.dtype))
+        return y + bias.astype(cfg.dtype)
+
+
 class CLIPAttention(nn.Module):
     """Bidirectional multi-head self-attention with biased q/k/v/out projections.
 
@@ -287,14 +316,16 @@ class CLIPAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
+        n, h, w = cfg.num_heads, cfg.head_dim, cfg.hidden_size
 
         def proj(name: str) -> jax.Array:
-            y = nn.DenseGeneral(
-                (cfg.num_heads, cfg.head_dim),
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=_p(_kernel_init, ("embed", "heads", "head_dim")),
-                bias_init=_p(_zeros, ("heads", "head_dim")),
+            y = _Projection(
+                (w, n, h),
+                ("embed", "heads", "head_dim"),
+                (n, h),
+                ("heads", "head_dim"),
+                "BSW,WNH->BSNH",
+                cfg,
                 name=name,
             )(x)
             return _constrain(y, ("batch", "length", "act_heads", None))
@@ -303,13 +334,14 @@ class CLIPAttention(nn.Module):
         logits = jnp.einsum("BQHD,BKHD->BHQK", q, k, preferred_element_type=jnp.float32)
         probs = jax.nn.softmax(logits * cfg.head_dim**-0.5, axis=-1).astype(cfg.dtype)
         out = jnp.einsum("BHQK,BKHD->BQHD", probs, v)
-        return nn.DenseGeneral(
-            cfg.hidden_size,
-            axis=(-2, -1),
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            kernel_init=_p(_kernel_init, ("heads", "head_dim", "embed")),
-            bias_init=_p(_zeros, ("embed",)),
+        return _Projection(
+            (n, h, w),
+            ("heads", "head_dim", "embed"),
+            (w,),
+            ("embed",),
+            "BSNH,NHW->BSW",
+            cfg,
+            contracting=(0, 1),
             name="out_proj",
         )(out)
 
