@@ -1,0 +1,136 @@
+"""Shared pieces of the stage configs (ml_collections).
+
+Every stage config is ``get_config(arg)`` with ``arg`` a preset name:
+
+* ``demo`` (default): tiny model, the built-in synthetic world, CPU-friendly sizes.
+* ``paper``: method.md's sizes and per-stage hyper-parameters (CLIP-L/14-336 ×2, STC
+  connectors, ResNet F/G with ngf 256, Mistral-7B-Instruct, LoRA r128/α256/dropout 0.1 in
+  stage 3, 16 frames at 336 px, bfloat16 compute).
+
+Every decision listed in method.md is a field below; override any of them on the command
+line, e.g. ``--config.stage.lambda_kl=0.5`` or ``--config.model.fusion=x_only``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ("demo", "paper")
+
+# Paper's per-stage schedule (method.md §4): batch, lr, warmup ratio, epochs.
+PAPER_SCHEDULE = {
+    0: dict(batch_size=512, lr=1e-3, warmup_ratio=0.1, num_epochs=5),
+    1: dict(batch_size=256, lr=1e-4, warmup_ratio=0.03, num_epochs=2),
+    2: dict(batch_size=256, lr=1e-4, warmup_ratio=0.03, num_epochs=2),
+    3: dict(batch_size=64, lr=2e-5, warmup_ratio=0.03, num_epochs=1),
+}
+
+
+def parse_preset(arg: str | None) -> str:
+    preset = (arg or "demo").strip() or "demo"
+    if preset not in PRESETS:
+        raise ValueError(f"unknown config preset {preset!r}; choose one of {PRESETS}")
+    return preset
+
+
+def model_config(preset: str) -> ml_collections.ConfigDict:
+    """Architecture fields (see ``exo2ego_jax.config_lib.build_model_config``)."""
+    m = ml_collections.ConfigDict()
+    m.size = "tiny" if preset == "demo" else "paper"  # architecture preset of every component
+    m.num_frames = 4 if preset == "demo" else 16
+    m.image_size = 32 if preset == "demo" else 336
+    m.select_layer = -2  # VideoLLaMA2: penultimate CLIP layer, CLS dropped
+    m.fusion = "concat_seq"  # concat_seq | x_only | fx_only  (what replaces <video>)
+    m.with_exo = True
+    m.with_mapping = True
+    m.video_token_index = -201
+    m.vocab_size = 1024 if preset == "demo" else 32000  # must match the tokenizer
+    m.dtype = "float32" if preset == "demo" else "bfloat16"  # compute dtype
+    m.param_dtype = "float32"
+    m.remat_policy = "none" if preset == "demo" else "full"  # none | full | dots | dots_no_batch
+    m.mapping = ml_collections.ConfigDict(
+        dict(
+            kind="resnet",
+            ngf=8 if preset == "demo" else 256,
+            n_blocks=2 if preset == "demo" else 9,
+            norm="layer" if preset == "demo" else "instance",
+        )
+    )
+    m.lora = ml_collections.ConfigDict(
+        dict(
+            enabled=False,
+            rank=8 if preset == "demo" else 128,
+            alpha=16 if preset == "demo" else 256,
+            dropout=0.0 if preset == "demo" else 0.1,
+            targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        )
+    )
+    return m
+
+
+def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
+    """The full config of ``stage`` (0-3) for the preset named by ``arg``."""
+    preset = parse_preset(arg)
+    demo = preset == "demo"
+    c = ml_collections.ConfigDict()
+    c.preset = preset
+    c.seed = 0
+    c.workdir = f"workdirs/{preset}/stage{stage}"
+    c.model = model_config(preset)
+
+    s = c.stage = ml_collections.ConfigDict()
+    s.stage = stage
+    s.train_clip = demo  # a randomly initialised tower must train; pretrained CLIP stays frozen
+    s.stage0_encoders = ("ego", "exo")
+    s.lambda_vtg = 1.0
+    s.lambda_kl = 1.0
+    s.lambda_ccl = 1.0
+    s.use_kl = True
+    s.use_ccl = True
+    s.ccl_forward_only = False
+    s.kl_temperature = 1.0
+    s.train_lora = True
+    s.fusion = ""  # "" = the model's fusion
+
+    d = c.data = ml_collections.ConfigDict()
+    d.world_dir = "demo_data/world" if demo else ""
+    d.prepared_dir = "demo_data/prepared" if demo else ""
+    d.tokenizer = "demo_data/prepared/tokenizer" if demo else ""
+    d.max_text_len = 48 if demo else 2048
+    d.workers = 0 if demo else 8
+    d.on_bad_video = "skip"  # skip | raise
+    d.template = "plain" if stage < 3 else "mistral"
+
+    sched = PAPER_SCHEDULE[stage]
+    o = c.optim = ml_collections.ConfigDict()
+    o.batch_size = 8 if demo else sched["batch_size"]  # global batch
+    o.lr = 3e-3 if demo else sched["lr"]
+    o.warmup_ratio = sched["warmup_ratio"]
+    o.num_epochs = 30 if demo else sched["num_epochs"]
+    o.num_steps = -1  # > 0 overrides num_epochs
+    o.weight_decay = 0.0  # VideoLLaMA2 default
+    o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
+    o.grad_clip = 1.0
+    o.grad_accum = 1
+
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules="fsdp"))
+    c.checkpoint = ml_collections.ConfigDict(
+        dict(every_steps=100 if demo else 1000, keep=2, async_save=True)
+    )
+    c.log_every = 10 if demo else 50
+
+    # Where this stage's inputs come from. Earlier stages' workdirs (params only, restored in
+    # order, later stages overriding earlier ones) and pretrained Hugging Face / VideoLLaMA2
+    # weights (empty = random init).
+    c.init = ml_collections.ConfigDict()
+    c.init.stages = tuple(f"workdirs/{preset}/stage{i}" for i in range(stage))
+    if stage == 3:  # stage 3 starts from stages 0 and 2; stage 1 reached it through stage 2
+        c.init.stages = tuple(f"workdirs/{preset}/stage{i}" for i in (0, 1, 2))
+    c.init.clip = ""  # HF CLIPVisionModel / CLIPModel dir for both towers
+    c.init.llm = (
+        "demo_data/prepared/llm" if demo else ""
+    )  # HF Mistral dir (or our pretrained demo LM)
+    c.init.mm_projector = ""  # VideoLLaMA2 mm_projector.bin / .safetensors for E_exo
+    if stage == 3:
+        c.model.lora.enabled = True
+    return c

@@ -1,0 +1,164 @@
+"""Turns an ml_collections config into model / stage objects, validating every field first.
+
+Everything here runs before any compute, so a bad field fails in seconds with a message that
+names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from exo2ego_jax.models import exo2ego
+from exo2ego_jax.models.lora import LoRAConfig
+from exo2ego_jax.models.mapping import MappingConfig
+from exo2ego_jax.stages import StageConfig
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A config field is invalid; the message names the field and what to do."""
+
+
+def _dtype(field: str, name: str):
+    if name not in _DTYPES:
+        raise ConfigError(f"config.{field}={name!r}: use one of {sorted(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
+    """``config.model`` -> :class:`Exo2EgoConfig` (architecture presets + overrides)."""
+    dtype = _dtype("model.dtype", m.dtype)
+    pdtype = _dtype("model.param_dtype", m.param_dtype)
+    if m.size not in ("tiny", "paper"):
+        raise ConfigError(f"config.model.size={m.size!r}: use 'tiny' or 'paper'")
+    lora = None
+    if m.lora.enabled:
+        lora = LoRAConfig(
+            rank=m.lora.rank,
+            alpha=m.lora.alpha,
+            dropout=m.lora.dropout,
+            targets=tuple(m.lora.targets),
+        )
+    if m.size == "paper":
+        base = exo2ego.paper_config()
+    else:
+        base = exo2ego.tiny_config()
+    clip = dataclasses.replace(
+        base.clip, image_size=m.image_size, dtype=dtype, param_dtype=pdtype, remat=m.remat_policy
+    )
+    if m.image_size % clip.patch_size:
+        raise ConfigError(
+            f"config.model.image_size={m.image_size} is not a multiple of the CLIP patch size "
+            f"{clip.patch_size}"
+        )
+    llm = dataclasses.replace(
+        base.llm,
+        vocab_size=m.vocab_size,
+        dtype=dtype,
+        param_dtype=pdtype,
+        remat_policy=m.remat_policy,
+        lora=lora,
+    )
+    if llm.hidden_size % llm.num_heads or llm.num_heads % llm.num_kv_heads:
+        raise ConfigError(
+            f"LLM heads do not divide: hidden_size={llm.hidden_size}, num_heads={llm.num_heads}, "
+            f"num_kv_heads={llm.num_kv_heads}"
+        )
+    connector = dataclasses.replace(base.connector, dtype=dtype, param_dtype=pdtype)
+    try:
+        mapping = MappingConfig(
+            kind=m.mapping.kind,
+            ngf=m.mapping.ngf,
+            n_blocks=m.mapping.n_blocks,
+            norm=m.mapping.norm,
+            dtype=dtype,
+            param_dtype=pdtype,
+        )
+        return exo2ego.Exo2EgoConfig(
+            clip=clip,
+            connector=connector,
+            mapping=mapping,
+            llm=llm,
+            num_frames=m.num_frames,
+            select_layer=m.select_layer,
+            fusion=m.fusion,
+            video_token_index=m.video_token_index,
+            with_exo=m.with_exo,
+            with_mapping=m.with_mapping,
+        )
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from e
+
+
+def build_stage_config(s: ml_collections.ConfigDict) -> StageConfig:
+    try:
+        return StageConfig(
+            stage=s.stage,
+            train_clip=s.train_clip,
+            stage0_encoders=tuple(s.stage0_encoders),
+            lambda_vtg=s.lambda_vtg,
+            lambda_kl=s.lambda_kl,
+            lambda_ccl=s.lambda_ccl,
+            use_kl=s.use_kl,
+            use_ccl=s.use_ccl,
+            ccl_forward_only=s.ccl_forward_only,
+            kl_temperature=s.kl_temperature,
+            train_lora=s.train_lora,
+            fusion=s.fusion or None,
+        )
+    except ValueError as e:
+        raise ConfigError(f"config.stage: {e}") from e
+
+
+def validate(
+    config: ml_collections.ConfigDict, *, num_devices: int | None = None, check_inputs: bool = True
+) -> None:
+    """Checks cross-field constraints before anything is built."""
+    n = num_devices if num_devices is not None else jax.device_count()
+    shape = list(config.mesh.shape)
+    if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ConfigError(
+            f"config.mesh.shape={tuple(shape)}: give 3 positive sizes, at most one -1"
+        )
+    known = math.prod(s for s in shape if s != -1)
+    if (-1 in shape and n % known) or (-1 not in shape and known != n):
+        raise ConfigError(
+            f"config.mesh.shape={tuple(shape)} does not match the {n} available devices; "
+            f"use e.g. --config.mesh.shape='({n},1,1)' or put -1 on one axis"
+        )
+    o = config.optim
+    if o.batch_size % (o.grad_accum or 1):
+        raise ConfigError(
+            f"config.optim.batch_size={o.batch_size} must be divisible by "
+            f"config.optim.grad_accum={o.grad_accum}"
+        )
+    filled = [n // known if s == -1 else s for s in shape]
+    data_ways = filled[0] * filled[1]  # batch is split over ('data', 'fsdp')
+    micro = o.batch_size // (o.grad_accum or 1)
+    if micro % data_ways:
+        raise ConfigError(
+            f"config.optim.batch_size={o.batch_size} (micro-batch {micro}) is not divisible by "
+            f"the {data_ways} data-parallel devices of mesh {tuple(shape)}"
+        )
+    if config.data.on_bad_video not in ("skip", "raise"):
+        raise ConfigError(f"config.data.on_bad_video={config.data.on_bad_video!r}: skip | raise")
+    build_stage_config(config.stage)
+    build_model_config(config.model)
+    if check_inputs:
+        for i, wd in enumerate(config.init.stages):
+            if not Path(wd).is_dir():
+                raise ConfigError(
+                    f"config.init.stages[{i}]={wd!r}: no such workdir. Run that stage first "
+                    "(python main.py --config=configs/stageN.py) or point the field at its workdir"
+                )
+        for field in ("clip", "llm", "mm_projector"):
+            path = getattr(config.init, field)
+            if path and not Path(path).exists():
+                raise ConfigError(f"config.init.{field}={path!r}: not found")
