@@ -50,14 +50,15 @@ def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
         base = exo2ego.paper_config()
     else:
         base = exo2ego.tiny_config()
+    patch = base.clip.patch_size
+    if m.image_size % patch:
+        raise ConfigError(
+            f"config.model.image_size={m.image_size} is not a multiple of the CLIP patch size "
+            f"{patch}; use e.g. {m.image_size - m.image_size % patch or patch}"
+        )
     clip = dataclasses.replace(
         base.clip, image_size=m.image_size, dtype=dtype, param_dtype=pdtype, remat=m.remat_policy
     )
-    if m.image_size % clip.patch_size:
-        raise ConfigError(
-            f"config.model.image_size={m.image_size} is not a multiple of the CLIP patch size "
-            f"{clip.patch_size}"
-        )
     llm = dataclasses.replace(
         base.llm,
         vocab_size=m.vocab_size,

@@ -15,3 +15,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Many tests compile the same programs (a train step before and after a restart, the same tiny
+# model in several files): a persistent compilation cache makes the repeats cheap.
+_CACHE = os.environ.get("EXO2EGO_TEST_JAX_CACHE", "/tmp/exo2ego-jax-test-cache")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

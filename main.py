@@ -1,0 +1,81 @@
+r"""exo2ego-jax entry point.
+
+Train one stage::
+
+    python main.py --config=configs/stage2.py[:demo|:paper] [--config.optim.lr=1e-4 ...] \
+        [--workdir=DIR]
+
+Run the whole built-in demo (synthetic world -> datasets -> demo LM -> stages 0-3 ->
+synthetic EgoBench)::
+
+    python main.py --demo [--workdir=workdirs/demo]
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Stage config file, e.g. configs/stage3.py:demo.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: config.workdir).")
+_DEMO = flags.DEFINE_bool("demo", False, "Run the full demo pipeline on the synthetic world.")
+_DATA = flags.DEFINE_string("data_dir", "demo_data", "Demo: where the world and datasets live.")
+
+
+def _maybe_initialize_distributed() -> None:
+    """``jax.distributed.initialize()`` when launched as one process of a multi-host job."""
+    import jax  # noqa: PLC0415
+
+    markers = (
+        "JAX_COORDINATOR_ADDRESS",
+        "COORDINATOR_ADDRESS",
+        "TPU_WORKER_HOSTNAMES",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+    )
+    if any(m in os.environ for m in markers) and jax.process_count() == 1:
+        try:
+            jax.distributed.initialize()
+        except (RuntimeError, ValueError) as e:  # single host with a stray variable
+            logging.warning("jax.distributed.initialize() skipped: %s", e)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.getLogger("absl").setLevel(logging.INFO)
+    _maybe_initialize_distributed()
+    import jax  # noqa: PLC0415
+
+    logging.info(
+        "jax %s, backend %s, %d devices: %s",
+        jax.__version__,
+        jax.default_backend(),
+        jax.device_count(),
+        jax.devices()[:4],
+    )
+    if _DEMO.value:
+        from exo2ego_jax import demo  # noqa: PLC0415
+
+        demo.run(workdir=_WORKDIR.value or "workdirs/demo", data_dir=_DATA.value)
+        return
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("pass --config=configs/stageN.py[:preset] (or --demo)")
+    from exo2ego_jax import train  # noqa: PLC0415
+
+    summary = train.train(config, _WORKDIR.value or config.workdir)
+    print(
+        f"stage {config.stage.stage}: {summary['steps']} steps, loss "
+        f"{summary['first_loss']} -> {summary['last_loss']}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(app.run(main))

@@ -1,0 +1,119 @@
+"""The stage trainer: hand-off through real checkpoints, resume, divergence, bad configs."""
+
+from __future__ import annotations
+
+import pytest
+from train_helpers import streams_for
+
+from configs import stage0, stage1, stage2, stage3
+from exo2ego_jax import checkpointing, config_lib, train
+
+STAGE_CONFIGS = {0: stage0, 1: stage1, 2: stage2, 3: stage3}
+
+
+def _config(stage, tmp_path, steps=4, **overrides):
+    c = STAGE_CONFIGS[stage].get_config("demo")
+    c.init.llm = ""
+    c.init.stages = tuple(str(tmp_path / f"stage{i}") for i in range(stage))
+    c.optim.num_steps = steps
+    c.log_every = 1
+    c.checkpoint.every_steps = 2
+    c.checkpoint.async_save = False
+    c.mesh.shape = (-1, 1, 1)
+    for k, v in overrides.items():
+        obj = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            obj = obj[p]
+        obj[leaf] = v
+    return c
+
+
+@pytest.mark.slow
+def test_stages_hand_off_through_real_checkpoints(tmp_path):
+    summaries = {}
+    for stage in range(4):
+        c = _config(stage, tmp_path)
+        summaries[stage] = train.train(
+            c, tmp_path / f"stage{stage}", streams=streams_for(stage), progress=False
+        )
+        step, meta = checkpointing.read_meta(tmp_path / f"stage{stage}")
+        assert step == 4 and meta["stage"] == stage
+    # Stage 3 saved only what it trains: the ego connector, F and the LoRA adapters.
+    _, meta3 = checkpointing.read_meta(tmp_path / "stage3")
+    tops = {p.split("/")[0] for p in meta3["param_paths"]}
+    assert tops == {"ego_encoder", "F", "llm"}
+    assert all(p.endswith(("lora_a", "lora_b")) for p in meta3["param_paths"] if p[:3] == "llm")
+    assert all("exo" not in p for p in meta3["param_paths"])
+
+
+def test_resume_continues_with_identical_losses(tmp_path):
+    full = train.train(
+        _config(0, tmp_path, steps=6), tmp_path / "full", streams=streams_for(0), progress=False
+    )
+    # Interrupted run: the stream fails when step 5 asks for its batch.
+    streams = streams_for(0)
+    it = streams["exo_caption"].iterator
+    original_next = type(it).__next__
+
+    def failing_next(self):
+        if self.index >= 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return original_next(self)
+
+    type(it).__next__ = failing_next
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.train(
+                _config(0, tmp_path, steps=6), tmp_path / "cut", streams=streams, progress=False
+            )
+    finally:
+        type(it).__next__ = original_next
+    resumed = train.train(
+        _config(0, tmp_path, steps=6), tmp_path / "cut", streams=streams_for(0), progress=False
+    )
+    assert resumed["start_step"] == 4  # steps 1-4 ran; step 4 was checkpointed
+    assert resumed["losses"] == full["losses"][4:]
+
+
+def test_wrong_or_missing_previous_stage_is_refused(tmp_path):
+    train.train(
+        _config(0, tmp_path, steps=2), tmp_path / "stage0", streams=streams_for(0), progress=False
+    )
+    # Stage 2 pointed at stage 0's workdir where stage 1's should be.
+    c = _config(2, tmp_path)
+    c.init.stages = (str(tmp_path / "stage0"), str(tmp_path / "stage0"))
+    with pytest.raises(
+        checkpointing.HandOffError, match="holds a stage 0 checkpoint, expected stage 1"
+    ):
+        train.train(c, tmp_path / "stage2", streams=streams_for(2), progress=False)
+    c = _config(1, tmp_path)
+    c.init.stages = (str(tmp_path / "nowhere"),)
+    with pytest.raises(config_lib.ConfigError, match=r"config.init.stages\[0\].*no such workdir"):
+        train.train(c, tmp_path / "stage1", streams=streams_for(1), progress=False)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    c = _config(0, tmp_path, steps=6)
+    streams = streams_for(0, nan_at=3)
+    with pytest.raises(train.TrainingDivergedError, match="loss is nan at step 4"):
+        train.train(c, tmp_path / "nan", streams=streams, progress=False)
+    step, _ = checkpointing.read_meta(tmp_path / "nan")
+    assert step == 2
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("mesh.shape", (3, 1, 1), "does not match the 8 available devices"),
+        ("optim.batch_size", 6, "not divisible by the 8 data-parallel devices"),
+        ("model.fusion", "sideways", "fusion='sideways'"),
+        ("model.image_size", 30, "not a multiple of the CLIP patch size"),
+        ("model.dtype", "float64", "config.model.dtype='float64'"),
+        ("data.on_bad_video", "ignore", "skip | raise"),
+    ],
+)
+def test_bad_fields_fail_before_compute(tmp_path, field, value, message):
+    c = _config(0, tmp_path, **{field: value})
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.validate(c)
