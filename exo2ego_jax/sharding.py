@@ -22,14 +22,40 @@ Parameter axes
 Activation axes
   ``batch``, ``length`` (sequence / tokens), ``act_embed``, ``act_heads``, ``act_kv_heads``,
   ``act_mlp``, ``act_vocab``.
+
+Presets (:data:`RULE_PRESETS`, :func:`rules_for`; docs/sharding.md has the full table)
+  ``fsdp``     (default) ZeRO-3 style: weights are sharded over ``('fsdp', 'tensor')`` on
+               their ``embed`` axis (LoRA factors without one: on ``lora_rank``); batch
+               over all three mesh axes. ``tensor`` acts as a second FSDP axis, so a mesh
+               with ``tensor > 1`` has no idle devices; with ``tensor == 1`` this is
+               :data:`DEFAULT_RULES` plus the LoRA-rank fallback.
+  ``fsdp_tp``  FSDP over ``fsdp`` plus tensor parallelism: ``heads`` / ``kv_heads`` / ``mlp``
+               / ``vocab`` and their activations on ``tensor``; batch over
+               ``('data', 'fsdp')``. :data:`DEFAULT_RULES` plus the LoRA-rank fallback.
+  ``dp``       parameters replicated; batch over all three mesh axes.
+
+Helpers
+  :func:`logical_to_shardings`, :func:`param_shardings` and :func:`shard_init` place
+  parameters; :func:`batch_sharding` / :func:`shard_batch` place input batches;
+  :func:`sharding_context` activates the rules (and the mesh) for the activation constraints
+  inside the modules -- a jitted function is *traced* with the constraints only if its first
+  call (or ``.lower``) happens inside it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal, Protocol
 
+import flax.linen as nn
 import jax
-from jax.sharding import AxisType
+import numpy as np
+from flax.core import meta
+from jax.sharding import AbstractMesh, AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -90,3 +116,396 @@ def make_mesh(
     return jax.make_mesh(
         tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices
     )
+
+
+def make_abstract_mesh(shape: Sequence[int]) -> AbstractMesh:
+    """A device-free ``('data', 'fsdp', 'tensor')`` mesh for planning layouts.
+
+    ``NamedSharding(abstract_mesh, spec).shard_shape(shape)`` works on it, so the per-device
+    footprint of, say, a 16-chip slice can be computed on a laptop (:func:`shard_bytes`).
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES) or any(s < 1 for s in shape):
+        raise ValueError(f"abstract mesh shape {shape} needs {len(MESH_AXES)} positive entries")
+    return AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+#: Logical names carried by parameters (``nn.with_logical_partitioning``).
+PARAM_AXES: tuple[str, ...] = (
+    "embed",
+    "mlp",
+    "heads",
+    "kv_heads",
+    "head_dim",
+    "vocab",
+    "layers",
+    "lora_rank",
+    "conv_space",
+    "norm",
+)
+#: Logical names carried by activations (``nn.with_logical_constraint``).
+ACTIVATION_AXES: tuple[str, ...] = (
+    "batch",
+    "length",
+    "act_embed",
+    "act_heads",
+    "act_kv_heads",
+    "act_mlp",
+    "act_vocab",
+)
+#: The whole vocabulary; every preset has a rule for each of these names.
+LOGICAL_AXES: tuple[str, ...] = PARAM_AXES + ACTIVATION_AXES
+
+# ----------------------------------------------------------------------------- presets
+
+_ALL = MESH_AXES  # batch over every mesh axis
+_FSDP = ("fsdp", "tensor")  # the fsdp preset treats `tensor` as a second FSDP axis
+
+# Flax resolves rules in order: for each rule whose logical name occurs in the array and
+# whose mesh axes are still unused by that array, the dimension takes those axes. So a
+# `lora_rank` rule listed after `embed` only fires for the LoRA factors that have no `embed`
+# axis (lora_b[r, heads|kv_heads|mlp], lora_a[heads|mlp, r]): at paper size (r=128) they hold
+# 0.9 GB of trainable weights (+1.8 GB of Adam moments) that would otherwise sit whole on
+# every device. `mlp` gets no FSDP fallback on purpose: the only arrays it would catch are
+# the connector's depthwise and squeeze-excite convs, and sharding a grouped conv's channels
+# makes XLA replicate its batch-sharded input ("involuntary full rematerialization").
+FSDP_RULES: LogicalRules = (
+    ("batch", _ALL),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", None),
+    ("act_kv_heads", None),
+    ("act_mlp", None),
+    ("act_vocab", None),
+    ("embed", _FSDP),
+    ("lora_rank", _FSDP),
+    ("mlp", None),
+    ("heads", None),
+    ("kv_heads", None),
+    ("vocab", None),
+    ("head_dim", None),
+    ("layers", None),
+    ("conv_space", None),
+    ("norm", None),
+)
+
+FSDP_TP_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("vocab", "tensor"),
+    # LoRA factors mirror their kernel: the rank takes `fsdp` where `embed` is missing.
+    ("lora_rank", "fsdp"),
+    ("head_dim", None),
+    ("layers", None),
+    ("conv_space", None),
+    ("norm", None),
+)
+
+#: Parameters replicated, batch over every mesh axis.
+DP_RULES: LogicalRules = (
+    ("batch", _ALL),
+    *((name, None) for name in LOGICAL_AXES if name != "batch"),
+)
+
+#: Named rule tables; ``fsdp`` is the default.
+RULE_PRESETS: Mapping[str, LogicalRules] = {
+    "fsdp": FSDP_RULES,
+    "fsdp_tp": FSDP_TP_RULES,
+    "dp": DP_RULES,
+}
+DEFAULT_PRESET = "fsdp"
+
+RulesLike = LogicalRules | str
+
+
+def rules_for(name: str = DEFAULT_PRESET) -> LogicalRules:
+    """The rules table of a preset (``"fsdp"``, ``"fsdp_tp"`` or ``"dp"``)."""
+    try:
+        return RULE_PRESETS[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown sharding preset {name!r}; choose one of {sorted(RULE_PRESETS)} "
+            "(see docs/sharding.md)"
+        ) from None
+
+
+def resolve_rules(rules: RulesLike | None) -> LogicalRules:
+    """A rules table from a preset name, a table, or ``None`` (the default preset)."""
+    if rules is None:
+        return rules_for(DEFAULT_PRESET)
+    if isinstance(rules, str):
+        return rules_for(rules)
+    return tuple((name, axes) for name, axes in rules)
+
+
+def uncovered_axes(rules: RulesLike, names: Sequence[str] = LOGICAL_AXES) -> list[str]:
+    """The logical ``names`` that have no rule in ``rules`` (they would silently replicate)."""
+    covered = {name for name, _ in resolve_rules(rules)}
+    return sorted(set(names) - covered)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+OnIndivisible = Literal["replicate", "raise"]
+_log = logging.getLogger(__name__)
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        _log.warning(message)
+
+
+def _as_tuple(axes: str | Sequence[str]) -> tuple[str, ...]:
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def _fit_spec(
+    spec: P,
+    logical: P,
+    shape: Sequence[int],
+    mesh_shape: Mapping[str, int],
+    where: str,
+    on_indivisible: OnIndivisible,
+) -> P:
+    """``spec`` with every dimension whose size its mesh axes do not divide made smaller.
+
+    Trailing mesh axes of a dimension are dropped until the rest divides it (``('tensor',
+    'fsdp')`` → ``'tensor'`` → replicated), so as much sharding as possible survives.
+    """
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    names = list(logical) + [None] * (len(shape) - len(logical))
+    out = []
+    for dim, (size, axes) in enumerate(zip(shape, entries, strict=True)):
+        if axes is None:
+            out.append(None)
+            continue
+        wanted = _as_tuple(axes)
+        kept = wanted
+        while kept and size % math.prod(mesh_shape[a] for a in kept):
+            kept = kept[:-1]
+        if kept == wanted:
+            out.append(axes)
+            continue
+        msg = (
+            f"{where}: dimension {dim} ({names[dim]!r}, size {size}) is not divisible by mesh "
+            f"axes {wanted} (size {math.prod(mesh_shape[a] for a in wanted)})"
+        )
+        if on_indivisible == "raise":
+            raise ValueError(f"{msg}; change the mesh shape or the sharding rules")
+        _warn_once(f"{msg}; sharding it over {kept or 'nothing (replicated)'} instead")
+        out.append(None if not kept else kept[0] if len(kept) == 1 else kept)
+    return P(*out)
+
+
+def _path_str(path: tuple[Any, ...]) -> str:
+    parts = []
+    for k in path:
+        key = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        parts.append(str(key))
+    return "/".join(parts)
+
+
+def logical_to_shardings(
+    logical_specs: Any,
+    mesh: jax.sharding.Mesh | AbstractMesh,
+    rules: RulesLike | None = None,
+    *,
+    shapes: Any = None,
+    on_indivisible: OnIndivisible = "replicate",
+) -> Any:
+    """Maps a tree of logical ``PartitionSpec`` s to a tree of ``NamedSharding`` s.
+
+    Args:
+      logical_specs: pytree whose leaves are ``PartitionSpec`` s of logical names (e.g.
+        ``model.logical_specs()``).
+      mesh: a concrete mesh, or an :class:`AbstractMesh` for planning.
+      rules: a rules table or preset name (default preset when ``None``).
+      shapes: optional pytree of the same structure with ``.shape`` leaves (arrays or
+        ``ShapeDtypeStruct``). With it, a dimension that its mesh axes do not divide is
+        handled per ``on_indivisible``; without it no check is made.
+      on_indivisible: ``"replicate"`` (default) drops the offending mesh axes for that
+        dimension and logs a warning once per parameter and dimension; ``"raise"`` raises a
+        ``ValueError`` naming the parameter.
+    """
+    table = resolve_rules(rules)
+    is_spec = lambda x: isinstance(x, P)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(logical_specs, is_leaf=is_spec)
+    shape_leaves = None
+    if shapes is not None:
+        shape_leaves = treedef.flatten_up_to(shapes)
+    mesh_shape = dict(mesh.shape)
+    out = []
+    for i, (path, logical) in enumerate(flat):
+        spec = nn.logical_to_mesh_axes(logical, table)
+        if shape_leaves is not None:
+            spec = _fit_spec(
+                spec,
+                logical,
+                shape_leaves[i].shape,
+                mesh_shape,
+                _path_str(path) or "array",
+                on_indivisible,
+            )
+        out.append(NamedSharding(mesh, spec))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+class _HasBoxedInit(Protocol):
+    def init_boxed(self, rng: jax.Array) -> Any: ...
+
+
+def _strip_boxes(tree: Any) -> Any:
+    """Plain values of a boxed tree, without applying any sharding constraint."""
+
+    def strip(x):
+        if isinstance(x, meta.Partitioned):
+            return x.unbox(apply_constraint=False)
+        return x.unbox() if isinstance(x, meta.AxisMetadata) else x
+
+    return jax.tree.map(strip, tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+
+
+def abstract_boxed(model: _HasBoxedInit) -> tuple[Any, Any]:
+    """``(logical specs, ShapeDtypeStruct tree)`` of a model's parameters; nothing allocated.
+
+    The same trees as ``model.logical_specs()`` and ``model.abstract_params()``, from one
+    abstract evaluation of ``model.init_boxed`` instead of two.
+    """
+    boxed = jax.eval_shape(model.init_boxed, jax.random.key(0))
+    return nn.get_partition_spec(boxed), _strip_boxes(boxed)
+
+
+def param_shardings(
+    model: _HasBoxedInit,
+    mesh: jax.sharding.Mesh | AbstractMesh,
+    rules: RulesLike | None = None,
+    *,
+    on_indivisible: OnIndivisible = "replicate",
+) -> Any:
+    """``NamedSharding`` tree for the parameters of an ``Exo2Ego`` (or any model with
+    ``init_boxed``); computed from shapes and logical specs only, nothing is allocated."""
+    specs, shapes = abstract_boxed(model)
+    return logical_to_shardings(specs, mesh, rules, shapes=shapes, on_indivisible=on_indivisible)
+
+
+# XLA CPU options for programs that run once; the same as ``Exo2Ego.init`` uses.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def shard_init(
+    model: _HasBoxedInit,
+    rng: jax.Array,
+    mesh: jax.sharding.Mesh,
+    rules: RulesLike | None = None,
+    *,
+    on_indivisible: OnIndivisible = "replicate",
+) -> Any:
+    """Parameters created directly in their sharded layout.
+
+    ``model.init_boxed`` runs under ``jax.jit`` with ``out_shardings`` from
+    :func:`param_shardings`, so each device computes only its own shards and no full copy of
+    the parameters ever exists on one device or the host. Values equal ``model.init(rng)``.
+    """
+    shardings = param_shardings(model, mesh, rules, on_indivisible=on_indivisible)
+
+    def init(key: jax.Array) -> Any:
+        return _strip_boxes(model.init_boxed(key))
+
+    # Empty rules turn every activation constraint inside the modules into a no-op while
+    # tracing, so the result depends on out_shardings alone (even inside sharding_context).
+    with nn.logical_axis_rules(()):
+        lowered = jax.jit(init, out_shardings=shardings).lower(rng)
+    options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+    return lowered.compile(options)(rng)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+def batch_axes(rules: RulesLike | None = None) -> str | tuple[str, ...] | None:
+    """Mesh axes of the logical ``batch`` axis under ``rules``."""
+    return nn.logical_to_mesh_axes(("batch",), resolve_rules(rules))[0]
+
+
+def batch_sharding(
+    mesh: jax.sharding.Mesh | AbstractMesh, rules: RulesLike | None = None
+) -> NamedSharding:
+    """Leading (batch) dimension over the ``batch`` mesh axes; other dimensions replicated."""
+    return NamedSharding(mesh, P(batch_axes(rules)))
+
+
+def shard_batch(host_batch: Any, mesh: jax.sharding.Mesh, rules: RulesLike | None = None) -> Any:
+    """Global ``jax.Array`` s from this process's part of a batch (a pytree of numpy arrays).
+
+    Each process passes its own rows (``jax.make_array_from_process_local_data``): with one
+    process that is the whole batch; on a multi-host slice the global batch is the
+    concatenation of the processes' batches in process order. Scalars are replicated.
+    """
+    sharding = batch_sharding(mesh, rules)
+    axes = batch_axes(rules)
+    shards = math.prod(mesh.shape[a] for a in _as_tuple(axes)) if axes else 1
+    local_shards = max(1, shards // jax.process_count())
+
+    def put(path, x):
+        x = np.asarray(x)
+        if x.ndim == 0:
+            return jax.device_put(x, NamedSharding(mesh, P()))
+        if x.shape[0] % local_shards:
+            raise ValueError(
+                f"batch leaf {_path_str(path) or 'array'}: {x.shape[0]} rows on this process "
+                f"cannot be split over the {local_shards} batch shards of mesh axes {axes} "
+                f"(mesh {dict(mesh.shape)}); use a per-process batch size divisible by "
+                f"{local_shards}"
+            )
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree_util.tree_map_with_path(put, host_batch)
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+@contextlib.contextmanager
+def sharding_context(
+    mesh: jax.sharding.Mesh, rules: RulesLike | None = None
+) -> Iterator[jax.sharding.Mesh]:
+    """Activates ``mesh`` and ``rules`` for the modules' ``nn.with_logical_constraint`` s.
+
+    Outside this context the constraints are no-ops (XLA then chooses activation layouts
+    from the parameter and input shardings alone). Constraints are baked in when a function
+    is *traced*, so the first call (or ``.lower``) of a jitted step must happen inside::
+
+        with sharding_context(mesh, "fsdp_tp"):
+            step = jax.jit(train_step, donate_argnums=(0, 1))
+            trainable, opt_state, metrics = step(trainable, opt_state, frozen, batch)
+    """
+    table = resolve_rules(rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(table):
+        yield mesh
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def shard_bytes(shapes: Any, shardings: Any) -> dict[str, int]:
+    """Bytes of one device's shard of every leaf, keyed by ``'/'``-joined path."""
+    flat_shapes, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    flat_shardings = treedef.flatten_up_to(shardings)
+    out = {}
+    for (path, x), sharding in zip(flat_shapes, flat_shardings, strict=True):
+        shard = sharding.shard_shape(tuple(x.shape))
+        out[_path_str(path)] = math.prod(shard) * np.dtype(x.dtype).itemsize
+    return out
