@@ -1,0 +1,284 @@
+"""Model scoring: prefix reuse == naive, controlled logits pick the expected option, letters."""
+
+import hashlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from exo2ego_jax.eval import scoring as S
+from exo2ego_jax.eval.tasks import Clip, EvalItem
+from exo2ego_jax.models import exo2ego, mistral
+from input_pipeline.templates import (
+    DEFAULT_SYSTEM_PROMPT,
+    FIRST_PERSON_CUE,
+    build_prompt,
+    encode_conversation,
+)
+from input_pipeline.tokenizer import load_tokenizer, train_demo_tokenizer
+
+TEXTS = [
+    "What colour was the cup that I shook?",
+    "Which way did I turn?",
+    "red",
+    "blue",
+    "green",
+    "the red cup",
+    "the blue bowl",
+    "in the green bowl",
+    "turn left",
+    "C picks up the red cup.",
+] * 4
+
+# ----------------------------------------------------------------------------- letters
+
+
+@pytest.mark.parametrize(
+    "text, n, expect",
+    [
+        ("(B) blue", 4, 1),
+        ("Answer: C", 4, 2),  # VideoLLaMA2's regex would read the A of "Answer"
+        ("The answer is (D).", 4, 3),
+        ("c.", 4, 2),
+        ("B", 5, 1),
+        ("[e]", 5, 4),
+        ("E", 4, -1),  # beyond the options
+        ("the red cup", 4, -1),  # no letter
+        ("a red cup", 4, -1),  # a lower-case article is not an answer
+        ("", 4, -1),
+    ],
+)
+def test_extract_letter(text, n, expect):
+    assert S.extract_letter(text, n) == expect
+
+
+def test_prompts():
+    assert S.letter_prompt("Which way?", ["left", "right"]) == (
+        "Question: Which way?\nOptions:\n(A) left\n(B) right\nAnswer with the option's letter "
+        "from the given choices directly and only give the best option."
+    )
+    assert S.system_prompt() == DEFAULT_SYSTEM_PROMPT
+    full = S.system_prompt("Questions ask about the motion.", first_person=True)
+    assert full == f"{DEFAULT_SYSTEM_PROMPT} Questions ask about the motion. {FIRST_PERSON_CUE}"
+    assert S.system_prompt(base=None) is None
+
+
+# ----------------------------------------------------------------------------- model fixtures
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    """Demo tokenizer + a tiny random Exo2Ego.
+
+    Ego encoder only (``x_only``, no exo encoder, no F/G): scoring treats the visual tokens
+    as an opaque prefix, and the smaller model halves init and compile time on CPU.
+    """
+    tok = load_tokenizer(train_demo_tokenizer(TEXTS, tmp_path_factory.mktemp("tok"), 400))
+    llm = mistral.tiny(vocab_size=len(tok), initializer_range=0.2)
+    cfg = exo2ego.tiny_config(llm=llm, with_exo=False, with_mapping=False, fusion="x_only")
+    model = exo2ego.Exo2Ego(cfg)
+    return tok, model, model.init(jax.random.key(0))
+
+
+def frames_fn(clip: Clip) -> np.ndarray:
+    """Deterministic random frames per clip (no video files needed)."""
+    seed = int(hashlib.sha256(f"{clip.path}{clip.start}".encode()).hexdigest()[:8], 16)
+    return np.random.default_rng(seed).normal(size=(4, 32, 32, 3)).astype(np.float32)
+
+
+KW = dict(batch_size=2, row_batch=4, frames_fn=frames_fn, progress=False)
+GEN = dict(batch_size=2, frames_fn=frames_fn, progress=False)
+
+
+def unigram_params(params, alpha):
+    """LLM params whose next-token logits equal ``alpha`` at every position.
+
+    Every token embeds to the all-ones vector u (RMS 1) and attention / MLP outputs are
+    zeroed, so the final hidden state is u everywhere; the LM head ``u alpha^T / D`` then
+    maps it to ``alpha`` whatever the video or the text.
+    """
+    llm = jax.tree_util.tree_map(jnp.asarray, params["llm"])
+    d = llm["embed_tokens"]["embedding"].shape[1]
+    llm["embed_tokens"]["embedding"] = jnp.ones_like(llm["embed_tokens"]["embedding"])
+    layers = llm["layers"]
+    layers["self_attn"]["o_proj"]["kernel"] = jnp.zeros_like(
+        layers["self_attn"]["o_proj"]["kernel"]
+    )
+    layers["mlp"]["down_proj"]["kernel"] = jnp.zeros_like(layers["mlp"]["down_proj"]["kernel"])
+    llm["norm"]["scale"] = jnp.ones_like(llm["norm"]["scale"])
+    llm["lm_head"]["kernel"] = jnp.outer(jnp.ones(d), jnp.asarray(alpha, jnp.float32)) / d
+    return {**params, "llm": llm}
+
+
+def continuation_ids(tok, question, answer):
+    """Answer tokens as the training template writes them (reference for the tests)."""
+    prompt = build_prompt(tok, question).input_ids
+    messages = [{"from": "human", "value": "<video>" + question}, {"from": "gpt", "value": answer}]
+    full = encode_conversation(tok, messages).input_ids
+    assert np.array_equal(full[: len(prompt)], prompt)
+    return full[len(prompt) :]
+
+
+def piece(tok, text):
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == 1, f"{text!r} is not one token: {ids}"
+    return ids[0]
+
+
+def mcq(item_id, question, options, answer, clip="a.mp4"):
+    return EvalItem(
+        "egotaskqa",
+        item_id,
+        Path(clip),
+        question,
+        options=tuple(options),
+        answer_index=answer,
+        answer_text=options[answer],
+    )
+
+
+# ----------------------------------------------------------------------------- prefix reuse
+
+
+@pytest.mark.slow
+def test_prefix_reuse_equals_naive_full_sequence(lm):
+    tok, model, params = lm
+    q1 = "What colour was the cup that I shook?"
+    requests = [
+        S.Request(Clip(Path("a.mp4")), q1, ("red", "the blue bowl", "in the green bowl")),
+        S.Request(
+            Clip(Path("b.mp4"), 1.0, 2.0),
+            "Which way did I turn?",
+            ("turn left", "C picks up the red cup.", "blue"),
+        ),
+    ]
+    # two prompts of different lengths in one batch; 6 rows in chunks of 4
+    got = S.continuation_logprobs(model, params, tok, requests, **KW)
+    for req, res in zip(requests, got, strict=True):
+        ref = S.naive_continuation_logprobs(model, params, tok, req, frames_fn(req.clip))
+        np.testing.assert_array_equal(res[:, 1], ref[:, 1])  # same token counts
+        np.testing.assert_allclose(res[:, 0], ref[:, 0], atol=1e-4, rtol=0)
+        means = res[:, 0] / res[:, 1]
+        np.testing.assert_allclose(means, ref[:, 0] / ref[:, 1], atol=1e-4, rtol=0)
+    # the video matters: the same question about another clip scores differently
+    other = S.continuation_logprobs(
+        model, params, tok, [S.Request(Clip(Path("c.mp4")), q1, requests[0].continuations)], **KW
+    )[0]
+    assert np.abs(other[:, 0] - got[0][:, 0]).max() > 1e-3
+
+
+def test_egomcq_scores_query_given_each_clip(lm):
+    tok, model, params = lm
+    clips = tuple(Clip(Path(f"clip{k}.mp4"), 0.0, 1.0) for k in range(3))
+    item = EvalItem(
+        "egomcq",
+        "7",
+        None,
+        "C picks up the red cup.",
+        options=("x", "y", "z"),
+        answer_index=1,
+        group="intra",
+        option_clips=clips,
+    )
+    (pred,) = S.score_multiple_choice(model, params, tok, [item], **KW)
+    per_clip = S.continuation_logprobs(
+        model,
+        params,
+        tok,
+        [S.Request(c, S.DESCRIBE_QUESTION, (item.question,)) for c in clips],
+        **KW,
+    )
+    expect = [r[0, 0] / r[0, 1] for r in per_clip]
+    np.testing.assert_allclose(pred["scores"], expect, atol=1e-6)
+    assert pred["pred_index"] == int(np.argmax(expect)) and pred["group"] == "intra"
+    assert pred["correct"] == (pred["pred_index"] == 1)
+
+
+# ----------------------------------------------------------------------------- controlled logits
+
+
+def test_controlled_logits_pick_the_expected_option(lm):
+    tok, model, params = lm
+    alpha = np.zeros(len(tok), np.float32)
+    alpha[piece(tok, "blue")] = 6.0  # "▁blue": the model prefers options made of it
+    p = unigram_params(params, alpha)
+    q1, q2 = "What colour was the cup that I shook?", "Which way did I turn?"
+    items = [
+        mcq("a", q1, ["red", "blue", "green"], 1),
+        mcq("b", q2, ["the blue bowl", "turn left", "the red cup"], 1, clip="b.mp4"),
+    ]
+    preds = S.score_multiple_choice(
+        model, p, tok, items, task_detail="Questions ask about colours.", first_person=True, **KW
+    )
+    assert [r["pred_index"] for r in preds] == [1, 0]
+    assert [r["correct"] for r in preds] == [True, False]
+    logp = np.asarray(jax.nn.log_softmax(jnp.asarray(alpha)))
+    system = S.system_prompt("Questions ask about colours.", True)
+    for it, r in zip(items, preds, strict=True):
+        for k, opt in enumerate(it.options):
+            prompt = build_prompt(tok, it.question, system=system).input_ids
+            messages = [
+                {"from": "human", "value": "<video>" + it.question},
+                {"from": "gpt", "value": opt},
+            ]
+            full = encode_conversation(tok, messages, system=system).input_ids
+            ids = full[len(prompt) :]
+            assert r["num_tokens"][k] == len(ids)
+            assert r["scores"][k] == pytest.approx(logp[ids].mean(), abs=1e-4)
+    assert set(preds[0]) >= {"task", "item_id", "scores", "pred_index", "answer_index", "correct"}
+
+    classes = [
+        EvalItem(
+            "charades_ego", "v", Path("v.mp4"), "", options=("red", "blue", "green"), labels=(1,)
+        )
+    ]
+    (cls,) = S.score_classes(model, p, tok, classes, **KW)
+    assert int(np.argmax(cls["scores"])) == 1 and cls["labels"] == [1]
+    clips = [mcq(f"c{i}", "", ["x", "y"], 0, clip=f"c{i}.mp4") for i in range(3)]
+    rows = S.score_retrieval(model, p, tok, clips, ["red", "the blue bowl"], **KW)
+    sim = S.score_matrix(rows, ["c0", "c1", "c2"])
+    assert sim.shape == (3, 2) and (sim[:, 1] > sim[:, 0]).all()
+    ref = logp[continuation_ids(tok, S.DESCRIBE_QUESTION, "red")].mean()
+    np.testing.assert_allclose(sim[:, 0], ref, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_letter_mode_and_open_answers(lm):
+    tok, model, params = lm
+    alpha = np.zeros(len(tok), np.float32)
+    alpha[tok.convert_tokens_to_ids("<0x42>")] = 8.0  # the byte "B"
+    items = [
+        mcq("a", "What colour was the cup that I shook?", ["red", "blue", "green"], 1),
+        mcq("b", "Which way did I turn?", ["turn left", "turn right"], 0, clip="b.mp4"),
+    ]
+    preds = S.answer_with_letters(
+        model, unigram_params(params, alpha), tok, items, max_new_tokens=1, **GEN
+    )
+    assert [(r["output"], r["pred_index"], r["correct"]) for r in preds] == [
+        ("B", 1, True),
+        ("B", 1, False),
+    ]
+    alpha[:] = 0.0
+    alpha[piece(tok, "red")] = 8.0
+    answers = S.answer_open(
+        model, unigram_params(params, alpha), tok, items, max_new_tokens=1, **GEN
+    )
+    assert [(r["item_id"], r["prediction"], r["answer"]) for r in answers] == [
+        ("a", "red", "blue"),
+        ("b", "red", "turn left"),
+    ]
+    item = EvalItem("egomcq", "0", None, "q", option_clips=(Clip(Path("x")),) * 2)
+    with pytest.raises(ValueError, match="EgoMCQ"):
+        S.answer_with_letters(model, params, tok, [item])
+
+
+def test_continuation_tokens_with_and_without_eos(lm):
+    tok = lm[0]
+    tokens = S._Tokens(tok, DEFAULT_SYSTEM_PROMPT, -201, include_eos=False)
+    with_eos = S._Tokens(tok, DEFAULT_SYSTEM_PROMPT, -201, include_eos=True)
+    q = "Which way did I turn?"
+    assert with_eos.continuation(q, "red")[-1] == tok.eos_token_id
+    short = tokens.continuation(q, "red")
+    assert tok.decode(short).strip() == "red" and tok.eos_token_id not in short
