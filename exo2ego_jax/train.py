@@ -120,24 +120,34 @@ def _place(params: Params, subtree: str, loaded: Params, shardings: Params, sour
     return _unflat(flat)
 
 
-def load_pretrained(
-    params: Params, shardings: Params, init: ml_collections.ConfigDict, model: Exo2Ego
-) -> Params:
-    """Loads HF CLIP (both towers), HF Mistral and a VideoLLaMA2 projector (E_exo) if named."""
+def read_pretrained(init: ml_collections.ConfigDict) -> dict[str, tuple[Params, str]]:
+    """Host copies of the pretrained weights named in ``config.init``.
+
+    Returns ``{subtree: (params, source)}`` for HF CLIP (both towers), HF Mistral and a
+    VideoLLaMA2 projector (E_exo). Runs outside any mesh / rules context: the loaders build
+    their own modules on the host.
+    """
     from exo2ego_jax.checkpoints import hf  # noqa: PLC0415
     from exo2ego_jax.checkpoints.mm_projector import load_mm_projector  # noqa: PLC0415
 
+    out: dict[str, tuple[Params, str]] = {}
     if init.clip:
-        _, clip = hf.load_clip_vision(init.clip)
-        for enc in ("ego_encoder", "exo_encoder"):
-            if enc in params:
-                params = _place(params, f"{enc}/clip", clip, shardings, init.clip)
+        clip = hf.load_clip_vision(init.clip)[1]
+        out["ego_encoder/clip"] = out["exo_encoder/clip"] = (clip, init.clip)
     if init.llm:
-        _, llm = hf.load_mistral(init.llm)
-        params = _place(params, "llm", llm, shardings, init.llm)
-    if init.mm_projector and "exo_encoder" in params:
-        _, proj = load_mm_projector(init.mm_projector)
-        params = _place(params, "exo_encoder/connector", proj, shardings, init.mm_projector)
+        out["llm"] = (hf.load_mistral(init.llm)[1], init.llm)
+    if init.mm_projector:
+        out["exo_encoder/connector"] = (load_mm_projector(init.mm_projector)[1], init.mm_projector)
+    return out
+
+
+def place_pretrained(
+    params: Params, shardings: Params, pretrained: dict[str, tuple[Params, str]]
+) -> Params:
+    """Puts the host weights of :func:`read_pretrained` into ``params``, sharded."""
+    for subtree, (loaded, source) in pretrained.items():
+        if subtree.split("/")[0] in params:
+            params = _place(params, subtree, loaded, shardings, source)
     return params
 
 
@@ -153,6 +163,28 @@ def init_params(model: Exo2Ego, mesh, rules, seed: int) -> tuple[Params, Params]
     lowered = jax.jit(init, out_shardings=shardings).lower(rng)
     options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
     return lowered.compile(options)(rng), shardings
+
+
+def build_params(
+    config: ml_collections.ConfigDict,
+    model: Exo2Ego,
+    mesh,
+    rules,
+    pretrained: dict[str, tuple[Params, str]] | None = None,
+    *,
+    log: Callable[[str], None] = logging.info,
+) -> tuple[Params, Params]:
+    """``(params, shardings)`` of the whole model as a stage (or an evaluation) starts it:
+    random init -> pretrained weights -> every earlier stage's checkpoint (params only, in
+    order, later stages overriding earlier ones). Call inside the mesh / rules context."""
+    if pretrained is None:
+        pretrained = read_pretrained(config.init)
+    params, shardings = init_params(model, mesh, rules, config.seed)
+    params = place_pretrained(params, shardings, pretrained)
+    for i, wd in enumerate(config.init.stages):
+        params, paths = checkpointing.restore_stage_params(wd, i, params)
+        log(f"hand-off: {len(paths)} tensors from stage {i} ({wd})")
+    return params, shardings
 
 
 # ----------------------------------------------------------------------------- batches
@@ -248,12 +280,10 @@ def train(
     optimizer = make_optimizer(o, total_steps)
     schedule = make_schedule(o, total_steps)
 
+    pretrained = read_pretrained(config.init)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params, shardings = init_params(model, mesh, rules, config.seed)
-        params = load_pretrained(params, shardings, config.init, model)
-        for i, wd in enumerate(config.init.stages):
-            params, paths = checkpointing.restore_stage_params(wd, i, params)
-            log(f"hand-off: {len(paths)} tensors from stage {i} ({wd})")
+        params, _ = build_params(config, model, mesh, rules, pretrained, log=log)
+        del pretrained
         patterns = stages.trainable_patterns(stage, model)
         trainable, frozen = stages.split_params(params, patterns)
         del params

@@ -1,0 +1,93 @@
+"""The input streams of a stage, built from ``config.data`` with the Grain pipelines.
+
+Each stream is an endless, seeded, per-host Grain iterator of host-local numpy batches
+(``input_pipeline.pipeline.make_pipeline``); its position is part of every checkpoint.
+Which prepared dataset feeds which stream is a config field (``config.data.datasets``):
+
+=============  ======================  ==========================================
+stream         default dataset         paper
+=============  ======================  ==========================================
+ego_caption    ``ego_clip``            EgoClip (stage 0, E_ego)
+exo_caption    ``exo_clip_text``       web video-text (stage 0, E_exo)
+               ``ego_exo_clip``        Ego-ExoClip exo side (stage 1)
+pair           ``ego_exo_clip``        Ego-ExoClip synchronized pairs (stage 2)
+instruct       ``ego_it``              EgoIT (stage 3)
+=============  ======================  ==========================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from exo2ego_jax import config_lib
+from exo2ego_jax.stages import StageConfig
+from exo2ego_jax.train import Stream
+
+
+def dataset_for(stream: str, stage: StageConfig, config: ml_collections.ConfigDict) -> str:
+    """The prepared dataset feeding ``stream`` in this stage (config override or default)."""
+    override = config.data.get("datasets", {}).get(stream, "") if "datasets" in config.data else ""
+    if override:
+        return override
+    if stream == "exo_caption" and stage.stage == 1:
+        return "ego_exo_clip"
+    return {
+        "ego_caption": "ego_clip",
+        "exo_caption": "exo_clip_text",
+        "pair": "ego_exo_clip",
+        "instruct": "ego_it",
+    }[stream]
+
+
+def load_tokenizer_checked(config: ml_collections.ConfigDict):
+    """The configured tokenizer; its size must fit the model's vocabulary."""
+    from input_pipeline.tokenizer import load_tokenizer  # noqa: PLC0415
+
+    path = config.data.tokenizer
+    if not path or not Path(path).exists():
+        raise config_lib.ConfigError(
+            f"config.data.tokenizer={path!r}: not found. For the demo run "
+            "`python -m input_pipeline.prepare --world demo_data/world --out demo_data/prepared`"
+        )
+    tok = load_tokenizer(path)
+    if len(tok) > config.model.vocab_size:
+        raise config_lib.ConfigError(
+            f"tokenizer {path} has {len(tok)} tokens but config.model.vocab_size="
+            f"{config.model.vocab_size}; raise the vocabulary size"
+        )
+    return tok
+
+
+def make_streams(config: ml_collections.ConfigDict, stage: StageConfig) -> dict[str, Stream]:
+    """``{stream name: Stream}`` for every sub-batch the stage reads."""
+    from input_pipeline.pipeline import PipelineOptions, make_pipeline, record_dataset  # noqa: PLC0415
+
+    data_dir = config.data.prepared_dir
+    if not data_dir or not Path(data_dir).is_dir():
+        raise config_lib.ConfigError(
+            f"config.data.prepared_dir={data_dir!r}: no such directory; prepare the datasets with "
+            "`python -m input_pipeline.prepare --world WORLD --out DIR`"
+        )
+    tok = load_tokenizer_checked(config)
+    per_host = config.optim.batch_size // jax.process_count()
+    options = PipelineOptions(
+        batch_size=per_host,
+        num_frames=config.model.num_frames,
+        image_size=config.model.image_size,
+        max_text_len=config.data.max_text_len,
+        seed=config.seed,
+        num_epochs=None,  # endless: the trainer counts steps
+        workers=config.data.workers,
+        on_bad_video=config.data.on_bad_video,
+    )
+    streams = {}
+    for name in stage.batches:
+        dataset = dataset_for(name, stage, config)
+        size_opts = PipelineOptions(shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+        size = len(record_dataset(name, data_dir, size_opts, dataset=dataset)[0])
+        pipeline = make_pipeline(name, data_dir, tok, options, dataset=dataset)
+        streams[name] = Stream(iter(pipeline), size)
+    return streams
