@@ -1,0 +1,156 @@
+"""Prepare a data root for training: build every dataset and the demo tokenizer.
+
+CLI::
+
+    python -m input_pipeline.prepare --world demo_data/world --out demo_data/prepared
+    python -m input_pipeline.prepare --world W --out D --datasets ego_exo_clip --window 0.68
+
+writes ``<out>/<dataset>/[<config>/]1.0.0/`` (TFDS ArrayRecord, readable with
+``tfds.data_source(name, data_dir=out)``) and ``<out>/tokenizer/`` (trained on the text of
+the prepared datasets). Each piece is built in a temporary directory and renamed into place;
+existing pieces are kept unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from input_pipeline.datasets import BUILDERS, TASKS, AnnotationError, build, open_dataset
+
+__all__ = ["corpus_text", "prepare", "main"]
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def _s(x) -> str:
+    return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+
+def corpus_text(data_dir: str | os.PathLike) -> Iterator[str]:
+    """Every text of the prepared datasets (narrations, captions, conversations, EgoBench
+    questions / options / answers): what the demo tokenizer is trained on."""
+    for name, split, keys in (
+        ("ego_exo_clip", "train", ("text",)),
+        ("ego_clip", "train", ("text",)),
+        ("exo_clip_text", "train", ("prompt", "text")),
+    ):
+        source, _ = open_dataset(name, data_dir, split)
+        for i in range(len(source)):
+            r = source[i]
+            yield from (_s(r[k]) for k in keys)
+    source, _ = open_dataset("ego_it", data_dir)
+    for i in range(len(source)):
+        yield from map(_s, source[i]["conversations"]["value"])
+    for task in TASKS:
+        source, _ = open_dataset("ego_bench", data_dir, task)
+        for i in range(len(source)):
+            r = source[i]
+            yield _s(r["question"])
+            yield _s(r["answer"])
+            yield from map(_s, r["options"])
+
+
+def prepare(
+    world: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    datasets: Sequence[str] | None = None,
+    window_s: float | None = None,
+    tokenizer: bool = True,
+    vocab_size: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Build ``datasets`` (default: all) of the data root ``world`` into ``out``, then the
+    demo tokenizer (needs every dataset). Returns ``{name: directory}``."""
+    import tensorflow_datasets as tfds
+    from tqdm import tqdm
+
+    out = Path(out)
+    names = list(datasets or BUILDERS)
+    unknown = sorted(set(names) - set(BUILDERS))
+    if unknown:
+        raise ValueError(f"unknown dataset(s) {unknown}; expected some of {sorted(BUILDERS)}")
+    if not progress:
+        tfds.disable_progress_bar()
+    done: dict[str, Path] = {}
+    for name in tqdm(names, desc="preparing datasets", unit="dataset", disable=not progress):
+        window = window_s if name == "ego_exo_clip" else None
+        done[name] = build(name, world, out, window_s=window, overwrite=overwrite, exist_ok=True)
+    if tokenizer:
+        done["tokenizer"] = build_tokenizer(out, overwrite=overwrite, vocab_size=vocab_size)
+    return done
+
+
+def build_tokenizer(
+    data_dir: str | os.PathLike, *, overwrite: bool = False, vocab_size: int | None = None
+) -> Path:
+    """Train the demo tokenizer on :func:`corpus_text` into ``<data_dir>/tokenizer`` (atomic)."""
+    from input_pipeline.tokenizer import DEFAULT_VOCAB_SIZE, train_demo_tokenizer
+
+    data_dir = Path(data_dir)
+    target = data_dir / TOKENIZER_DIR
+    if target.exists() and not overwrite:
+        print(f"keeping {target} (pass --overwrite to retrain)", file=sys.stderr)
+        return target
+    tmp = data_dir / f".tmp-{TOKENIZER_DIR}-{secrets.token_hex(4)}"
+    try:
+        train_demo_tokenizer(corpus_text(data_dir), tmp, vocab_size or DEFAULT_VOCAB_SIZE)
+        if target.exists():
+            old = data_dir / f".old-{TOKENIZER_DIR}-{secrets.token_hex(4)}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m input_pipeline.prepare",
+        description="Build the ArrayRecord datasets and the demo tokenizer of a data root.",
+    )
+    p.add_argument("--world", required=True, help="data root (e.g. the synthetic demo world)")
+    p.add_argument("--out", required=True, help="TFDS data_dir to write the datasets into")
+    p.add_argument(
+        "--datasets",
+        default=",".join(BUILDERS),
+        help=f"comma-separated subset of {','.join(BUILDERS)} (default: all)",
+    )
+    p.add_argument("--window", type=float, help="ego_exo_clip clip length in seconds (1.0)")
+    p.add_argument("--no-tokenizer", action="store_true", help="skip the demo tokenizer")
+    p.add_argument("--vocab-size", type=int, help="demo tokenizer vocabulary (1024)")
+    p.add_argument("--overwrite", action="store_true", help="rebuild existing datasets")
+    p.add_argument("--quiet", action="store_true")
+    a = p.parse_args(argv)
+    names = [n.strip() for n in a.datasets.split(",") if n.strip()]
+    try:
+        done = prepare(
+            a.world,
+            a.out,
+            datasets=names,
+            window_s=a.window,
+            tokenizer=not a.no_tokenizer,
+            vocab_size=a.vocab_size,
+            overwrite=a.overwrite,
+            progress=not a.quiet,
+        )
+    except (AnnotationError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, path in done.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,322 @@
+"""Grain pipelines: batch formats, label masks against the templates, determinism, exact
+resume (in-process and with a worker process), per-host slicing, bad videos, evaluation."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from input_pipeline import templates
+from input_pipeline.datasets import open_dataset
+from input_pipeline.pipeline import (
+    PipelineOptions,
+    bench_items,
+    make_pipeline,
+    record_dataset,
+)
+from input_pipeline.prepare import prepare
+from input_pipeline.synthetic_world import generate_world
+from input_pipeline.tokenizer import load_tokenizer
+from input_pipeline.video import VideoDecodeError, load_clip, normalize_frames
+
+T, S, L, B = 4, 32, 96, 2
+OPTS = PipelineOptions(
+    batch_size=B, num_frames=T, image_size=S, max_text_len=L, shard_index=0, shard_count=1
+)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> Path:
+    # Shared with test_datasets.py through the session's base temp dir: generated once.
+    root = tmp_path_factory.getbasetemp() / "demo_world_8"
+    if not (root / "world.json").is_file():
+        generate_world(root, seed=0, num_takes=8, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared(world, tmp_path_factory) -> Path:
+    out = tmp_path_factory.getbasetemp() / "prepared_8"
+    prepare(world, out, progress=False)  # keeps what exists: free the second time
+    return out
+
+
+@pytest.fixture(scope="session")
+def tok(prepared):
+    return load_tokenizer(prepared / "tokenizer")
+
+
+def _take(kind, prepared, tok, n=None, **kw):
+    """The first ``n`` batches (all when None) and the iterator's skip count."""
+    it = iter(make_pipeline(kind, prepared, tok, OPTS, **kw))
+    try:
+        out = []
+        for b in it:
+            out.append(b)
+            if n is not None and len(out) == n:
+                break
+        return out, it.num_skipped
+    finally:
+        it.close()
+
+
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _assert_same(a: list[dict], b: list[dict]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+@pytest.mark.parametrize(
+    "kind,dataset,frame_keys",
+    [
+        ("pair", None, ("ego_frames", "exo_frames")),
+        ("ego_caption", None, ("frames",)),
+        ("exo_caption", None, ("frames",)),
+        ("exo_caption", "ego_exo_clip", ("frames",)),  # stage 1: exo side of Ego-ExoClip
+        ("instruct", None, ("frames",)),
+    ],
+)
+def test_training_batch_format(prepared, tok, kind, dataset, frame_keys):
+    (batch,), _ = _take(kind, prepared, tok, 1, dataset=dataset)
+    assert set(batch) == {*frame_keys, "input_ids", "labels", "attention_mask"}
+    for k in frame_keys:
+        assert batch[k].shape == (B, T, S, S, 3) and batch[k].dtype == np.float32
+        assert -2.0 < batch[k].min() < 0.0 < batch[k].max() < 2.5  # CLIP-normalised
+    for k in ("input_ids", "labels", "attention_mask"):
+        assert batch[k].shape == (B, L) and batch[k].dtype == np.int32
+    # BOS first and one <video> sentinel per row (captions: right after BOS)
+    assert (batch["input_ids"][:, 0] == tok.bos_token_id).all()
+    assert ((batch["input_ids"] == templates.VIDEO_TOKEN_INDEX).sum(1) == 1).all()
+    if kind != "instruct":
+        assert (batch["input_ids"][:, 1] == templates.VIDEO_TOKEN_INDEX).all()
+    if kind == "pair":
+        assert not np.array_equal(batch["ego_frames"], batch["exo_frames"])
+
+
+def test_caption_example_token_by_token(prepared, tok):
+    (batch,), _ = _take("pair", prepared, tok, 1, shuffle=False, num_epochs=1)
+    source, meta = open_dataset("ego_exo_clip", prepared)
+    rec = source[0]  # no shuffle, one host: row 0 is record 0
+    text = _s(rec["text"])
+    ref = templates.pad_batch([templates.encode_caption(tok, text, max_len=L)], L, tok.pad_token_id)
+    for k in ("input_ids", "labels", "attention_mask"):
+        np.testing.assert_array_equal(batch[k][0], ref[k][0], err_msg=k)
+    ids, labels, n = (
+        batch["input_ids"][0],
+        batch["labels"][0],
+        int(batch["attention_mask"][0].sum()),
+    )
+    assert labels[0] == labels[1] == templates.IGNORE_INDEX  # BOS, <video>
+    np.testing.assert_array_equal(labels[2:n], ids[2:n])  # caption + "\n" supervised
+    assert (labels[n:] == templates.IGNORE_INDEX).all() and (ids[n:] == tok.pad_token_id).all()
+    assert tok.decode(labels[2:n]) == text + "\n"
+    # frames: the record's window of its ego and best exo videos
+    root = Path(meta["source_root"])
+    for key, rel in (
+        ("ego_frames", rec["ego_video"]),
+        ("exo_frames", rec["exo_videos"][int(rec["best_exo"])]),
+    ):
+        clip = load_clip(root / _s(rel), float(rec["start"]), float(rec["end"]), T, S)
+        np.testing.assert_array_equal(batch[key][0], normalize_frames(clip))
+
+
+def test_instruction_example_token_by_token(prepared, tok):
+    (batch,), _ = _take("instruct", prepared, tok, 1, shuffle=False, num_epochs=1)
+    source, _ = open_dataset("ego_it", prepared)
+    c = source[0]["conversations"]
+    convs = [{"from": _s(f), "value": _s(v)} for f, v in zip(c["from"], c["value"], strict=True)]
+    enc = templates.encode_conversation(tok, convs, template="mistral", max_len=L)
+    ref = templates.pad_batch([enc], L, tok.pad_token_id)
+    for k in ("input_ids", "labels", "attention_mask"):
+        np.testing.assert_array_equal(batch[k][0], ref[k][0], err_msg=k)
+    sup = batch["labels"][0][batch["labels"][0] != templates.IGNORE_INDEX]
+    answers = [m["value"] for m in convs if m["from"] == "gpt"]
+    assert tok.decode(sup) == " ".join(f"{a} </s>" for a in answers)
+
+
+# ----------------------------------------------------------------------------- order
+
+
+def test_determinism_and_seed(prepared, tok):
+    a, _ = _take("pair", prepared, tok, 3, seed=7)
+    b, _ = _take("pair", prepared, tok, 3, seed=7)
+    c, _ = _take("pair", prepared, tok, 3, seed=8)
+    _assert_same(a, b)
+    ids = lambda bs: np.concatenate([x["input_ids"] for x in bs])  # noqa: E731
+    assert not np.array_equal(ids(a), ids(c))
+
+
+def _record_ids(ds) -> list[str]:
+    return [_s(ds[i]["id"]) for i in range(len(ds))]
+
+
+def test_epochs_are_reshuffled_and_complete(prepared):
+    ds, _, _ = record_dataset(
+        "pair", prepared, PipelineOptions(num_epochs=2, seed=3, shard_count=1, shard_index=0)
+    )
+    ids = _record_ids(ds)
+    half = len(ids) // 2
+    assert sorted(ids[:half]) == sorted(ids[half:]) and len(set(ids[:half])) == half
+    assert ids[:half] != ids[half:]
+
+
+def test_host_slices_are_disjoint_and_cover(prepared, tok):
+    def ids(index: int, count: int) -> list[str]:
+        opts = PipelineOptions(num_epochs=1, shard_index=index, shard_count=count)
+        return _record_ids(record_dataset("instruct", prepared, opts)[0])
+
+    full, (a, b) = ids(0, 1), (ids(0, 2), ids(1, 2))
+    assert a and b and not set(a) & set(b)
+    assert sorted(a + b) == sorted(full) and len(set(full)) == len(full)
+
+    # The same through the whole pipeline: the captions of both hosts are all captions.
+    def captions(**kw) -> list[str]:
+        bs, _ = _take("ego_caption", prepared, tok, num_epochs=1, drop_remainder=False, **kw)
+        return [tok.decode(r[r != templates.IGNORE_INDEX]) for x in bs for r in x["labels"]]
+
+    halves = [captions(shard_index=i, shard_count=2) for i in range(2)]
+    assert halves[0] and halves[1]
+    assert sorted(halves[0] + halves[1]) == sorted(captions())
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _resume_check(prepared, tok, tmp_path, workers: int, k: int = 2, m: int = 3):
+    import grain
+    from etils import epath
+
+    ds = make_pipeline("pair", prepared, tok, OPTS, workers=workers, seed=5)
+    it = iter(ds)
+    try:
+        for _ in range(k):
+            next(it)
+        state = it.get_state()
+        handler = grain.checkpoint.CheckpointHandler()  # what Orbax calls for Grain iterators
+        handler.save(epath.Path(tmp_path), it)
+        expected = [next(it) for _ in range(m)]
+    finally:
+        it.close()
+    assert json.loads(json.dumps(state)) == state
+
+    fresh = iter(make_pipeline("pair", prepared, tok, OPTS, workers=workers, seed=5))
+    try:
+        handler.restore(epath.Path(tmp_path), fresh)
+        resumed = [next(fresh) for _ in range(m)]
+    finally:
+        fresh.close()
+    _assert_same(expected, resumed)
+
+
+def test_resume_is_exact_in_process(prepared, tok, tmp_path):
+    _resume_check(prepared, tok, tmp_path, workers=0)
+
+
+def test_resume_is_exact_with_a_worker_process(prepared, tok, tmp_path):
+    _resume_check(prepared, tok, tmp_path, workers=1)
+
+
+# ----------------------------------------------------------------------------- bad videos
+
+
+def _corrupt(path: Path, how: str) -> None:
+    if how == "missing":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:  # truncated: the first half of the file
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("how", ["truncated", "missing", "empty"])
+def test_bad_videos_skip_or_raise(world, prepared, tok, tmp_path, how):
+    # A private copy of the exo videos, used through video_root; one of them is damaged.
+    root = tmp_path / "root"
+    shutil.copytree(world / "exo_web", root / "exo_web")
+    source, _ = open_dataset("exo_clip_text", prepared)
+    videos = [_s(source[i]["video"]) for i in range(len(source))]
+    bad = videos[0]
+    _corrupt(root / bad, how)
+    n_bad = videos.count(bad)
+
+    kw = dict(video_root=str(root), num_epochs=1, drop_remainder=False, shuffle=False)
+    batches, skipped = _take("exo_caption", prepared, tok, **kw)
+    assert skipped == n_bad
+    assert sum(len(b["input_ids"]) for b in batches) == len(videos) - n_bad
+
+    with pytest.raises(VideoDecodeError, match=Path(bad).name):
+        _take("exo_caption", prepared, tok, on_bad_video="raise", **kw)
+
+
+def test_bad_video_raises_across_the_worker_boundary(world, prepared, tok, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(world / "exo_web", root / "exo_web")
+    source, _ = open_dataset("exo_clip_text", prepared)
+    bad = _s(source[0]["video"])
+    (root / bad).write_bytes(b"")
+    with pytest.raises(VideoDecodeError, match=Path(bad).name):
+        _take(
+            "exo_caption",
+            prepared,
+            tok,
+            video_root=str(root),
+            on_bad_video="raise",
+            num_epochs=1,
+            workers=1,
+        )
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_eval_batches_cover_every_clip(prepared, tok):
+    items = bench_items(prepared, "egomcq")
+    batches, skipped = _take("eval", prepared, tok, split="egomcq")
+    units = [
+        (int(i), int(c))
+        for b in batches
+        for i, c, v in zip(b["item_index"], b["clip_index"], b["valid"], strict=True)
+        if v
+    ]
+    assert sorted(units) == [(i, c) for i in range(len(items)) for c in range(5)]
+    assert skipped == 0 and len(batches) == -(-len(units) // B)
+    last = batches[-1]
+    assert last["frames"].shape == (B, T, S, S, 3) and last["input_ids"].shape == (B, L)
+    assert list(last["valid"]) == [True] * (len(units) % B or B) + [False] * (-len(units) % B)
+    assert set(batches[0]["task"]) == {"egomcq"}
+    assert batches[0]["item_id"][0] == items[0]["item_id"]
+    prompt = templates.build_prompt(tok, items[0]["question"], max_len=L)
+    n = len(prompt)
+    np.testing.assert_array_equal(batches[0]["input_ids"][0, :n], prompt.input_ids)
+    assert batches[0]["attention_mask"][0].sum() == n
+
+
+def test_eval_mcq_prompt_lists_options(prepared, tok):
+    (batch,), _ = _take(
+        "eval", prepared, tok, 1, split="egoschema", eval_prompt="mcq", max_text_len=256
+    )
+    item = bench_items(prepared, "egoschema")[0]
+    ids = batch["input_ids"][0]
+    text = tok.decode(ids[(batch["attention_mask"][0] == 1) & (ids >= 0)])
+    assert item["question"] in text and "(E) " + item["options"][4] in text
+    assert len(item["answer_indices"]) == 1 and 0 <= item["answer_indices"][0] < 5
+
+
+def test_tokenizer_directory_is_accepted(prepared, tok):
+    a, _ = _take("instruct", prepared, tok, 1)
+    b, _ = _take("instruct", prepared, str(prepared / "tokenizer"), 1)
+    _assert_same(a, b)
