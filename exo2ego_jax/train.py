@@ -9,7 +9,8 @@ mesh:
 3. split them into the stage's trainable subtree and the frozen rest;
 4. compile the train step ahead of time with explicit in / out shardings and donation,
    logging ``memory_analysis()``;
-5. loop: host batches -> global arrays -> step; TensorBoard + progress bar; NaN/Inf stops
+5. loop: host batches -> global arrays -> step; TensorBoard (and ``metrics.jsonl``) +
+   progress bar; NaN/Inf stops
    with a clear error; Orbax checkpoints (trainable params, optimizer state, step, Grain
    iterator state, config) every N steps; a restarted run resumes from the latest one.
 """
@@ -17,6 +18,7 @@ mesh:
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -425,6 +427,8 @@ def _loop(
                 if writer is not None:
                     for k, v in scalars.items():
                         writer.add_scalar(f"train/{k}", v, step)
+                    with open(Path(workdir) / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps({"step": step, **scalars}) + "\n")
                 bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{scalars['steps_per_s']:.2f}")
                 window_t, window_steps, window_tokens = time.time(), 0, 0
             bar.update(1)
