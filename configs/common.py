@@ -96,7 +96,8 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     d.world_dir = "demo_data/world" if demo else ""
     d.prepared_dir = "demo_data/prepared" if demo else ""
     d.tokenizer = "demo_data/prepared/tokenizer" if demo else ""
-    d.max_text_len = 48 if demo else 2048
+    # The mistral template's system prompt alone is ~40 demo tokens: instructions need room.
+    d.max_text_len = (48 if stage < 3 else 192) if demo else 2048
     d.workers = 0 if demo else 8
     d.on_bad_video = "skip"  # skip | raise
     d.template = "plain" if stage < 3 else "mistral"

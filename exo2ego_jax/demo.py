@@ -81,17 +81,17 @@ def run(
         config = stage_config(stage, workdir, data_dir)
         wd = Path(config.workdir)
         try:
-            step, _ = checkpointing.read_meta(wd)
+            step, meta = checkpointing.read_meta(wd)
         except checkpointing.HandOffError:
-            step = None
-        summary = train.train(config, wd, log=logging.info)
-        if summary["first_loss"] is None and step is not None:
+            step, meta = None, {}
+        if meta.get("finished"):
             log(f"[demo] stage {stage}: already finished ({wd}, step {step})")
-        else:
-            log(
-                f"[demo] stage {stage}: {summary['steps']} steps, loss "
-                f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
-            )
+            continue
+        summary = train.train(config, wd, log=logging.info)
+        log(
+            f"[demo] stage {stage}: {summary['steps']} steps, loss "
+            f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+        )
         results["stages"][stage] = {k: summary[k] for k in ("first_loss", "last_loss", "steps")}
     results["seconds"] = time.time() - t0
     (workdir / "demo_summary.json").write_text(json.dumps(results, indent=2))

@@ -433,7 +433,11 @@ def _loop(
                 window_t, window_steps, window_tokens = time.time(), 0, 0
             bar.update(1)
             if step % config.checkpoint.every_steps == 0 or step == total_steps:
-                meta = {**meta_base, **checkpointing.param_meta(trainable)}
+                meta = {
+                    **meta_base,
+                    **checkpointing.param_meta(trainable),
+                    "finished": step == total_steps,
+                }
                 ckpt.save(
                     step,
                     trainable,
