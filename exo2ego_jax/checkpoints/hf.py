@@ -1,0 +1,18 @@
+"""Hugging Face checkpoint I/O: the public entry points.
+
+``load_clip_vision`` / ``save_clip_vision`` live in :mod:`hf_clip`, ``load_mistral`` /
+``save_mistral`` in :mod:`hf_mistral`; both read ``config.json`` + ``*.safetensors`` (sharded
+or not) tensor by tensor through :mod:`safetensors_io`.
+"""
+
+from exo2ego_jax.checkpoints.hf_clip import load_clip_vision, save_clip_vision
+from exo2ego_jax.checkpoints.hf_mistral import load_mistral, save_mistral
+from exo2ego_jax.checkpoints.safetensors_io import CheckpointError
+
+__all__ = [
+    "CheckpointError",
+    "load_clip_vision",
+    "load_mistral",
+    "save_clip_vision",
+    "save_mistral",
+]
