@@ -5,6 +5,11 @@ Train one stage::
     python main.py --config=configs/stage2.py[:demo|:paper] [--config.optim.lr=1e-4 ...] \
         [--workdir=DIR]
 
+Evaluate a trained stage-3 model on EgoBench, or ask it about any ego video::
+
+    python main.py --config=configs/eval.py[:demo|:paper]
+    python main.py --config=configs/eval.py:chat --video=clip.mp4 --question="What is C doing?"
+
 Run the whole built-in demo (synthetic world -> datasets -> demo LM -> stages 0-3 ->
 synthetic EgoBench)::
 
@@ -26,6 +31,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: config.workdir).")
 _DEMO = flags.DEFINE_bool("demo", False, "Run the full demo pipeline on the synthetic world.")
 _DATA = flags.DEFINE_string("data_dir", "demo_data", "Demo: where the world and datasets live.")
+_VIDEO = flags.DEFINE_string("video", None, "Chat: the ego video to ask about.")
+_QUESTION = flags.DEFINE_string("question", None, "Chat: the question.")
 
 
 def _maybe_initialize_distributed() -> None:
@@ -70,6 +77,17 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("pass --config=configs/stageN.py[:preset] (or --demo)")
+    run = config.get("run", "train")
+    if run == "chat":
+        from exo2ego_jax.chat import answer  # noqa: PLC0415
+
+        answer(config, _VIDEO.value, _QUESTION.value)
+        return
+    if run == "evaluate":
+        from exo2ego_jax.evaluate import evaluate  # noqa: PLC0415
+
+        evaluate(config)
+        return
     from exo2ego_jax import train  # noqa: PLC0415
 
     summary = train.train(config, _WORKDIR.value or config.workdir)

@@ -66,6 +66,28 @@ def prepare_data(data_dir: Path, *, seed: int = 0, log=print) -> None:
         )
 
 
+def eval_config(workdir: Path, data_dir: Path):
+    """``configs/eval.py:demo`` pointed at this demo's stage workdirs and data."""
+    from configs import eval as eval_cfg  # noqa: PLC0415
+
+    c = eval_cfg.get_config("demo")
+    base = stage_config(3, workdir, data_dir)
+    c.data.prepared_dir, c.data.tokenizer = base.data.prepared_dir, base.data.tokenizer
+    c.init.llm = base.init.llm
+    c.init.stages = tuple(str(workdir / f"stage{i}") for i in range(4))
+    c.eval.data_root = str(data_dir / "world")
+    c.eval.out_dir = str(workdir / "eval")
+    return c
+
+
+def evaluate_demo(workdir: Path, data_dir: Path, *, log=print) -> dict:
+    """Step 5: the synthetic EgoBench with the stage-3 model; prints the results table."""
+    from exo2ego_jax.evaluate import evaluate  # noqa: PLC0415
+
+    _, metrics = evaluate(eval_config(workdir, data_dir), log=log)
+    return metrics
+
+
 def run(
     workdir: str | Path = "workdirs/demo", data_dir: str | Path = "demo_data", *, log=print
 ) -> dict:
@@ -88,11 +110,15 @@ def run(
             log(f"[demo] stage {stage}: already finished ({wd}, step {step})")
             continue
         summary = train.train(config, wd, log=logging.info)
+        if summary["first_loss"] is None:
+            log(f"[demo] stage {stage}: already finished ({wd}, step {summary['steps']})")
+            continue
         log(
             f"[demo] stage {stage}: {summary['steps']} steps, loss "
             f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
         )
         results["stages"][stage] = {k: summary[k] for k in ("first_loss", "last_loss", "steps")}
+    results["eval"] = evaluate_demo(workdir, data_dir, log=log)
     results["seconds"] = time.time() - t0
     (workdir / "demo_summary.json").write_text(json.dumps(results, indent=2))
     log(

@@ -303,6 +303,17 @@ def train(
                 start_step, _abstract(trainable), _abstract(opt_state), iterators
             )
             log(f"resumed from {ckpt.directory}/{start_step}")
+        if start_step >= total_steps:
+            ckpt.close()
+            log(f"stage {stage.stage} already finished ({start_step} of {total_steps} steps)")
+            return {
+                "first_loss": None,
+                "last_loss": None,
+                "steps": start_step,
+                "losses": [],
+                "start_step": start_step,
+                "total_steps": total_steps,
+            }
 
         host_batch = {k: next(it) for k, it in iterators.items()}
         b_shard = batch_shardings(host_batch, mesh)
