@@ -73,21 +73,33 @@ def test_forward_equals_llm_on_hand_built_sequence(tiny):
     logits, labels = jax.jit(model.__call__)(params, frames, ids, mask, ids)
     s = cfg.tokens_per_clip
     assert logits.shape == (2, 6 + 2 * s - 1, cfg.llm.vocab_size)
-    # Build [text_before ; x ; F(x) ; text_after] by hand and run the LLM directly.
-    x = model.encode_ego(params, frames)
-    fx = model.map_ego_to_exo(params, x)
+    # Build [text_before ; x ; F(x) ; text_after] by hand and run the LLM directly (jitted
+    # too, so both sides see the same XLA numerics).
+    places = [int(np.where(np.asarray(ids[i]) == SENTINEL)[0][0]) for i in range(2)]
+
+    @jax.jit
+    def by_hand(params, frames, ids, mask):
+        x = model.encode_ego(params, frames)
+        fx = model.map_ego_to_exo(params, x)
+        emb = model.llm.apply({"params": params["llm"]}, jnp.where(ids < 0, 0, ids), method="embed")
+        rows, masks = [], []
+        for i, p in enumerate(places):
+            rows.append(jnp.concatenate([emb[i, :p], x[i], fx[i], emb[i, p + 1 :]]))
+            ones = jnp.ones(2 * s, mask.dtype)
+            masks.append(jnp.concatenate([mask[i, :p], ones, mask[i, p + 1 :]]))
+        logits = model.llm.apply(
+            {"params": params["llm"]},
+            inputs_embeds=jnp.stack(rows),
+            attention_mask=jnp.stack(masks),
+        ).logits
+        return x, fx, logits, jnp.stack(masks)
+
+    x, fx, ref, masks = by_hand(params, frames, ids, mask)
     assert x.shape == fx.shape == (2, s, cfg.llm.hidden_size)
-    emb = model.llm.apply({"params": params["llm"]}, jnp.where(ids < 0, 0, ids), method="embed")
-    rows, masks = [], []
-    for i in range(2):
-        p = int(np.where(np.asarray(ids[i]) == SENTINEL)[0][0])
-        rows.append(jnp.concatenate([emb[i, :p], x[i], fx[i], emb[i, p + 1 :]]))
-        masks.append(jnp.concatenate([mask[i, :p], jnp.ones(2 * s, mask.dtype), mask[i, p + 1 :]]))
-    ref = model.llm.apply(
-        {"params": params["llm"]}, inputs_embeds=jnp.stack(rows), attention_mask=jnp.stack(masks)
-    ).logits
-    valid = np.asarray(jnp.stack(masks)).astype(bool)
-    np.testing.assert_allclose(np.asarray(logits)[valid], np.asarray(ref)[valid], atol=1e-4)
+    valid = np.asarray(masks).astype(bool)
+    np.testing.assert_allclose(
+        np.asarray(logits)[valid], np.asarray(ref)[valid], atol=1e-4, rtol=1e-4
+    )
     assert (np.asarray(labels)[0, 2 : 2 + 2 * s] == IGNORE_INDEX).all()
     assert (np.asarray(labels)[1, 1 : 1 + 2 * s] == IGNORE_INDEX).all()
     np.testing.assert_array_equal(np.asarray(labels)[1, 2 * s + 1 :], np.asarray(ids)[1, 2:])
