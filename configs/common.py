@@ -113,7 +113,7 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     o.weight_decay = 0.0  # VideoLLaMA2 default
     o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
     o.grad_clip = 1.0
-    o.grad_accum = 1
+    o.grad_accum = 1  # micro-batches per update (each step of the loop is one micro-batch)
 
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules="fsdp"))
     c.checkpoint = ml_collections.ConfigDict(

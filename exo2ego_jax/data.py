@@ -72,7 +72,8 @@ def make_streams(config: ml_collections.ConfigDict, stage: StageConfig) -> dict[
             "`python -m input_pipeline.prepare --world WORLD --out DIR`"
         )
     tok = load_tokenizer_checked(config)
-    per_host = config.optim.batch_size // jax.process_count()
+    # One micro-batch per step: the global batch over gradient-accumulation steps and hosts.
+    per_host = config.optim.batch_size // (config.optim.grad_accum or 1) // jax.process_count()
     options = PipelineOptions(
         batch_size=per_host,
         num_frames=config.model.num_frames,

@@ -62,28 +62,34 @@ class Stream:
 # ----------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warmup + cosine decay, global-norm clipping (VideoLLaMA2 defaults)."""
-    warmup = int(round(o.warmup_ratio * total_steps))
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=o.lr,
-        warmup_steps=max(warmup, 1),
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=0.0,
-    )
-    chain = []
-    if o.grad_clip and o.grad_clip > 0:
-        chain.append(optax.clip_by_global_norm(o.grad_clip))
-    chain.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay))
-    return optax.chain(*chain)
-
-
 def make_schedule(o: ml_collections.ConfigDict, total_steps: int) -> Callable[[int], float]:
+    """Linear warmup over ``warmup_ratio`` of the optimizer steps, then cosine decay to 0."""
     warmup = int(round(o.warmup_ratio * total_steps))
     return optax.warmup_cosine_decay_schedule(
         0.0, o.lr, max(warmup, 1), max(total_steps, warmup + 1), 0.0
     )
+
+
+def make_optimizer(o: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+    """AdamW + warmup-cosine + global-norm clipping (VideoLLaMA2 defaults).
+
+    ``total_steps`` counts optimizer updates. With ``grad_accum = k > 1`` the returned
+    transformation is ``optax.MultiSteps``: each call takes one micro-batch and the update is
+    applied every k calls with the mean of the k gradients (so each micro-batch's VTG is
+    normalised by its own supervised-token count, then averaged).
+    """
+    chain = []
+    if o.grad_clip and o.grad_clip > 0:
+        chain.append(optax.clip_by_global_norm(o.grad_clip))
+    chain.append(
+        optax.adamw(
+            make_schedule(o, total_steps), b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay
+        )
+    )
+    opt = optax.chain(*chain)
+    if (o.grad_accum or 1) > 1:
+        opt = optax.MultiSteps(opt, every_k_schedule=o.grad_accum)
+    return opt
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -278,9 +284,12 @@ def train(
     steps_per_epoch = max(
         1, math.ceil(max(s.num_examples for s in streams.values()) / o.batch_size)
     )
-    total_steps = o.num_steps if o.num_steps > 0 else o.num_epochs * steps_per_epoch
-    optimizer = make_optimizer(o, total_steps)
-    schedule = make_schedule(o, total_steps)
+    updates = o.num_steps if o.num_steps > 0 else o.num_epochs * steps_per_epoch
+    optimizer = make_optimizer(o, updates)
+    accum = o.grad_accum or 1
+    schedule = lambda step: make_schedule(o, updates)(step // accum)  # noqa: E731
+    # The loop counts micro-steps (one micro-batch each): `accum` of them per update.
+    total_steps = updates * accum
 
     pretrained = read_pretrained(config.init)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):

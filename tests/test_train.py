@@ -102,3 +102,44 @@ def test_bad_fields_fail_before_compute(tmp_path, field, value, message):
     c = _config(0, tmp_path, **{field: value})
     with pytest.raises(config_lib.ConfigError, match=message):
         config_lib.validate(c)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    """Two micro-batches of 4 with grad_accum=2 update exactly like one batch of 8."""
+    import jax
+    import numpy as np
+    from train_helpers import CountingStream
+
+    from exo2ego_jax import stages
+    from exo2ego_jax.models.exo2ego import Exo2Ego
+
+    c = _config(1, tmp_path)
+    model = Exo2Ego(config_lib.build_model_config(c.model))
+    st = config_lib.build_stage_config(c.stage)
+    params = model.init(jax.random.key(0))
+    trainable, frozen = stages.split_params(params, stages.trainable_patterns(st, model))
+    big = next(CountingStream(0, 8, "single", length=16))
+    batch = {"exo_caption": big}
+    halves = [{"exo_caption": {k: v[i * 4 : (i + 1) * 4] for k, v in big.items()}} for i in (0, 1)]
+
+    def run(accum, batches):
+        c.optim.grad_accum = accum
+        opt = train.make_optimizer(c.optim, total_steps=10)
+        step = jax.jit(stages.make_train_step(model, st, opt))
+        t, s = trainable, opt.init(trainable)
+        for b in batches:
+            t, s, _ = step(t, s, frozen, b)
+        return t
+
+    one = run(1, [batch])
+    two = run(2, halves)
+    after_first = run(2, halves[:1])
+    for a, b, c0, p in zip(
+        jax.tree.leaves(one),
+        jax.tree.leaves(two),
+        jax.tree.leaves(after_first),
+        jax.tree.leaves(trainable),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(c0), np.asarray(p))  # no update mid-way
