@@ -36,7 +36,8 @@ Presets (:data:`RULE_PRESETS`, :func:`rules_for`; docs/sharding.md has the full 
 
 Helpers
   :func:`logical_to_shardings`, :func:`param_shardings` and :func:`shard_init` place
-  parameters; :func:`batch_sharding` / :func:`shard_batch` place input batches;
+  parameters; :func:`optimizer_state_shardings` places optimizer state like them;
+  :func:`batch_sharding` / :func:`shard_batch` place input batches;
   :func:`sharding_context` activates the rules (and the mesh) for the activation constraints
   inside the modules -- a jitted function is *traced* with the constraints only if its first
   call (or ``.lower``) happens inside it.
@@ -168,9 +169,9 @@ _FSDP = ("fsdp", "tensor")  # the fsdp preset treats `tensor` as a second FSDP a
 # `lora_rank` rule listed after `embed` only fires for the LoRA factors that have no `embed`
 # axis (lora_b[r, heads|kv_heads|mlp], lora_a[heads|mlp, r]): at paper size (r=128) they hold
 # 0.9 GB of trainable weights (+1.8 GB of Adam moments) that would otherwise sit whole on
-# every device. `mlp` gets no FSDP fallback on purpose: the only arrays it would catch are
-# the connector's depthwise and squeeze-excite convs, and sharding a grouped conv's channels
-# makes XLA replicate its batch-sharded input ("involuntary full rematerialization").
+# every device. `mlp` gets no FSDP fallback on purpose: besides biases, the arrays it would
+# catch are the connector's depthwise and squeeze-excite convs, and sharding a grouped conv's
+# channels makes XLA replicate its batch-sharded input ("involuntary full rematerialization").
 FSDP_RULES: LogicalRules = (
     ("batch", _ALL),
     ("length", None),
@@ -246,7 +247,8 @@ def resolve_rules(rules: RulesLike | None) -> LogicalRules:
         return rules_for(DEFAULT_PRESET)
     if isinstance(rules, str):
         return rules_for(rules)
-    return tuple((name, axes) for name, axes in rules)
+    # Config files give lists; PartitionSpec entries must be str, tuple or None.
+    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
 
 
 def uncovered_axes(rules: RulesLike, names: Sequence[str] = LOGICAL_AXES) -> list[str]:
@@ -430,6 +432,31 @@ def shard_init(
         lowered = jax.jit(init, out_shardings=shardings).lower(rng)
     options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
     return lowered.compile(options)(rng)
+
+
+def optimizer_state_shardings(optimizer: Any, param_shardings_tree: Any, params: Any) -> Any:
+    """Shardings for ``optimizer.init(params)``: parameter-shaped leaves (Adam moments, ...)
+    like their parameter, everything else (step counts) replicated.
+
+    ``jax.jit(optimizer.init)(sharded_params)`` alone puts the moments on one device (they do
+    not depend on the parameter values, so nothing propagates); use
+    ``jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(...))`` instead.
+    ``params`` may be arrays or ``ShapeDtypeStruct`` s.
+    """
+    import optax  # local: the sharding vocabulary itself does not need optax
+
+    leaves = jax.tree.leaves(param_shardings_tree)
+    if not leaves:
+        raise ValueError("optimizer_state_shardings needs at least one parameter sharding")
+    replicated = NamedSharding(leaves[0].mesh, P())
+    abstract_state = jax.eval_shape(optimizer.init, params)
+    return optax.tree_utils.tree_map_params(
+        optimizer,
+        lambda _, sharding: sharding,
+        abstract_state,
+        param_shardings_tree,
+        transform_non_params=lambda _: replicated,
+    )
 
 
 # ----------------------------------------------------------------------------- batches

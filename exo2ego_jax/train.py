@@ -300,7 +300,12 @@ def train(
         del params
         n_train = stages.count_params(trainable)
         log(f"parameters: {stages.count_params(frozen) + n_train:,} total, {n_train:,} trainable")
-        opt_state = jax.jit(optimizer.init)(trainable)
+        # Moments are created sharded like their parameters (left alone, jit would put them
+        # all on one device or replicate them: they do not depend on parameter values).
+        opt_shardings = sharding_lib.optimizer_state_shardings(
+            optimizer, jax.tree.map(lambda a: a.sharding, trainable), trainable
+        )
+        opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(trainable)
 
         ckpt = checkpointing.StageCheckpointer(
             workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
