@@ -26,6 +26,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/llm_vs_torch.py
+	$(PY) bench/train_step.py
+	$(PY) bench/pipeline_throughput.py
 
 clean-venv:
 	rm -rf $(VENV)
