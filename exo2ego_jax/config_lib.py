@@ -17,6 +17,7 @@ import ml_collections
 from exo2ego_jax.models import exo2ego
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapping import MappingConfig
+from exo2ego_jax.sharding import MESH_AXES, batch_axes, rules_for
 from exo2ego_jax.stages import StageConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -140,8 +141,13 @@ def validate(
             f"config.optim.batch_size={o.batch_size} must be divisible by "
             f"config.optim.grad_accum={o.grad_accum}"
         )
-    filled = [n // known if s == -1 else s for s in shape]
-    data_ways = filled[0] * filled[1]  # batch is split over ('data', 'fsdp')
+    filled = dict(zip(MESH_AXES, (n // known if s == -1 else s for s in shape), strict=True))
+    try:
+        axes = batch_axes(rules_for(config.mesh.rules))
+    except ValueError as e:
+        raise ConfigError(f"config.mesh.rules: {e}") from e
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    data_ways = math.prod(filled[a] for a in axes)  # devices the batch is split over
     micro = o.batch_size // (o.grad_accum or 1)
     if micro % data_ways:
         raise ConfigError(

@@ -198,10 +198,11 @@ def build_params(
 # ----------------------------------------------------------------------------- batches
 
 
-def batch_shardings(example: Mapping[str, Any], mesh) -> Any:
-    """Batch axis over ('data', 'fsdp'); everything else replicated."""
+def batch_shardings(example: Mapping[str, Any], mesh, rules) -> Any:
+    """Batch axis over the rules' ``batch`` mesh axes; everything else replicated."""
+    axes = sharding_lib.batch_axes(rules)
     return jax.tree.map(
-        lambda a: NamedSharding(mesh, P(("data", "fsdp"), *([None] * (np.ndim(a) - 1)))), example
+        lambda a: NamedSharding(mesh, P(axes, *([None] * (np.ndim(a) - 1)))), example
     )
 
 
@@ -262,11 +263,7 @@ def train(
     stage = config_lib.build_stage_config(config.stage)
     model = Exo2Ego(model_cfg)
     mesh = sharding_lib.make_mesh(config.mesh.shape)
-    rules = (
-        sharding_lib.rules_for(config.mesh.rules)
-        if hasattr(sharding_lib, "rules_for")
-        else sharding_lib.DEFAULT_RULES
-    )
+    rules = sharding_lib.rules_for(config.mesh.rules)
     log(
         f"jax {jax.__version__}; {jax.device_count()} devices ({jax.default_backend()}); "
         f"{jax.process_count()} processes; mesh {dict(mesh.shape)}; stage {stage.stage}"
@@ -330,7 +327,7 @@ def train(
             }
 
         host_batch = {k: next(it) for k, it in iterators.items()}
-        b_shard = batch_shardings(host_batch, mesh)
+        b_shard = batch_shardings(host_batch, mesh, rules)
         t_shard = jax.tree.map(lambda a: a.sharding, trainable)
         f_shard = jax.tree.map(lambda a: a.sharding, frozen)
         o_shard = jax.tree.map(lambda a: a.sharding, opt_state)
