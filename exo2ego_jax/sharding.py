@@ -403,8 +403,12 @@ def param_shardings(
     return logical_to_shardings(specs, mesh, rules, shapes=shapes, on_indivisible=on_indivisible)
 
 
-# XLA CPU options for programs that run once; the same as ``Exo2Ego.init`` uses.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+#: XLA CPU options for programs that run once (parameter init): backend optimisation of
+#: hundreds of random-number initialisers otherwise dominates start-up time on CPU.
+FAST_COMPILE_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
 
 
 def shard_init(
@@ -430,7 +434,7 @@ def shard_init(
     # tracing, so the result depends on out_shardings alone (even inside sharding_context).
     with nn.logical_axis_rules(()):
         lowered = jax.jit(init, out_shardings=shardings).lower(rng)
-    options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+    options = FAST_COMPILE_OPTIONS if jax.default_backend() == "cpu" else None
     return lowered.compile(options)(rng)
 
 

@@ -31,15 +31,10 @@ import jax
 import ml_collections
 import numpy as np
 import optax
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from exo2ego_jax import checkpointing, config_lib, stages
 from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax.models.exo2ego import Exo2Ego, Params
-
-# XLA CPU options for programs that run once (parameter init): see Exo2Ego.init.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 class TrainingDivergedError(RuntimeError):
@@ -160,17 +155,10 @@ def place_pretrained(
 
 
 def init_params(model: Exo2Ego, mesh, rules, seed: int) -> tuple[Params, Params]:
-    """``(params, shardings)``: parameters created directly in their shardings."""
-    logical = model.logical_specs()
-    shardings = nn.logical_to_mesh_sharding(logical, mesh, rules)
-
-    def init(rng):
-        return nn.unbox(model.init_boxed(rng))
-
-    rng = jax.random.key(seed)
-    lowered = jax.jit(init, out_shardings=shardings).lower(rng)
-    options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
-    return lowered.compile(options)(rng), shardings
+    """``(params, shardings)``: parameters created directly in their shardings
+    (``sharding.shard_init``; dimensions a mesh axis does not divide are replicated)."""
+    params = sharding_lib.shard_init(model, jax.random.key(seed), mesh, rules)
+    return params, jax.tree.map(lambda a: a.sharding, params)
 
 
 def build_params(
@@ -199,11 +187,8 @@ def build_params(
 
 
 def batch_shardings(example: Mapping[str, Any], mesh, rules) -> Any:
-    """Batch axis over the rules' ``batch`` mesh axes; everything else replicated."""
-    axes = sharding_lib.batch_axes(rules)
-    return jax.tree.map(
-        lambda a: NamedSharding(mesh, P(axes, *([None] * (np.ndim(a) - 1)))), example
-    )
+    """One ``sharding.batch_sharding`` per leaf: batch axis split, the rest replicated."""
+    return jax.tree.map(lambda _: sharding_lib.batch_sharding(mesh, rules), example)
 
 
 def to_global(host_batch: Mapping[str, Any], shardings: Any) -> Any:

@@ -35,12 +35,11 @@ from exo2ego_jax.models.generate import generate as llm_generate
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapping import MappingConfig, MappingNetwork
 from exo2ego_jax.models.splice import splice_batch
+from exo2ego_jax.sharding import FAST_COMPILE_OPTIONS
 
 Params = dict[str, Any]
 Fusion = Literal["concat_seq", "x_only", "fx_only"]
 FUSIONS = ("concat_seq", "x_only", "fx_only")
-# XLA CPU options for programs that run once (parameter init).
-_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +187,7 @@ class Exo2Ego:
         start-up time (≈18 s → ≈8 s for the tiny model on 2 cores).
         """
         lowered = jax.jit(self.init_boxed).lower(rng)
-        options = _FAST_COMPILE if jax.default_backend() == "cpu" else None
+        options = FAST_COMPILE_OPTIONS if jax.default_backend() == "cpu" else None
         return nn.unbox(lowered.compile(options)(rng))
 
     def abstract_params(self) -> Params:
