@@ -38,7 +38,8 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m = ml_collections.ConfigDict()
     m.size = "tiny" if preset == "demo" else "paper"  # architecture preset of every component
     m.num_frames = 4 if preset == "demo" else 16
-    m.image_size = 32 if preset == "demo" else 336
+    m.image_size = 64 if preset == "demo" else 336
+    m.patch_size = 8 if preset == "demo" else 0  # CLIP patch; 0 = the size preset's (14)
     m.select_layer = -2  # VideoLLaMA2: penultimate CLIP layer, CLS dropped
     m.fusion = "concat_seq"  # concat_seq | x_only | fx_only  (what replaces <video>)
     m.with_exo = True
@@ -80,7 +81,9 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
 
     s = c.stage = ml_collections.ConfigDict()
     s.stage = stage
-    s.train_clip = demo  # a randomly initialised tower must train; pretrained CLIP stays frozen
+    # A randomly initialised tower must train; a pretrained CLIP stays frozen (VideoLLaMA2).
+    # The demo loads its own exo-pretrained CLIP (init.clip), so it is frozen there too.
+    s.train_clip = False
     s.stage0_encoders = ("ego", "exo")
     s.lambda_vtg = 1.0
     s.lambda_kl = 1.0
@@ -128,7 +131,8 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     c.init.stages = tuple(f"workdirs/{preset}/stage{i}" for i in range(stage))
     if stage == 3:  # stage 3 starts from stages 0 and 2; stage 1 reached it through stage 2
         c.init.stages = tuple(f"workdirs/{preset}/stage{i}" for i in (0, 1, 2))
-    c.init.clip = ""  # HF CLIPVisionModel / CLIPModel dir for both towers
+    # HF CLIPVisionModel / CLIPModel dir for both towers (the demo's: pretrained on exo clips)
+    c.init.clip = "demo_data/prepared/clip" if demo else ""
     c.init.llm = (
         "demo_data/prepared/llm" if demo else ""
     )  # HF Mistral dir (or our pretrained demo LM)

@@ -51,14 +51,19 @@ def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
         base = exo2ego.paper_config()
     else:
         base = exo2ego.tiny_config()
-    patch = base.clip.patch_size
+    patch = m.get("patch_size", 0) or base.clip.patch_size
     if m.image_size % patch:
         raise ConfigError(
             f"config.model.image_size={m.image_size} is not a multiple of the CLIP patch size "
             f"{patch}; use e.g. {m.image_size - m.image_size % patch or patch}"
         )
     clip = dataclasses.replace(
-        base.clip, image_size=m.image_size, dtype=dtype, param_dtype=pdtype, remat=m.remat_policy
+        base.clip,
+        image_size=m.image_size,
+        patch_size=patch,
+        dtype=dtype,
+        param_dtype=pdtype,
+        remat=m.remat_policy,
     )
     llm = dataclasses.replace(
         base.llm,

@@ -5,7 +5,9 @@
 1. generate the synthetic ego/exo world (if missing)          ``<data_dir>/world``
 2. build the datasets and the demo tokenizer (if missing)     ``<data_dir>/prepared``
 3. pretrain the demo LLM on the training text (if missing)     ``<data_dir>/prepared/llm``
-   (stands in for the downloaded Mistral-7B-Instruct)
+   (stands in for the downloaded Mistral-7B-Instruct) and the demo CLIP tower on the exo
+   web clips (if missing)                                        ``<data_dir>/prepared/clip``
+   (stands in for the downloaded CLIP ViT-L/14-336)
 4. stages 0 -> 1 -> 2 -> 3, each handing its weights to the next through Orbax checkpoints
    (``<workdir>/stageN``; a rerun resumes / skips finished stages)
 5. the synthetic EgoBench with the stage-3 model, and a results table.
@@ -33,6 +35,7 @@ def stage_config(stage: int, workdir: Path, data_dir: Path, **overrides):
     c.data.prepared_dir = str(data_dir / "prepared")
     c.data.tokenizer = str(data_dir / "prepared" / "tokenizer")
     c.init.llm = str(data_dir / "prepared" / "llm")
+    c.init.clip = str(data_dir / "prepared" / "clip")
     c.init.stages = tuple(str(workdir / f"stage{i}") for i in range(stage))
     for key, value in overrides.items():
         node = c
@@ -64,6 +67,16 @@ def prepare_data(data_dir: Path, *, seed: int = 0, log=print) -> None:
             f"[demo] demo LLM pretrained: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} "
             f"({s['seconds']:.0f}s)"
         )
+    if not (prepared / "clip" / "config.json").exists():
+        from exo2ego_jax import config_lib  # noqa: PLC0415
+        from exo2ego_jax.tools.pretrain_clip import pretrain as pretrain_clip  # noqa: PLC0415
+
+        tower = config_lib.build_model_config(stage0.get_config("demo").model).clip
+        s = pretrain_clip(prepared, prepared / "clip", config=tower, seed=seed)
+        log(
+            f"[demo] demo CLIP pretrained on {s['clips']} exo clips: loss {s['first_loss']:.1f} "
+            f"-> {s['last_loss']:.1f}, word-tag F1 {s['f1']:.2f} ({s['seconds']:.0f}s)"
+        )
 
 
 def eval_config(workdir: Path, data_dir: Path):
@@ -73,7 +86,7 @@ def eval_config(workdir: Path, data_dir: Path):
     c = eval_cfg.get_config("demo")
     base = stage_config(3, workdir, data_dir)
     c.data.prepared_dir, c.data.tokenizer = base.data.prepared_dir, base.data.tokenizer
-    c.init.llm = base.init.llm
+    c.init.llm, c.init.clip = base.init.llm, base.init.clip
     c.init.stages = tuple(str(workdir / f"stage{i}") for i in range(4))
     c.eval.data_root = str(data_dir / "world")
     c.eval.out_dir = str(workdir / "eval")

@@ -55,6 +55,7 @@ def setup(tmp_path_factory):
     config.data.world_dir, config.data.prepared_dir = str(world), str(prepared)
     config.data.tokenizer = str(prepared / "tokenizer")
     config.init.llm = ""  # no pretrained demo LM: random init, then the stage checkpoints
+    config.init.clip = ""
     config.init.stages = tuple(str(root / f"stage{i}") for i in range(4))
     config.eval.data_root = str(world)
     config.eval.max_items = MAX_ITEMS
@@ -75,7 +76,7 @@ def setup(tmp_path_factory):
 def light_config(tmp_path):
     """A config whose paths exist but hold nothing: for checks that run before any compute."""
     config = eval_config.get_config("demo")
-    config.init.llm = ""
+    config.init.llm = config.init.clip = ""
     config.init.stages = tuple(str(tmp_path / f"stage{i}") for i in range(4))
     for wd in config.init.stages:
         Path(wd).mkdir()

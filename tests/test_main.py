@@ -40,6 +40,7 @@ def _cmd(stage: int, prepared: Path, workdir: Path, steps: int, stages_root: Pat
         f"--config.data.prepared_dir={prepared}",
         f"--config.data.tokenizer={prepared / 'tokenizer'}",
         "--config.init.llm=",
+        "--config.init.clip=",
         f"--config.init.stages={_tuple([str(stages_root / f'stage{i}') for i in range(stage)])}",
         f"--config.optim.num_steps={steps}",
         "--config.optim.batch_size=2",

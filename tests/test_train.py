@@ -16,7 +16,7 @@ STAGE_CONFIGS = {0: stage0, 1: stage1, 2: stage2, 3: stage3}
 
 def _config(stage, tmp_path, steps=4, **overrides):
     c = STAGE_CONFIGS[stage].get_config("demo")
-    c.init.llm = ""
+    c.init.llm = c.init.clip = ""
     c.init.stages = tuple(str(tmp_path / f"stage{i}") for i in range(stage))
     c.optim.num_steps = steps
     c.log_every = 1
