@@ -36,21 +36,42 @@ _QUESTION = flags.DEFINE_string("question", None, "Chat: the question.")
 
 
 def _maybe_initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` when launched as one process of a multi-host job."""
+    """``jax.distributed.initialize()`` when launched as one process of a multi-process job.
+
+    Triggered by a launcher's environment (SLURM, Open MPI, GKE TPU, ``JAX_COORDINATOR_ADDRESS``)
+    or forced with ``EXO2EGO_DISTRIBUTED=1`` (a Cloud TPU VM slice sets no variable: JAX reads
+    the slice from the metadata server); ``EXO2EGO_DISTRIBUTED=0`` never initializes. Without
+    a cluster launcher, ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (with
+    ``JAX_COORDINATOR_ADDRESS``) name this process. See docs/tpu_vm.md.
+    """
     import jax  # noqa: PLC0415
 
-    markers = (
-        "JAX_COORDINATOR_ADDRESS",
-        "COORDINATOR_ADDRESS",
-        "TPU_WORKER_HOSTNAMES",
-        "SLURM_NTASKS",
-        "OMPI_COMM_WORLD_SIZE",
+    env = os.environ
+    force = env.get("EXO2EGO_DISTRIBUTED", "")
+    # A one-task SLURM / MPI job stays single-process: JAX's SLURM detection would make each
+    # process own one GPU (SLURM_LOCALID), hiding a multi-GPU node's other GPUs.
+    multi = (
+        "JAX_COORDINATOR_ADDRESS" in env
+        or "TPU_WORKER_HOSTNAMES" in env
+        or ("SLURM_STEP_NODELIST" in env and int(env.get("SLURM_NTASKS", "1")) > 1)
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
     )
-    if any(m in os.environ for m in markers) and jax.process_count() == 1:
-        try:
-            jax.distributed.initialize()
-        except (RuntimeError, ValueError) as e:  # single host with a stray variable
-            logging.warning("jax.distributed.initialize() skipped: %s", e)
+    # Not `jax.process_count()`: it would start the backends, after which initialize() refuses.
+    if force == "0" or jax.distributed.is_initialized():
+        return
+    if force != "1" and not multi:
+        return
+    kwargs = {}
+    if "JAX_NUM_PROCESSES" in env:  # jax itself reads only JAX_COORDINATOR_ADDRESS
+        kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+    if "JAX_PROCESS_ID" in env:
+        kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    try:
+        jax.distributed.initialize(**kwargs)
+    except (RuntimeError, ValueError) as e:
+        if force == "1":
+            raise
+        logging.warning("jax.distributed.initialize() skipped (single process): %s", e)
 
 
 def main(argv: list[str]) -> None:

@@ -73,7 +73,13 @@ def make_streams(config: ml_collections.ConfigDict, stage: StageConfig) -> dict[
         )
     tok = load_tokenizer_checked(config)
     # One micro-batch per step: the global batch over gradient-accumulation steps and hosts.
-    per_host = config.optim.batch_size // (config.optim.grad_accum or 1) // jax.process_count()
+    micro = config.optim.batch_size // (config.optim.grad_accum or 1)
+    if micro % jax.process_count():  # each host reads an equal, disjoint part of every batch
+        raise config_lib.ConfigError(
+            f"config.optim.batch_size={config.optim.batch_size} (micro-batch {micro}) is not "
+            f"divisible by the {jax.process_count()} processes"
+        )
+    per_host = micro // jax.process_count()
     options = PipelineOptions(
         batch_size=per_host,
         num_frames=config.model.num_frames,

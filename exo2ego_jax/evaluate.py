@@ -13,6 +13,10 @@
 4. computes the metrics and writes ``results.md`` / ``results.csv`` (``report.summarize``),
    and logs the table.
 
+Multi-host: every process loads the items and builds each whole batch (jit splits it over
+the mesh); only process 0 writes files, so ``out_dir`` must be one shared directory (every
+process reads it to agree on what is left to score).
+
 Predictions of one ``out_dir`` must come from one setting: the scoring-relevant fields
 (model, stage checkpoints, mode, prompt switches, EPIC subset) are recorded in
 ``<out_dir>/eval_settings.json`` and a rerun with different ones is refused.
@@ -24,6 +28,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -177,8 +182,12 @@ def check_settings(out_dir: Path, current: dict) -> None:
                 "differ); set config.eval.out_dir to a new directory or delete the old one"
             )
         return
+    if jax.process_index() != 0:  # one writer; atomic, so no process reads half a file
+        return
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(current, indent=2, sort_keys=True))
+    tmp = out_dir / f".{SETTINGS_FILE}.tmp"
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -244,14 +253,23 @@ def run_task(
     bar = tqdm(
         total=len(items), initial=len(items) - todo, desc=task, unit="item", disable=not progress
     )
+    synced = jax.process_count() == 1
 
     def score(chunk: Sequence[EvalItem]) -> list[dict]:
+        nonlocal synced
+        if not synced:  # every process has read the predictions before process 0 appends
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices(f"eval {task}")
+            synced = True
         out = scorer(chunk)
         bar.update(len(chunk))
         return out
 
     try:
-        preds = report.run_resumable(path, items, score, chunk_size=4 * e.batch_size)
+        preds = report.run_resumable(
+            path, items, score, chunk_size=4 * e.batch_size, write=jax.process_index() == 0
+        )
     finally:
         bar.close()
     return preds, todo
@@ -268,6 +286,8 @@ def evaluate(
     check_eval_config(config)
     e = config.eval
     out_dir = Path(e.out_dir)
+    primary = jax.process_index() == 0  # multi-host: one progress bar, one writer
+    progress = progress and primary
     benches = {t: load_benchmark(config, t) for t in e.tasks}
     check_settings(out_dir, settings(config))
     log(
@@ -291,7 +311,7 @@ def evaluate(
             predictions[task], new = run_task(config, task, bench, get_trained, progress=progress)
             log(f"{task}: {new} scored, {len(predictions[task]) - new} from earlier runs")
     rows, metrics = report.summarize(
-        out_dir, predictions, benches, paper=e.paper_column, chance=e.chance_column
+        out_dir, predictions, benches, paper=e.paper_column, chance=e.chance_column, write=primary
     )
     log(report.markdown_table(rows, paper=e.paper_column, chance=e.chance_column))
     log(f"results: {out_dir / 'results.md'}, {out_dir / 'results.csv'}")

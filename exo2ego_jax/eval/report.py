@@ -115,20 +115,25 @@ def run_resumable(
     score_fn: Callable[[Sequence[EvalItem]], list[dict]],
     *,
     chunk_size: int = 32,
+    write: bool = True,
 ) -> list[dict]:
     """Score the items not yet in ``path`` (by ``item_id``), appending per chunk.
+
+    ``write=False`` (the non-primary processes of a multi-host run) scores in step with the
+    writer but leaves the file alone.
 
     Returns:
       one prediction per item, in ``items`` order (earlier runs' and this run's).
     """
-    done = {r["item_id"]: r for r in read_predictions(path, repair=True)}
+    done = {r["item_id"]: r for r in read_predictions(path, repair=write)}
     todo = [it for it in items if it.item_id not in done]
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
         records = score_fn(chunk)
         if [r.get("item_id") for r in records] != [it.item_id for it in chunk]:
             raise ValueError("score_fn must return one record per item, in order, with item_id")
-        append_predictions(path, records)
+        if write:
+            append_predictions(path, records)
         done.update((r["item_id"], r) for r in records)
     return [done[it.item_id] for it in items]
 
@@ -336,8 +341,10 @@ def summarize(
     *,
     paper: bool = True,
     chance: bool = True,
+    write: bool = True,
 ) -> tuple[list[Row], dict[str, Metrics]]:
-    """Compute every task's metrics (and chance), write ``results.md`` / ``results.csv``.
+    """Compute every task's metrics (and chance), write ``results.md`` / ``results.csv``
+    (unless ``write`` is False: a multi-host run's non-primary processes).
 
     Args:
       predictions: ``{task: predictions}`` (e.g. from :func:`run_resumable`).
@@ -354,5 +361,6 @@ def summarize(
         if chance and bench is not None:
             chances[task] = chance_metrics(task, bench)
     rows = results_rows(ours, chance=chances if chance else None)
-    write_report(out_dir, rows, paper=paper, chance=chance)
+    if write:
+        write_report(out_dir, rows, paper=paper, chance=chance)
     return rows, ours

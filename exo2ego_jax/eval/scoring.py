@@ -230,6 +230,19 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def _to_host(x: Any) -> np.ndarray:
+    """A jitted output as numpy, also when it is sharded over other processes' devices.
+
+    On a multi-host mesh a batch-sharded output cannot be read directly (only replicated ones
+    can); every process then gathers it (a collective: all processes call this in lockstep).
+    """
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
 def _pad_rows(rows: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, ...]:
     ids = np.full((len(rows), length), pad_id, np.int32)
     mask = np.zeros((len(rows), length), np.int32)
@@ -355,9 +368,9 @@ def continuation_logprobs(
             chunk += [chunk[0]] * (row_batch - len(chunk))
             row_ids, row_mask = _pad_rows([conts[i][k] for i, k in chunk], c, pad_id)
             item = jnp.asarray([i for i, _ in chunk], jnp.int32)
-            logp = np.asarray(
-                engine.rows(params, first, cache, lengths, item, jnp.asarray(row_ids)), np.float64
-            )
+            logp = _to_host(
+                engine.rows(params, first, cache, lengths, item, jnp.asarray(row_ids))
+            ).astype(np.float64)
             for r, (i, k) in enumerate(chunk[: min(row_batch, len(pairs) - r0)]):
                 sums[i][k] = (np.sum(np.where(row_mask[r], logp[r], 0.0)), row_mask[r].sum())
         out.extend(sums)
@@ -390,7 +403,7 @@ def naive_continuation_logprobs(
     ids, mask = _pad_rows(seqs, length, int(tokenizer.pad_token_id))
     k = len(seqs)
     batch_frames = jnp.asarray(np.broadcast_to(frames, (k, *frames.shape)))
-    logp = np.asarray(
+    logp = _to_host(
         _engine(model).full_logprobs(params, batch_frames, jnp.asarray(ids), jnp.asarray(mask))
     )
     start = len(prompt) - 1 + cfg.visual_tokens_in_prompt  # spliced index of the 1st answer token
@@ -448,7 +461,7 @@ def generate_texts(
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=pad_id,
         )
-        toks, lengths = np.asarray(out.tokens), np.asarray(out.lengths)
+        toks, lengths = _to_host(out.tokens), _to_host(out.lengths)
         for r in range(n_real):
             row = [t for t in toks[r, : lengths[r]].tolist() if t != tokenizer.eos_token_id]
             texts.append(tokenizer.decode(row, skip_special_tokens=True).strip())
