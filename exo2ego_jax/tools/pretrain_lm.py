@@ -72,6 +72,7 @@ def pretrain(
     *,
     tokenizer_dir: str | Path | None = None,
     config: mistral_lib.MistralConfig | None = None,
+    vocab_size: int = 1024,
     steps: int = 600,
     batch_size: int = 16,
     seq_len: int = 64,
@@ -80,6 +81,9 @@ def pretrain(
     progress: bool = True,
 ) -> dict:
     """Trains the LM and writes an HF Mistral directory (plus the tokenizer) to ``out_dir``.
+
+    ``vocab_size``: rows of the embedding table (the demo configs' ``model.vocab_size``;
+    0 = exactly the tokenizer's size).
 
     Returns ``{"first_loss", "last_loss", "steps", "seconds"}``.
     """
@@ -95,7 +99,11 @@ def pretrain(
     ids = [tok.encode(t, add_special_tokens=False) for t in texts]
     rows = pack(ids, seq_len, tok.bos_token_id, tok.eos_token_id)
     cfg = config or mistral_lib.tiny(initializer_range=0.2)
-    cfg = dataclasses.replace(cfg, vocab_size=len(tok))
+    if vocab_size and vocab_size < len(tok):
+        raise ValueError(f"vocab_size={vocab_size} < the tokenizer's {len(tok)} tokens")
+    # The embedding table is sized like the stage configs' ``model.vocab_size`` (ids past
+    # the tokenizer are never seen), so a small world's smaller tokenizer still loads.
+    cfg = dataclasses.replace(cfg, vocab_size=vocab_size or len(tok))
     model = mistral_lib.MistralLM(cfg)
     rng = jax.random.key(seed)
     params = jax.jit(model.init)(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
