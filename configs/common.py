@@ -118,7 +118,9 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     o.grad_clip = 1.0
     o.grad_accum = 1  # micro-batches per update (each step of the loop is one micro-batch)
 
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules="fsdp"))
+    # ('data', 'fsdp', 'tensor'); -1 = every remaining device. The demo is data parallel (its
+    # model fits anywhere); the paper model is sharded over all devices (ZeRO-3 style).
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1) if demo else (1, -1, 1), rules="fsdp"))
     c.checkpoint = ml_collections.ConfigDict(
         dict(every_steps=100 if demo else 1000, keep=2, async_save=True)
     )
@@ -137,6 +139,10 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
         "demo_data/prepared/llm" if demo else ""
     )  # HF Mistral dir (or our pretrained demo LM)
     c.init.mm_projector = ""  # VideoLLaMA2 mm_projector.bin / .safetensors for E_exo
+    # Output dir of `python -m exo2ego_jax.tools.convert` (CLIP x2 / Mistral / projector at
+    # the Exo2Ego paths), restored straight into the sharded params after the loaders above
+    # (overriding them) and before the stage hand-offs; set clip / llm to "" when using it.
+    c.init.converted = ""
     if stage == 3:
         c.model.lora.enabled = True
     return c

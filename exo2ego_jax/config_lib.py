@@ -170,7 +170,7 @@ def validate(
                     f"config.init.stages[{i}]={wd!r}: no such workdir. Run that stage first "
                     "(python main.py --config=configs/stageN.py) or point the field at its workdir"
                 )
-        for field in ("clip", "llm", "mm_projector"):
-            path = getattr(config.init, field)
+        for field in ("clip", "llm", "mm_projector", "converted"):
+            path = config.init.get(field, "")
             if path and not Path(path).exists():
                 raise ConfigError(f"config.init.{field}={path!r}: not found")

@@ -171,15 +171,35 @@ def build_params(
     log: Callable[[str], None] = logging.info,
 ) -> tuple[Params, Params]:
     """``(params, shardings)`` of the whole model as a stage (or an evaluation) starts it:
-    random init -> pretrained weights -> every earlier stage's checkpoint (params only, in
-    order, later stages overriding earlier ones). Call inside the mesh / rules context."""
+    random init -> pretrained weights (HF loaders, then ``config.init.converted``) -> every
+    earlier stage's checkpoint (params only, in order, later stages overriding earlier
+    ones). Call inside the mesh / rules context."""
     if pretrained is None:
         pretrained = read_pretrained(config.init)
     params, shardings = init_params(model, mesh, rules, config.seed)
     params = place_pretrained(params, shardings, pretrained)
-    for i, wd in enumerate(config.init.stages):
-        params, paths = checkpointing.restore_stage_params(wd, i, params)
-        log(f"hand-off: {len(paths)} tensors from stage {i} ({wd})")
+    if config.init.get("converted"):
+        from exo2ego_jax.checkpoints import converted  # noqa: PLC0415
+
+        # Read by each device straight into its shards; the replaced initial values are
+        # freed first (donate) so no device holds two copies of the LLM.
+        params, paths = converted.restore_converted(config.init.converted, params, donate=True)
+        log(f"converted checkpoint: {len(paths)} tensors from {config.init.converted}")
+    # Earlier stages in increasing order; any subset (the ego-only baseline's stage 3 starts
+    # from stage 0 alone). A training stage only starts from stages before it.
+    last, limit = -1, (4 if config.get("run") else config.stage.stage)
+    for wd in config.init.stages:
+        stage_no = checkpointing.read_meta(wd)[1].get("stage")
+        if not isinstance(stage_no, int) or not last < stage_no < limit:
+            after = f"after stage {last}" if last >= 0 else "first"
+            raise checkpointing.HandOffError(
+                f"{wd}: holds a stage {stage_no} checkpoint, listed {after} in config.init.stages "
+                f"for a stage-{config.stage.stage} run. Check the order of config.init.stages "
+                "(earlier stages' workdirs, in increasing stage order)"
+            )
+        params, paths = checkpointing.restore_stage_params(wd, stage_no, params)
+        log(f"hand-off: {len(paths)} tensors from stage {stage_no} ({wd})")
+        last = stage_no
     return params, shardings
 
 
@@ -406,7 +426,9 @@ def _loop(
             if step > start_step:
                 host_batch = {k: next(it) for k, it in iterators.items()}
             batch = to_global(host_batch, b_shard)
-            window_tokens += _tokens_in(host_batch)
+            # This host's tokens x hosts (equal per-host batches): the global rate, estimated
+            # without a cross-host reduction.
+            window_tokens += _tokens_in(host_batch) * jax.process_count()
             trainable, opt_state, metrics = compiled(
                 trainable, opt_state, frozen, batch, jax.random.fold_in(rng, step)
             )

@@ -65,13 +65,18 @@ def test_wrong_or_missing_previous_stage_is_refused(tmp_path):
     train.train(
         _config(0, tmp_path, steps=2), tmp_path / "stage0", streams=streams_for(0), progress=False
     )
-    # Stage 2 pointed at stage 0's workdir where stage 1's should be.
+    # Stage 2 pointed at stage 0's workdir twice: stages must come in increasing order.
     c = _config(2, tmp_path)
     c.init.stages = (str(tmp_path / "stage0"), str(tmp_path / "stage0"))
     with pytest.raises(
-        checkpointing.HandOffError, match="holds a stage 0 checkpoint, expected stage 1"
+        checkpointing.HandOffError, match="holds a stage 0 checkpoint, listed after stage 0"
     ):
         train.train(c, tmp_path / "stage2", streams=streams_for(2), progress=False)
+    # A stage cannot start from itself (or a later stage).
+    c = _config(0, tmp_path)
+    c.init.stages = (str(tmp_path / "stage0"),)
+    with pytest.raises(checkpointing.HandOffError, match="listed first .* for a stage-0 run"):
+        train.train(c, tmp_path / "stage0b", streams=streams_for(0), progress=False)
     c = _config(1, tmp_path)
     c.init.stages = (str(tmp_path / "nowhere"),)
     with pytest.raises(config_lib.ConfigError, match=r"config.init.stages\[0\].*no such workdir"):

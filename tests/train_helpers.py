@@ -19,7 +19,7 @@ class CountingStream:
         kind: str,
         *,
         num_frames=4,
-        size=32,
+        size=64,  # the demo config's model.image_size
         length=48,
         vocab=1024,
         nan_at: int | None = None,
