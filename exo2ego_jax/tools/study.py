@@ -1,0 +1,912 @@
+r"""The Exo2Ego study at demo scale: baseline, full model, Table 3 ablations, stage curve.
+
+::
+
+    python -m exo2ego_jax.tools.study --config=configs/study.py [--quick] \
+        [--config.seeds=0,1,2] [--config.arms=full,no_kl] [--plan]
+
+For every seed of ``config.seeds`` and every arm of ``config.arms`` (``configs/study.py``:
+``baseline`` ego-only, ``full`` Exo2Ego and one arm per ablation of method.md §6) the runner
+trains the arm's stages on the demo pipeline (``demo.stage_config`` with the arm's
+overrides, so the demo's defaults flow through) and evaluates the result on the synthetic
+EgoBench (``demo.eval_config`` + ``evaluate.evaluate``); the stage curve evaluates the
+``curve.arm`` after ``curve.after_stages``.
+
+Sharing: a stage run is identified by a digest of its fully resolved config (paths aside)
+and of the runs it starts from, and lives in ``<root>/seed<S>/stage<K>-<digest>``, so arms
+with the same config prefix share it (stages 0-1 are common to ``full`` and every ablation;
+``no_lora`` differs from ``full`` in stage 3 only). An evaluation is keyed the same way
+(``<root>/seed<S>/eval-<digest>``; the ``full`` arm and the curve's stage-3 point are one).
+The world, its datasets, the demo LM and the demo CLIP (``config.data_dir``: by default the
+demo's, whose regime the default study shares) are shared by every arm and seed: seeds vary
+model initialisation and data order only.
+
+Resumable: a finished stage (its checkpoint meta says ``finished``) and a finished
+evaluation (``study_metrics.json`` in its directory) are skipped with an
+``already finished`` log line; an interrupted stage resumes from its last checkpoint and an
+interrupted evaluation scores only the missing items.
+
+Outputs in ``<root>``: ``results.md`` / ``results.csv`` / ``results.json`` (mean ± std over
+seeds of each EgoBench task's headline score and of their average, per arm and per stage
+curve point, beside the paper's Table 3 numbers), ``ablations.png`` and ``stage_curve.png``
+(matplotlib), ``plan.json`` (every job and the arms using it) and ``timings.json`` (seconds
+per job, used for the remaining-time estimate). ``--plan`` prints the jobs and that estimate
+without running anything.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from exo2ego_jax.eval import report
+
+Log = Callable[[str], None]
+
+# method.md §6, Table 3: the paper's 8-task average of each arm (no ego-only baseline there).
+PAPER_AVERAGE = {
+    "full": 55.6,
+    "no_lora": 53.2,
+    "forward_cycle": 54.9,
+    "no_g_ccl": 54.4,
+    "no_kl": 51.4,
+    "fc_mapping": 54.7,
+}
+# method.md §6: EgoSchema accuracy after initialization, stage 2 and stage 3.
+PAPER_CURVE_EGOSCHEMA = {0: 49.2, 2: 56.7, 3: 61.3}
+TASK_LABELS = tuple(report.PRIMARY)  # the eight tasks, in the paper's order
+AVERAGE = "Average"
+COLUMNS = (*TASK_LABELS, AVERAGE)
+ARM_TITLES = {
+    "baseline": "ego-only baseline (stages 0, 3)",
+    "full": "Exo2Ego (stages 0-3)",
+    "no_kl": "w/o KL",
+    "no_g_ccl": "w/o G and CCL",
+    "forward_cycle": "forward cycle only",
+    "fc_mapping": "FC layers for F / G",
+    "no_lora": "w/o LoRA",
+}
+
+
+def _recoverable() -> tuple[type[BaseException], ...]:
+    """Errors that stop one job (recorded; the jobs depending on it are skipped)."""
+    from exo2ego_jax import checkpointing, config_lib, train  # noqa: PLC0415
+
+    return (config_lib.ConfigError, checkpointing.HandOffError, train.TrainingDivergedError)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass
+class StageJob:
+    """One stage run, shared by every arm (of one seed) with the same config prefix."""
+
+    seed: int
+    stage: int
+    key: str
+    config: ml_collections.ConfigDict
+    parents: tuple[str, ...]  # job ids this stage starts from (init.stages), in order
+    arms: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"seed{self.seed}/stage{self.stage}-{self.key}"
+
+    @property
+    def workdir(self) -> Path:
+        return Path(self.config.workdir)
+
+
+@dataclasses.dataclass
+class EvalJob:
+    """One EgoBench evaluation (an arm's final model, or a stage-curve point)."""
+
+    seed: int
+    key: str
+    config: ml_collections.ConfigDict
+    needs: tuple[str, ...]  # stage job ids whose checkpoints it reads
+    labels: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def id(self) -> str:
+        return f"seed{self.seed}/eval-{self.key}"
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.eval.out_dir)
+
+
+@dataclasses.dataclass
+class Plan:
+    """Every job of the study, in run order, and which evaluation answers which question."""
+
+    stages: dict[str, StageJob]
+    evals: dict[str, EvalJob]
+    order: list[str]  # stage and eval job ids, dependencies first
+    arm_evals: dict[tuple[str, int], str]  # (arm, seed) -> eval job id
+    curve_evals: dict[tuple[int, int], str]  # (after stage, seed) -> eval job id
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (ConfigDicts and dicts alike)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        if isinstance(v, Mapping | ml_collections.ConfigDict):
+            out.update(flatten(v, f"{path}."))
+        else:
+            out[path] = v
+    return out
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _set(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
+    node = config
+    *parents, leaf = path.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+
+
+def data_dir_of(config: ml_collections.ConfigDict) -> Path:
+    return Path(config.data_dir) if config.data_dir else Path(config.root) / "data"
+
+
+def stage_overrides(config: ml_collections.ConfigDict, arm: str, stage: int, seed: int) -> dict:
+    """The dotted overrides of ``arm``'s stage ``stage``: the arm's, the study's schedule and
+    the seed."""
+    out = flatten(config.arm_defs[arm][f"stage{stage}"])
+    sched = config.optim[f"stage{stage}"]
+    if sched.num_epochs > 0:
+        out["optim.num_epochs"] = sched.num_epochs
+    if sched.num_steps > 0:
+        out["optim.num_steps"] = sched.num_steps
+    out["seed"] = seed
+    return out
+
+
+def planned_steps(c: ml_collections.ConfigDict) -> int | None:
+    """The optimizer updates ``train.train`` runs for stage config ``c`` (its formula: epochs
+    of the largest input stream), or None while the datasets are not prepared."""
+    from exo2ego_jax import config_lib, data  # noqa: PLC0415
+    from input_pipeline.pipeline import PipelineOptions, record_dataset  # noqa: PLC0415
+
+    o = c.optim
+    if o.num_steps > 0:
+        return int(o.num_steps)
+    if not Path(c.data.tokenizer).exists():  # prepare() builds it after every dataset
+        return None
+    stage = config_lib.build_stage_config(c.stage)
+    opts = PipelineOptions(shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
+    sizes = [
+        len(record_dataset(n, c.data.prepared_dir, opts, dataset=data.dataset_for(n, stage, c))[0])
+        for n in stage.batches
+    ]
+    return int(o.num_epochs * max(1, math.ceil(max(sizes) / o.batch_size)))
+
+
+def make_plan(config: ml_collections.ConfigDict) -> Plan:
+    """Resolves every stage run and evaluation of the study (nothing is run or read)."""
+    from exo2ego_jax import demo  # noqa: PLC0415
+
+    root, data_dir = Path(config.root), data_dir_of(config)
+    unknown = [a for a in (*config.arms, config.curve.arm) if a not in config.arm_defs]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; config.arm_defs has {list(config.arm_defs)}")
+    stage_jobs: dict[str, StageJob] = {}
+    eval_jobs: dict[str, EvalJob] = {}
+    order: list[str] = []
+    arm_evals: dict[tuple[str, int], str] = {}
+    curve_evals: dict[tuple[int, int], str] = {}
+
+    def add_eval(seed, label, chain, model_overrides) -> str:
+        seed_dir = root / f"seed{seed}"
+        c = demo.eval_config(seed_dir, data_dir)
+        c.seed = seed
+        c.init.stages = tuple(str(stage_jobs[j].workdir) for j in chain)
+        for path, value in model_overrides.items():
+            _set(c, path, value)
+        e = config.eval
+        c.eval.max_items, c.eval.retrieval_max_clips = e.max_items, e.retrieval_max_clips
+        if e.tasks:
+            c.eval.tasks = tuple(e.tasks)
+        ident = c.to_dict()
+        ident["eval"].pop("out_dir")
+        key = _digest(ident)
+        c.eval.out_dir = c.workdir = str(seed_dir / f"eval-{key}")
+        job = eval_jobs.setdefault(f"seed{seed}/eval-{key}", EvalJob(seed, key, c, tuple(chain)))
+        if label not in job.labels:
+            job.labels.append(label)
+        if job.id not in order:
+            order.append(job.id)
+        return job.id
+
+    arms = list(config.arms)
+    if config.curve.after_stages and config.curve.arm not in arms:
+        arms.append(config.curve.arm)  # the curve needs its arm's stages (not its table row)
+    for seed in config.seeds:
+        seed_dir = root / f"seed{seed}"
+        for arm in arms:
+            spec = config.arm_defs[arm]
+            chain: list[str] = []
+            prefix_models: dict[int, dict] = {}
+            for k in spec.stages:
+                overrides = stage_overrides(config, arm, k, seed)
+                if spec.steps_like and k in config.arm_defs[spec.steps_like].stages:
+                    # Same number of updates as the reference arm's stage (not the same
+                    # epochs: the ego-only stage 0 reads only the scarce ego corpus).
+                    ref = stage_overrides(config, spec.steps_like, k, seed)
+                    steps = planned_steps(demo.stage_config(k, seed_dir, data_dir, **ref))
+                    if steps is not None:
+                        overrides["optim.num_steps"] = steps
+                c = demo.stage_config(k, seed_dir, data_dir, **overrides)
+                c.init.stages = tuple(str(stage_jobs[j].workdir) for j in chain)
+                ident = c.to_dict()
+                ident.pop("workdir")
+                ident["init"].pop("stages")
+                key = _digest({"config": ident, "parents": [stage_jobs[j].key for j in chain]})
+                c.workdir = str(seed_dir / f"stage{k}-{key}")
+                job = stage_jobs.setdefault(
+                    f"seed{seed}/stage{k}-{key}", StageJob(seed, k, key, c, tuple(chain))
+                )
+                if arm not in job.arms:
+                    job.arms.append(arm)
+                if job.id not in order:
+                    order.append(job.id)
+                chain.append(job.id)
+                prefix_models[k] = {p: v for p, v in overrides.items() if p.startswith("model.")}
+            last = spec.stages[-1]
+            if arm in config.arms:
+                arm_evals[(arm, seed)] = add_eval(seed, arm, chain, prefix_models[last])
+            if arm != config.curve.arm:
+                continue
+            for after in config.curve.after_stages:
+                if after not in spec.stages:
+                    raise ValueError(
+                        f"config.curve.after_stages has {after}; arm {arm!r} trains {spec.stages}"
+                    )
+                n = list(spec.stages).index(after) + 1
+                model = dict(prefix_models[after])
+                if after < 3:  # the model as that stage left it: LoRA comes with stage 3
+                    model["model.lora.enabled"] = False
+                if after < 2:  # F is trained from stage 2 on
+                    model["model.fusion"] = config.curve.pre_mapping_fusion
+                label = f"after stage {after}"
+                curve_evals[(after, seed)] = add_eval(seed, label, chain[:n], model)
+    return Plan(stage_jobs, eval_jobs, order, arm_evals, curve_evals)
+
+
+def plan_json(plan: Plan) -> dict:
+    """What ``plan.json`` records: every job, what it starts from and who uses it."""
+    return {
+        "stages": {
+            j.id: {"stage": j.stage, "arms": j.arms, "parents": list(j.parents)}
+            for j in plan.stages.values()
+        },
+        "evals": {j.id: {"labels": j.labels, "stages": list(j.needs)} for j in plan.evals.values()},
+        "order": plan.order,
+    }
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def expected_world_sizes(w: ml_collections.ConfigDict) -> dict[str, int]:
+    """The per-split take counts ``generate_world`` makes from ``config.world``."""
+    from input_pipeline.synthetic_world import split_sizes  # noqa: PLC0415
+
+    sizes = split_sizes(w.num_takes)
+    for split, field in (
+        ("pairs", "pair_takes"),
+        ("ego", "ego_takes"),
+        ("exo", "exo_takes"),
+        ("heldout", "heldout_takes"),
+    ):
+        if w[field] > 0:
+            sizes[split] = int(w[field])
+    return sizes
+
+
+def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path:
+    """World (``config.world``'s regime), datasets, tokenizer and demo LM, each if missing."""
+    from exo2ego_jax import config_lib, demo  # noqa: PLC0415
+    from input_pipeline.synthetic_world import generate_world  # noqa: PLC0415
+
+    data_dir, w = data_dir_of(config), config.world
+    world = data_dir / "world"
+    if not (world / "world.json").exists():
+        t = time.time()
+        generate_world(
+            world,
+            seed=w.seed,
+            num_takes=w.num_takes,
+            pair_takes=w.pair_takes or None,
+            ego_takes=w.ego_takes or None,
+            exo_takes=w.exo_takes or None,
+            heldout_takes=w.heldout_takes or None,
+            size=w.size,
+            fps=w.fps,
+            progress=False,
+        )
+        log(f"[study] generated the world in {time.time() - t:.0f}s -> {world}")
+    manifest = json.loads((world / "world.json").read_text())
+    want = {"seed": w.seed, "sizes": expected_world_sizes(w), "fps": w.fps, "size": w.size}
+    got = {
+        "seed": manifest["seed"],
+        "sizes": manifest["sizes"],
+        "fps": manifest["fps"],
+        "size": manifest["resolution"][0],
+    }
+    if got != want:
+        # Reusing a world of another regime would silently change what the study measures.
+        raise config_lib.ConfigError(
+            f"{world} was generated with {got}, config.world asks for {want}; point "
+            "config.data_dir (or config.root) elsewhere or delete that world"
+        )
+    prepared = data_dir / "prepared"
+    # Shorter pretraining of the demo LM / CLIP than demo.prepare_data's (the quick preset):
+    # done here first, so that demo.prepare_data finds them and keeps them.
+    lm_todo = config.lm_steps > 0 and not (prepared / "llm" / "config.json").exists()
+    clip_todo = config.clip_steps > 0 and not (prepared / "clip" / "config.json").exists()
+    if (lm_todo or clip_todo) and not (prepared / "tokenizer").exists():
+        from input_pipeline.prepare import prepare  # noqa: PLC0415
+
+        prepare(world, prepared, progress=False)
+    if lm_todo:
+        from exo2ego_jax.tools.pretrain_lm import pretrain  # noqa: PLC0415
+
+        s = pretrain(
+            prepared,
+            prepared / "llm",
+            vocab_size=demo.stage_config(0, data_dir, data_dir).model.vocab_size,
+            steps=config.lm_steps,
+            seed=w.seed,
+            progress=False,
+        )
+        log(
+            f"[study] demo LM: {s['steps']} steps, loss {s['first_loss']:.3f} -> "
+            f"{s['last_loss']:.3f}"
+        )
+    if clip_todo:
+        from exo2ego_jax.tools.pretrain_clip import pretrain as pretrain_clip  # noqa: PLC0415
+
+        # The tower the stages build (demo model config), as demo.prepare_data makes it.
+        tower = config_lib.build_model_config(demo.stage_config(0, data_dir, data_dir).model).clip
+        s = pretrain_clip(
+            prepared,
+            prepared / "clip",
+            config=tower,
+            steps=config.clip_steps,
+            seed=w.seed,
+            progress=False,
+        )
+        log(
+            f"[study] demo CLIP: {s['steps']} steps, loss {s['first_loss']:.1f} -> "
+            f"{s['last_loss']:.1f}"
+        )
+    demo.prepare_data(data_dir, seed=w.seed, log=log)  # whatever is still missing
+    return data_dir
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def task_scores(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float | None]:
+    """Each task's headline score (``report.PRIMARY``: the eval report's average inputs) and
+    their mean (None when a task is missing)."""
+    out: dict[str, float | None] = {}
+    for label, (task, keys) in report.PRIMARY.items():
+        got = metrics.get(task, {})
+        out[label] = float(np.mean([got[k] for k in keys])) if all(k in got for k in keys) else None
+    present = [v for v in out.values() if v is not None]
+    out[AVERAGE] = float(np.mean(present)) if len(present) == len(TASK_LABELS) else None
+    return out
+
+
+def mean_std(values: Sequence[float], ddof: int = 1) -> dict[str, Any]:
+    """``{"mean", "std", "n", "values"}``; std is None when fewer than ``ddof + 1`` values."""
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return {"mean": None, "std": None, "n": 0, "values": []}
+    std = float(np.std(vals, ddof=ddof)) if len(vals) > ddof else None
+    return {"mean": float(np.mean(vals)), "std": std, "n": len(vals), "values": vals}
+
+
+def aggregate(
+    per_seed: Mapping[str, Mapping[int, Mapping[str, float | None]]], ddof: int = 1
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{row: {seed: {column: score}}}`` -> ``{row: {column: mean_std(...)}}``."""
+    return {
+        row: {col: mean_std([s.get(col) for s in seeds.values()], ddof) for col in COLUMNS}
+        for row, seeds in per_seed.items()
+    }
+
+
+def format_cell(cell: Mapping[str, Any]) -> str:
+    """``"27.9 ± 1.2"``; a single seed shows its mean only; nothing shows "—"."""
+    if cell.get("mean") is None:
+        return "—"
+    if cell.get("std") is None:
+        return f"{cell['mean']:.1f}"
+    return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
+
+
+def paper_task_scores() -> dict[str, float | None]:
+    """The paper's full Exo2Ego per task, combined as :func:`task_scores` combines ours."""
+    paper = {}
+    for task, key, *_, value in report.LAYOUT:
+        if isinstance(value, int | float):
+            paper.setdefault(task, {})[key] = float(value)
+    out = task_scores(paper)
+    out[AVERAGE] = report.PAPER_AVERAGE  # the paper's own average
+    return out
+
+
+def chance_scores(config: ml_collections.ConfigDict) -> dict[str, float | None]:
+    """Random guessing on the evaluated items (what the numbers must beat)."""
+    from exo2ego_jax import evaluate  # noqa: PLC0415
+
+    chance = {
+        t: report.chance_metrics(t, evaluate.load_benchmark(config, t)) for t in config.eval.tasks
+    }
+    return task_scores(chance)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def results_tables(
+    config: ml_collections.ConfigDict,
+    arms: Mapping[str, Mapping[str, dict]],
+    curve: Mapping[int, Mapping[str, dict]],
+    chance: Mapping[str, float | None] | None,
+    seeds: Sequence[int],
+) -> str:
+    """The Markdown of ``results.md``."""
+    head = "| Arm | " + " | ".join(COLUMNS) + " | Paper avg |"
+    rule = "|---|" + "---:|" * (len(COLUMNS) + 1)
+    lines = [
+        f"# Exo2Ego study: synthetic EgoBench, mean ± std over seeds {list(seeds)}",
+        "",
+        "Per-task headline score (the eval report's average inputs) and their average, in "
+        "percent. Paper avg: method.md §6, Table 3 (real EgoBench, 7B model).",
+        "",
+        head,
+        rule,
+    ]
+    for arm, cells in arms.items():
+        paper = PAPER_AVERAGE.get(arm)
+        title = f"{arm}: {ARM_TITLES.get(arm, arm)}"
+        row = [title, *(format_cell(cells[c]) for c in COLUMNS), _num(paper)]
+        lines.append("| " + " | ".join(row) + " |")
+    paper_row = paper_task_scores()
+    lines.append(
+        "| paper: Exo2Ego | " + " | ".join(_num(paper_row[c]) for c in COLUMNS) + " | 55.6 |"
+    )
+    if chance:
+        lines.append("| chance | " + " | ".join(_num(chance.get(c)) for c in COLUMNS) + " | — |")
+    if curve:
+        lines += [
+            "",
+            f"## Stage curve ({config.curve.arm})",
+            "",
+            "| After | EgoSchema | Average | Paper EgoSchema |",
+            "|---|---:|---:|---:|",
+        ]
+        for after, cells in curve.items():
+            name = "init (stage 0)" if after == 0 else f"stage {after}"
+            paper = _num(PAPER_CURVE_EGOSCHEMA.get(after))
+            lines.append(
+                f"| {name} | {format_cell(cells['EgoSchema'])} | "
+                f"{format_cell(cells[AVERAGE])} | {paper} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
+def results_csv(
+    arms: Mapping[str, Mapping[str, dict]], curve: Mapping[int, Mapping[str, dict]]
+) -> str:
+    """Long format: one line per (section, row, column) with mean, std, n and the paper."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["section", "row", "column", "mean", "std", "n", "paper"])
+    paper_full = paper_task_scores()
+    for arm, cells in arms.items():
+        for col in COLUMNS:
+            paper = PAPER_AVERAGE.get(arm) if col == AVERAGE else None
+            if arm == "full":
+                paper = paper_full[col]
+            w.writerow(["arm", arm, col, *_csv_cell(cells[col]), _csv_num(paper)])
+    for after, cells in curve.items():
+        for col in COLUMNS:
+            paper = PAPER_CURVE_EGOSCHEMA.get(after) if col == "EgoSchema" else None
+            row = ["curve", f"after_stage{after}", col, *_csv_cell(cells[col]), _csv_num(paper)]
+            w.writerow(row)
+    return buf.getvalue()
+
+
+def _csv_num(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}"
+
+
+def _csv_cell(cell: Mapping[str, Any]) -> list[str]:
+    return [_csv_num(cell["mean"]), _csv_num(cell["std"]), str(cell["n"])]
+
+
+def _nan(value: float | None) -> float:
+    return np.nan if value is None else value
+
+
+def write_plots(
+    root: Path,
+    arms: Mapping[str, Mapping[str, dict]],
+    curve: Mapping[int, Mapping[str, dict]],
+    chance: Mapping[str, float | None] | None = None,
+) -> list[Path]:
+    """``ablations.png`` (average per arm vs the paper) and ``stage_curve.png``."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    written = []
+    if arms:
+        names = list(arms)
+        x = np.arange(len(names))
+        ours = [_nan(arms[a][AVERAGE]["mean"]) for a in names]
+        err = [arms[a][AVERAGE]["std"] or 0.0 for a in names]
+        paper = [PAPER_AVERAGE.get(a, np.nan) for a in names]
+        fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2.5, 3.8))
+        ax.bar(x - 0.2, ours, 0.4, yerr=err, capsize=3, label="ours (synthetic EgoBench)")
+        ax.bar(x + 0.2, paper, 0.4, label="paper Table 3")
+        if chance and chance.get(AVERAGE) is not None:
+            ax.axhline(chance[AVERAGE], color="gray", ls=":", label="chance (ours)")
+        ax.set_xticks(x, names, rotation=20)
+        ax.set_ylabel("8-task average (%)")
+        ax.set_title("Exo2Ego ablations: mean ± std over seeds")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(root / "ablations.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    if curve:
+        afters = sorted(curve)
+        x = np.arange(len(afters))  # evenly spaced points, labelled by stage
+        fig, ax = plt.subplots(figsize=(4.8, 4.2))
+        for col, style in (("EgoSchema", "o-"), (AVERAGE, "s-")):
+            ax.errorbar(
+                x,
+                [_nan(curve[a][col]["mean"]) for a in afters],
+                yerr=[curve[a][col]["std"] or 0.0 for a in afters],
+                fmt=style,
+                capsize=3,
+                label=f"ours: {col}",
+            )
+        ax.plot(
+            x,
+            [PAPER_CURVE_EGOSCHEMA.get(a, np.nan) for a in afters],
+            "^--",
+            label="paper: EgoSchema",
+        )
+        ax.set_xticks(x, ["init" if a == 0 else f"stage {a}" for a in afters])
+        ax.set_ylabel("score (%)")
+        ax.set_title("Stage curve")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
+        fig.tight_layout()
+        written.append(root / "stage_curve.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_results(
+    config: ml_collections.ConfigDict,
+    plan: Plan,
+    done: Mapping[str, dict],
+    errors: Mapping[str, str],
+    chance: Mapping[str, float | None] | None,
+    *,
+    plots: bool = True,
+) -> dict:
+    """Aggregates the finished evaluations and writes results.md / .csv / .json (+ PNGs)."""
+    root = Path(config.root)
+    per_arm: dict[str, dict[int, dict]] = {}
+    for (arm, seed), job_id in plan.arm_evals.items():
+        if job_id in done:
+            per_arm.setdefault(arm, {})[seed] = done[job_id]
+    per_curve: dict[int, dict[int, dict]] = {}
+    for (after, seed), job_id in sorted(plan.curve_evals.items()):
+        if job_id in done:
+            per_curve.setdefault(after, {})[seed] = done[job_id]
+    ddof = config.eval.std_ddof
+    aggregated = aggregate(per_arm, ddof)
+    arms = {a: aggregated[a] for a in config.arms if a in aggregated}  # config order
+    curve = dict(sorted(aggregate(per_curve, ddof).items()))
+    seeds = list(config.seeds)
+    _atomic_write(root / "results.md", results_tables(config, arms, curve, chance, seeds))
+    _atomic_write(root / "results.csv", results_csv(arms, curve))
+    payload = {
+        "seeds": seeds,
+        "arms": arms,
+        "curve": {str(k): v for k, v in curve.items()},
+        "per_seed": {
+            "arms": per_arm,
+            "curve": {str(k): v for k, v in per_curve.items()},
+        },
+        "chance": chance,
+        "paper": {
+            "average": PAPER_AVERAGE,
+            "full_per_task": paper_task_scores(),
+            "curve_egoschema": PAPER_CURVE_EGOSCHEMA,
+        },
+        "errors": dict(errors),
+    }
+    _atomic_write(root / "results.json", json.dumps(payload, indent=2, default=str))
+    if plots:
+        try:
+            write_plots(root, arms, curve, chance)
+        except ImportError:  # matplotlib is optional: the tables are the result
+            logging.warning("matplotlib is not installed: no plots")
+    return payload
+
+
+# ----------------------------------------------------------------------------- run
+
+
+class Timings:
+    """``<root>/timings.json``: seconds of every finished job, and remaining-time estimates."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.data: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def record(self, job_id: str, kind: str, seconds: float, **extra: Any) -> None:
+        self.data[job_id] = {"kind": kind, "seconds": round(seconds, 1), **extra}
+        _atomic_write(self.path, json.dumps(self.data, indent=2, sort_keys=True))
+
+    def kind_of(self, plan: Plan, job_id: str) -> str:
+        return f"stage{plan.stages[job_id].stage}" if job_id in plan.stages else "eval"
+
+    def estimate(self, plan: Plan, remaining: Sequence[str]) -> float | None:
+        """Seconds the ``remaining`` jobs take, from the mean of finished jobs of each kind
+        (None while some kind has no measurement yet)."""
+        by_kind: dict[str, list[float]] = {}
+        for t in self.data.values():
+            by_kind.setdefault(t["kind"], []).append(t["seconds"])
+        total = 0.0
+        for job_id in remaining:
+            seconds = by_kind.get(self.kind_of(plan, job_id))
+            if not seconds:
+                return None
+            total += float(np.mean(seconds))
+        return total
+
+
+def _stage_finished(workdir: Path) -> bool:
+    from exo2ego_jax import checkpointing  # noqa: PLC0415
+
+    try:
+        _, meta = checkpointing.read_meta(workdir)
+    except checkpointing.HandOffError:
+        return False
+    return bool(meta.get("finished"))
+
+
+def _eval_finished(job: EvalJob) -> dict | None:
+    path = job.out_dir / "study_metrics.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def job_done(plan: Plan, job_id: str) -> bool:
+    if job_id in plan.stages:
+        return _stage_finished(plan.stages[job_id].workdir)
+    return _eval_finished(plan.evals[job_id]) is not None
+
+
+def run_stage(job: StageJob, *, log: Log, progress: bool) -> dict | None:
+    """Trains one stage run (resuming it if interrupted); None if it was already finished."""
+    from exo2ego_jax import train  # noqa: PLC0415
+
+    if _stage_finished(job.workdir):
+        log(f"[study] {job.id} ({', '.join(job.arms)}): already finished")
+        return None
+    log(f"[study] {job.id}: training stage {job.stage} for {', '.join(job.arms)}")
+    job.workdir.mkdir(parents=True, exist_ok=True)
+    (job.workdir / "study_config.json").write_text(job.config.to_json_best_effort(indent=2))
+    summary = train.train(job.config, job.workdir, log=logging.info, progress=progress)
+    if summary["first_loss"] is not None:
+        log(
+            f"[study] {job.id}: {summary['steps']} steps, loss {summary['first_loss']:.3f} -> "
+            f"{summary['last_loss']:.3f}"
+        )
+    return summary
+
+
+def run_eval(job: EvalJob, *, log: Log, progress: bool) -> dict:
+    """Evaluates (or resumes) one model; returns its task scores."""
+    from exo2ego_jax import evaluate  # noqa: PLC0415
+
+    done = _eval_finished(job)
+    if done is not None:
+        log(f"[study] {job.id} ({', '.join(job.labels)}): already finished")
+        return done["scores"]
+    log(f"[study] {job.id}: evaluating {', '.join(job.labels)}")
+    _, metrics = evaluate.evaluate(job.config, log=logging.info, progress=progress)
+    scores = task_scores(metrics)
+    record = {"labels": job.labels, "scores": scores, "metrics": metrics}
+    _atomic_write(job.out_dir / "study_metrics.json", json.dumps(record, indent=2))
+    log(f"[study] {job.id}: average {_num(scores[AVERAGE])}")
+    return scores
+
+
+def use_compilation_cache(config: ml_collections.ConfigDict) -> None:
+    """A persistent XLA cache: arms and seeds compile the same train / scoring programs
+    (only values differ), so most jobs skip compilation. An already configured cache (e.g.
+    the test suite's) is left alone."""
+    import jax  # noqa: PLC0415
+
+    if not config.compilation_cache or jax.config.jax_compilation_cache_dir:
+        return
+    path = Path(config.compilation_cache.replace("<root>", str(config.root)))
+    jax.config.update("jax_compilation_cache_dir", str(path.absolute()))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run(config: ml_collections.ConfigDict, *, log: Log = print, progress: bool = False) -> dict:
+    """Runs (or resumes) the whole study; returns the ``results.json`` payload.
+
+    A job that fails with a configuration / hand-off / divergence error is recorded in
+    ``payload["errors"]`` (and the jobs needing it are skipped); the rest still run.
+    """
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's INFO chatter
+    t0 = time.time()
+    root = Path(config.root)
+    root.mkdir(parents=True, exist_ok=True)
+    use_compilation_cache(config)
+    prepare_data(config, log=log)
+    plan = make_plan(config)
+    _atomic_write(root / "plan.json", json.dumps(plan_json(plan), indent=2))
+    timings = Timings(root / "timings.json")
+    log(
+        f"[study] {len(plan.stages)} stage runs and {len(plan.evals)} evaluations for seeds "
+        f"{list(config.seeds)} and arms {list(config.arms)} in {root}"
+    )
+    chance = None
+    if plan.evals:  # every evaluation reads the same items
+        chance = chance_scores(next(iter(plan.evals.values())).config)
+
+    errors: dict[str, str] = {}
+    done: dict[str, dict] = {}
+    for i, job_id in enumerate(plan.order):
+        is_stage = job_id in plan.stages
+        needs = plan.stages[job_id].parents if is_stage else plan.evals[job_id].needs
+        failed = [j for j in needs if j in errors]
+        if failed:
+            errors[job_id] = f"skipped: needs {failed[0]}, which failed"
+            log(f"[study] {job_id}: {errors[job_id]}")
+            continue
+        t, cpu = time.time(), time.process_time()
+        try:
+            if is_stage:
+                summary = run_stage(plan.stages[job_id], log=log, progress=progress)
+                if summary is not None and summary["first_loss"] is not None:
+                    timings.record(
+                        job_id,
+                        timings.kind_of(plan, job_id),
+                        time.time() - t,
+                        cpu_seconds=round(time.process_time() - cpu, 1),
+                        steps=summary["steps"] - summary.get("start_step", 0),
+                    )
+            else:
+                fresh = _eval_finished(plan.evals[job_id]) is None
+                done[job_id] = run_eval(plan.evals[job_id], log=log, progress=progress)
+                if fresh:
+                    cpu_seconds = round(time.process_time() - cpu, 1)
+                    timings.record(job_id, "eval", time.time() - t, cpu_seconds=cpu_seconds)
+                write_results(config, plan, done, errors, chance, plots=False)
+        except _recoverable() as e:
+            errors[job_id] = f"{type(e).__name__}: {e}"
+            log(f"[study] {job_id} FAILED: {errors[job_id]}")
+            continue
+        if job_id not in timings.data:
+            continue  # nothing ran (finished earlier): no news for the estimate
+        left = [j for j in plan.order[i + 1 :] if j not in errors]
+        eta = timings.estimate(plan, [j for j in left if not job_done(plan, j)])
+        if eta is not None and left:
+            log(f"[study] estimated remaining: {eta / 60:.1f} min")
+    payload = write_results(config, plan, done, errors, chance, plots=config.eval.plots)
+    payload["seconds"] = time.time() - t0
+    log((root / "results.md").read_text())
+    log(f"[study] finished in {payload['seconds'] / 60:.1f} min; results in {root}")
+    if errors:
+        log(f"[study] {len(errors)} job(s) failed or were skipped: see results.json 'errors'")
+    return payload
+
+
+def describe_plan(config: ml_collections.ConfigDict, *, log: Log = print) -> Plan:
+    """``--plan``: the jobs (done or not, and who uses them) and the remaining-time estimate."""
+    plan = make_plan(config)
+    timings = Timings(Path(config.root) / "timings.json")
+    todo = []
+    for job_id in plan.order:
+        done = job_done(plan, job_id)
+        todo += [] if done else [job_id]
+        users = plan.stages[job_id].arms if job_id in plan.stages else plan.evals[job_id].labels
+        log(f"{'done' if done else 'todo'}  {job_id:<32} {', '.join(users)}")
+    kinds: dict[str, int] = {}
+    for job_id in plan.order:
+        kinds[timings.kind_of(plan, job_id)] = kinds.get(timings.kind_of(plan, job_id), 0) + 1
+    log(f"jobs per kind: {dict(sorted(kinds.items()))}; {len(todo)} to do")
+    eta = timings.estimate(plan, todo)
+    if eta is None:
+        log("no estimate: some kind of job has no timing in timings.json yet")
+    else:
+        log(f"estimated remaining: {eta / 60:.1f} min (means of {timings.path})")
+    return plan
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import app, flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = flags.FLAGS.config
+    if flags.FLAGS.quick:
+        from configs import study as study_config  # noqa: PLC0415
+
+        # The quick preset, then the command line's --config.* overrides on top of it.
+        config = study_config.get_config("quick")
+        config.update_from_flattened_dict(config_flags.get_override_values(flags.FLAGS["config"]))
+    logging.getLogger().setLevel(logging.WARNING)
+    if flags.FLAGS.plan:
+        describe_plan(config)
+        return
+    payload = run(config, progress=flags.FLAGS.progress)
+    if payload["errors"]:
+        raise SystemExit(1)
+
+
+def _define_flags() -> None:
+    from absl import flags  # noqa: PLC0415
+    from ml_collections import config_flags  # noqa: PLC0415
+
+    config_flags.DEFINE_config_file("config", "configs/study.py", "Study config file.")
+    flags.DEFINE_bool("quick", False, "Run the quick preset (one seed, baseline + full, tiny).")
+    flags.DEFINE_bool("plan", False, "Print the jobs and the time estimate; run nothing.")
+    flags.DEFINE_bool("progress", True, "Progress bars of training and evaluation.")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

@@ -1,0 +1,120 @@
+"""The study runner: job sharing, mean ± std aggregation, and the --quick study end to end."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from configs import study as study_config
+from exo2ego_jax.tools import study
+
+
+def test_mean_std_and_aggregate_on_known_numbers():
+    cell = study.mean_std([1.0, 2.0, 3.0])
+    assert cell["mean"] == pytest.approx(2.0)
+    assert cell["std"] == pytest.approx(1.0)  # sample std (ddof=1)
+    assert cell["n"] == 3
+    assert study.mean_std([1.0, 2.0, 3.0], ddof=0)["std"] == pytest.approx((2 / 3) ** 0.5)
+    assert study.mean_std([5.0])["std"] is None  # one seed: no spread
+    assert study.mean_std([None, 4.0, 6.0])["n"] == 2  # a missing score is left out
+    assert study.format_cell(cell) == "2.0 ± 1.0"
+    assert study.format_cell(study.mean_std([5.0])) == "5.0"
+    assert study.format_cell(study.mean_std([])) == "—"
+
+    per_seed = {
+        "full": {0: {"EgoSchema": 40.0, "Average": 30.0}, 1: {"EgoSchema": 50.0, "Average": 34.0}},
+        "no_kl": {0: {"EgoSchema": 20.0}},
+    }
+    agg = study.aggregate(per_seed)
+    assert agg["full"]["EgoSchema"]["mean"] == pytest.approx(45.0)
+    assert agg["full"]["EgoSchema"]["std"] == pytest.approx(50**0.5)
+    assert agg["full"]["Average"]["values"] == [30.0, 34.0]
+    assert agg["no_kl"]["VLN-QA"] == {"mean": None, "std": None, "n": 0, "values": []}
+    assert set(agg["full"]) == set(study.COLUMNS)
+
+
+def test_task_scores_use_the_reports_headline_metrics():
+    metrics = {
+        "egoschema": {"accuracy": 20.0},
+        "qaego4d_close": {"accuracy": 30.0},
+        "qaego4d_open": {"rougeL": 99.0},  # not a headline metric
+        "egotaskqa": {"accuracy": 0.0, "direct": 40.0, "indirect": 60.0},
+        "charades_ego": {"mAP": 50.0},
+        "epic_mir": {"mAP": 10.0, "nDCG": 30.0},
+        "egoplan": {"accuracy": 25.0},
+        "vlnqa": {"accuracy": 35.0},
+        "egomcq": {"inter": 70.0, "intra": 30.0},
+    }
+    scores = study.task_scores(metrics)
+    assert scores["EgoTaskQA"] == pytest.approx(50.0)
+    assert scores["EPIC-KITCHENS-100 MIR"] == pytest.approx(20.0)
+    assert scores["EgoMCQ"] == pytest.approx(50.0)
+    assert scores["Average"] == pytest.approx((20 + 30 + 50 + 50 + 20 + 25 + 35 + 50) / 8)
+    del metrics["vlnqa"]
+    assert study.task_scores(metrics)["Average"] is None  # an average of 7 tasks is not one
+
+
+def test_plan_shares_stage_runs_between_arms(tmp_path):
+    config = study_config.get_config()
+    config.root, config.data_dir, config.seeds = str(tmp_path), str(tmp_path / "data"), (0, 1)
+    plan = study.make_plan(config)
+    seed0 = [j for j in plan.stages.values() if j.seed == 0]
+    per_stage = {k: [j for j in seed0 if j.stage == k] for k in range(4)}
+    # Stage 0: full's (shared by every ablation) and the ego-only baseline's.
+    assert len(per_stage[0]) == 2 and len(per_stage[1]) == 1
+    shared0 = next(j for j in per_stage[0] if "full" in j.arms)
+    assert set(shared0.arms) == set(config.arms) - {"baseline"}
+    # Stage 2: full (also no_lora's) + no_kl, no_g_ccl, forward_cycle, fc_mapping.
+    assert len(per_stage[2]) == 5
+    assert any(set(j.arms) == {"full", "no_lora"} for j in per_stage[2])
+    assert len(per_stage[3]) == 7  # every arm has its own stage 3
+    baseline3 = next(j for j in per_stage[3] if j.arms == ["baseline"])
+    assert len(baseline3.parents) == 1  # stage 3 starts from the ego-only stage 0 alone
+    assert baseline3.config.model.with_exo is False
+    # 7 arms + the curve's init and stage-2 points (its stage-3 point is full's evaluation).
+    assert len([j for j in plan.evals.values() if j.seed == 0]) == 9
+    full = plan.evals[plan.arm_evals[("full", 0)]]
+    assert "after stage 3" in full.labels
+    init = plan.evals[plan.curve_evals[(0, 0)]]
+    assert init.config.model.fusion == "x_only" and not init.config.model.lora.enabled
+    assert len(plan.stages) == 2 * len(seed0)  # nothing is shared across seeds
+    assert study.make_plan(config).order == plan.order  # keys are deterministic
+
+
+@pytest.mark.slow
+def test_quick_study_end_to_end_and_rerun(tmp_path):
+    config = study_config.get_config("quick")
+    config.root = str(tmp_path / "study")
+    config.eval.plots = False  # matplotlib is optional; the table is the result
+    root = Path(config.root)
+
+    t0 = time.time()
+    first: list[str] = []
+    payload = study.run(config, log=first.append)
+    first_seconds = time.time() - t0
+
+    table = (root / "results.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| Arm |"))
+    for column in study.COLUMNS:  # the eight tasks and the average
+        assert f" {column} |" in header
+    full = payload["arms"]["full"]
+    assert all(full[c]["mean"] is not None for c in study.COLUMNS), full
+    assert "| full: " in table
+    assert json.loads((root / "results.json").read_text())["seeds"] == [0]
+    assert "arm,full,Average" in (root / "results.csv").read_text()
+
+    # A rerun finds every stage and evaluation on disk: nothing trains, nothing is scored.
+    t1 = time.time()
+    second: list[str] = []
+    study.run(config, log=second.append)
+    assert not [line for line in second if "training stage" in line]
+    assert any("already finished" in line and "full" in line for line in second)
+    assert time.time() - t1 < first_seconds / 2
+
+    assert not payload["errors"], payload["errors"]
+    baseline = payload["arms"]["baseline"]
+    assert all(baseline[c]["mean"] is not None for c in study.COLUMNS), baseline
+    assert "| baseline: " in table
