@@ -212,9 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    cfg = dataclasses.replace(
-        clip_lib.tiny(), image_size=a.image_size, patch_size=a.patch_size
-    )
+    cfg = dataclasses.replace(clip_lib.tiny(), image_size=a.image_size, patch_size=a.patch_size)
     s = pretrain(
         a.data_dir,
         a.out,
