@@ -1,0 +1,570 @@
+r"""Per-device memory plan of a training step, from abstract shapes (nothing is allocated).
+
+Builds the train step of a stage exactly as ``exo2ego_jax.train.train`` does (same model,
+sharding rules, trainable / frozen split, optimizer and batch shardings), but every input is
+a ``jax.ShapeDtypeStruct`` carrying its ``NamedSharding``. The step is compiled ahead of
+time (``jax.jit(...).lower(...).compile()``) for a mesh of the first N (fake CPU) devices
+and XLA's ``memory_analysis()`` gives the per-device temporaries. Prints a Markdown table of
+per-device bytes: parameters (trainable + frozen), optimizer state, temporaries, the rest
+(batch, unaliased outputs) and the total, plus the micro-batch per device and compile time::
+
+    python -m exo2ego_jax.tools.memory_plan --config=configs/stage3.py:paper --devices=16 \
+        [--rules=fsdp|fsdp_tp|dp] [--remat=none|full|dots|dots_no_batch] \
+        [--mesh=auto|config|D,F,T] [--batch_per_device=M] [--grad_accum=K] \
+        [--set=data.max_text_len=512 ...] [--hbm_gib=16] [--out=FILE]
+
+``--config``, ``--devices``, ``--rules`` and ``--remat`` take several values (space- or
+comma-separated) and the tool plans every combination, e.g. the docs/scaling.md table::
+
+    python -m exo2ego_jax.tools.memory_plan --config configs/stage1.py:paper \
+        configs/stage2.py:paper configs/stage3.py:paper --devices=8,16,32 --remat=none,full
+
+Batch: ``config.optim.batch_size`` is the global batch of one optimizer update and
+``grad_accum`` splits it into micro-batches, so one step sees ``batch_size / grad_accum /
+data-parallel ways`` examples per device. ``--grad_accum=K`` sets K (global batch kept);
+``--batch_per_device=M`` picks K so that the paper's global batch is kept; both together set
+the global batch to ``M · ways · K``.
+
+Mesh (``--mesh=auto``): ``(1, N, 1)`` for ``fsdp``, ``(1, N/4, 4)`` for ``fsdp_tp``,
+``(N, 1, 1)`` for ``dp``. ``--mesh=config`` uses ``config.mesh.shape``.
+
+Run as a script the tool sets ``XLA_FLAGS=--xla_force_host_platform_device_count=<max N>``
+(and ``JAX_PLATFORMS=cpu``) before JAX starts, unless the environment already asks for
+enough devices. In-process (:func:`main`, :func:`plan`) it uses whatever devices exist.
+
+Caveat: XLA:CPU's buffer assignment is a proxy for TPU / GPU (other fusion decisions,
+layouts and bf16 handling); read the numbers as estimates with a margin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+GiB = 2**30
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+
+
+class PlanError(ValueError):
+    """A flag, config field or mesh does not work; the message says which and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRow:
+    """Per-device bytes of one compiled train step (all sizes in bytes)."""
+
+    config: str
+    stage: int
+    devices: int
+    mesh: tuple[int, int, int]
+    rules: str
+    remat: str
+    micro_batch_per_device: int  # rows per batch shard (fsdp_tp: shared by a tensor group)
+    batch_shards: int  # data-parallel ways: devices / batch_shards devices share each row
+    grad_accum: int
+    global_batch: int
+    llm_tokens: int  # LLM sequence length: text + visual tokens - 1 (the <video> sentinel)
+    params_trainable: int
+    params_frozen: int
+    opt_state: int
+    batch: int  # this device's shard of the input batch (+ rng key)
+    temp: int  # XLA temporaries (activations, gradients, all-gathered weights, ...)
+    outputs_unaliased: int  # outputs not written into donated inputs (metrics)
+    # memory_analysis().argument_size_in_bytes, a cross-check: jit prunes the arguments the
+    # step never reads (e.g. E_exo and G in stage 3), which the trainer still keeps on device.
+    xla_arguments: int
+    compile_seconds: float
+    hbm_bytes: int
+
+    @property
+    def params(self) -> int:
+        return self.params_trainable + self.params_frozen
+
+    @property
+    def other(self) -> int:
+        return self.batch + self.outputs_unaliased
+
+    @property
+    def total(self) -> int:
+        return self.params + self.opt_state + self.temp + self.other
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.hbm_bytes
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def load_config(spec: str):
+    """``path/to/stageN.py[:arg]`` -> ``get_config(arg)`` (the ml_collections convention)."""
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        raise PlanError(f"--config={spec!r}: no such file {path!r}")
+    # The stage configs import their siblings as `configs.common`: put the repo root first.
+    root = str(file.resolve().parent.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location(f"_memory_plan_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    try:
+        return module.get_config(arg or None)
+    except ValueError as e:
+        raise PlanError(f"--config={spec!r}: {e}") from e
+
+
+def apply_override(config, assignment: str) -> None:
+    """``a.b.c=VALUE`` (a Python literal, else a string) set in place on ``config``."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise PlanError(f"--set {assignment!r}: use FIELD=VALUE, e.g. data.max_text_len=512")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw
+    *parents, leaf = key.split(".")
+    node = config
+    try:
+        for name in parents:
+            node = node[name]
+        if leaf not in node:
+            raise KeyError(leaf)
+        node[leaf] = value
+    except (KeyError, AttributeError):
+        raise PlanError(f"--set {assignment!r}: config has no field {key!r}") from None
+    except TypeError as e:
+        raise PlanError(f"--set {assignment!r}: {e}") from None
+
+
+def auto_mesh(rules: str, devices: int) -> tuple[int, int, int]:
+    """The mesh ``--mesh=auto`` picks (see the module docstring)."""
+    if rules == "dp":
+        return (devices, 1, 1)
+    if rules == "fsdp_tp":
+        tensor = 4 if devices % 4 == 0 else 2 if devices % 2 == 0 else 1
+        return (1, devices // tensor, tensor)
+    return (1, devices, 1)
+
+
+def _parse_mesh(mesh: str, rules: str, devices: int, config) -> tuple[int, int, int]:
+    if mesh == "auto":
+        return auto_mesh(rules, devices)
+    if mesh == "config":
+        shape = list(config.mesh.shape)
+    else:
+        try:
+            shape = [int(s) for s in mesh.split(",")]
+        except ValueError:
+            raise PlanError(f"--mesh={mesh!r}: use auto, config or three sizes D,F,T") from None
+    if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise PlanError(f"mesh {tuple(shape)}: give 3 positive sizes, at most one -1")
+    known = math.prod(s for s in shape if s != -1)
+    if devices % known or (-1 not in shape and known != devices):
+        raise PlanError(
+            f"mesh {tuple(shape)} does not divide {devices} devices (data·fsdp·tensor must "
+            f"equal the device count; put -1 on one axis)"
+        )
+    return tuple(devices // known if s == -1 else s for s in shape)
+
+
+def _batch_ways(rules: str, mesh: tuple[int, int, int]) -> int:
+    from exo2ego_jax import sharding as sharding_lib  # noqa: PLC0415
+
+    axes = sharding_lib.batch_axes(sharding_lib.rules_for(rules))
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return math.prod(dict(zip(sharding_lib.MESH_AXES, mesh, strict=True))[a] for a in axes)
+
+
+def prepare_config(
+    config,
+    devices: int,
+    *,
+    rules: str | None = None,
+    remat: str | None = None,
+    mesh: str = "auto",
+    batch_per_device: int | None = None,
+    grad_accum: int | None = None,
+    overrides: Sequence[str] = (),
+):
+    """A copy of ``config`` with the plan's choices applied, validated like the trainer."""
+    from exo2ego_jax import config_lib  # noqa: PLC0415
+    from exo2ego_jax import sharding as sharding_lib  # noqa: PLC0415
+
+    config = copy.deepcopy(config)
+    for assignment in overrides:
+        apply_override(config, assignment)
+    if rules is not None:
+        config.mesh.rules = rules
+    try:
+        sharding_lib.rules_for(config.mesh.rules)
+    except ValueError as e:
+        raise PlanError(f"rules: {e}") from None
+    if remat is not None:
+        config.model.remat_policy = remat
+    if config.model.remat_policy not in REMAT_POLICIES:
+        raise PlanError(
+            f"remat policy {config.model.remat_policy!r}: choose one of {REMAT_POLICIES}"
+        )
+    shape = _parse_mesh(mesh, config.mesh.rules, devices, config)
+    config.mesh.shape = shape
+    o = config.optim
+    ways = _batch_ways(config.mesh.rules, shape)
+    for name, v in (("batch_per_device", batch_per_device), ("grad_accum", grad_accum)):
+        if v is not None and v < 1:
+            raise PlanError(f"--{name}={v}: must be >= 1")
+    if batch_per_device is not None and grad_accum is not None:
+        o.grad_accum = grad_accum
+        o.batch_size = batch_per_device * ways * grad_accum
+    elif batch_per_device is not None:
+        per_update = batch_per_device * ways
+        if o.batch_size % per_update:
+            raise PlanError(
+                f"--batch_per_device={batch_per_device}: the global batch {o.batch_size} is not "
+                f"a multiple of {batch_per_device} x {ways} data-parallel devices; pass "
+                "--grad_accum too to change the global batch"
+            )
+        o.grad_accum = o.batch_size // per_update
+    elif grad_accum is not None:
+        o.grad_accum = grad_accum
+    try:
+        config_lib.validate(config, num_devices=devices, check_inputs=False)
+    except ValueError as e:  # ConfigError, and ValueErrors of the model dataclasses
+        raise PlanError(str(e)) from None
+    return config
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def abstract_batch(config, model_cfg, stage, global_batch: int) -> dict[str, dict[str, Any]]:
+    """``ShapeDtypeStruct`` s of one micro-batch, as ``input_pipeline.pipeline`` yields it.
+
+    ``frames float32[B, T, S, S, 3]`` (``ego_frames`` / ``exo_frames`` for ``pair``) and
+    right-padded ``input_ids`` / ``labels`` / ``attention_mask`` ``int32[B, L]`` with
+    ``L = config.data.max_text_len`` (the pipeline always pads to it).
+    """
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    size = model_cfg.clip.image_size
+    frames = jax.ShapeDtypeStruct((global_batch, model_cfg.num_frames, size, size, 3), jnp.float32)
+    text = jax.ShapeDtypeStruct((global_batch, config.data.max_text_len), jnp.int32)
+    out = {}
+    for name in stage.batches:
+        b = dict(input_ids=text, labels=text, attention_mask=text)
+        if name == "pair":
+            b.update(ego_frames=frames, exo_frames=frames)
+        else:
+            b["frames"] = frames
+        out[name] = b
+    return out
+
+
+def _with_shardings(shapes: Any, shardings: Any) -> Any:
+    import jax  # noqa: PLC0415
+
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
+    )
+
+
+def _bytes(shapes: Any, shardings: Any) -> int:
+    from exo2ego_jax import sharding as sharding_lib  # noqa: PLC0415
+
+    return sum(sharding_lib.shard_bytes(shapes, shardings).values())
+
+
+def plan(
+    config,
+    devices: int,
+    *,
+    name: str = "",
+    hbm_gib: float = 16.0,
+    fast_compile: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+) -> PlanRow:
+    """Compiles the train step of a prepared ``config`` (:func:`prepare_config`) for the
+    first ``devices`` devices and returns its per-device memory.
+
+    Nothing is allocated: parameters, optimizer state and batch are ``ShapeDtypeStruct`` s.
+    """
+    import jax  # noqa: PLC0415
+
+    from exo2ego_jax import config_lib, stages, train  # noqa: PLC0415
+    from exo2ego_jax import sharding as sharding_lib  # noqa: PLC0415
+    from exo2ego_jax.models.exo2ego import Exo2Ego  # noqa: PLC0415
+
+    available = jax.devices()
+    if devices > len(available):
+        raise PlanError(
+            f"{devices} devices requested but JAX has {len(available)}; run as a script (it "
+            f"sets {_DEVICE_FLAG}) or set XLA_FLAGS={_DEVICE_FLAG}={devices} before JAX starts"
+        )
+    model_cfg = config_lib.build_model_config(config.model)
+    stage = config_lib.build_stage_config(config.stage)
+    model = Exo2Ego(model_cfg)
+    try:
+        mesh = sharding_lib.make_mesh(config.mesh.shape, devices=available[:devices])
+    except ValueError as e:
+        raise PlanError(str(e)) from None
+    rules = sharding_lib.rules_for(config.mesh.rules)
+    o = config.optim
+    accum = o.grad_accum or 1
+    ways = _batch_ways(config.mesh.rules, tuple(mesh.shape.values()))
+    micro_global = o.batch_size // accum
+
+    # Parameters: the trainer's layout (shard_init uses param_shardings == these shardings).
+    specs, shapes = sharding_lib.abstract_boxed(model)
+    shardings = sharding_lib.logical_to_shardings(specs, mesh, rules, shapes=shapes)
+    patterns = stages.trainable_patterns(stage, model)
+    t_shapes, f_shapes = stages.split_params(shapes, patterns)
+    t_shard, f_shard = stages.split_params(shardings, patterns)
+    trainable = _with_shardings(t_shapes, t_shard)
+    frozen = _with_shardings(f_shapes, f_shard)
+
+    # Optimizer: the step count only shapes the schedule, not the state.
+    optimizer = train.make_optimizer(o, 1000)
+    o_shard = sharding_lib.optimizer_state_shardings(optimizer, t_shard, trainable)
+    o_shapes = jax.eval_shape(optimizer.init, trainable)
+    opt_state = _with_shardings(o_shapes, o_shard)
+
+    batch_shapes = abstract_batch(config, model_cfg, stage, micro_global)
+    b_shard = train.batch_shardings(batch_shapes, mesh, rules)
+    batch = _with_shardings(batch_shapes, b_shard)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+
+    # The jit of train.train: same in/out shardings, donation and rng handling.
+    step_fn = stages.make_train_step(model, stage, optimizer)
+    use_rng = model_cfg.llm.lora is not None and model_cfg.llm.lora.dropout > 0
+    jitted = jax.jit(
+        step_fn if use_rng else (lambda t, s, f, b, r: step_fn(t, s, f, b)),
+        in_shardings=(t_shard, o_shard, f_shard, b_shard, None),
+        out_shardings=(t_shard, o_shard, None),
+        donate_argnums=(0, 1),
+    )
+    label = name or f"stage {stage.stage}"
+    log(
+        f"{label}: {devices} devices, mesh {dict(mesh.shape)}, rules {config.mesh.rules}, "
+        f"remat {config.model.remat_policy}, micro-batch {micro_global // ways}/device; compiling"
+    )
+    t0 = time.time()
+    # Activation constraints are baked in at trace time: lower inside the rules context.
+    with sharding_lib.sharding_context(mesh, rules):
+        lowered = jitted.lower(trainable, opt_state, frozen, batch, rng)
+    options = sharding_lib.FAST_COMPILE_OPTIONS if fast_compile else None
+    compiled = lowered.compile(options)
+    seconds = time.time() - t0
+    mem = compiled.memory_analysis()
+    if mem is None:
+        raise PlanError(f"backend {jax.default_backend()} has no memory_analysis()")
+
+    batch_bytes = _bytes(batch_shapes, b_shard) + rng.dtype.itemsize
+    outputs = max(0, int(mem.output_size_in_bytes) - int(mem.alias_size_in_bytes))
+    row = PlanRow(
+        config=name,
+        stage=stage.stage,
+        devices=devices,
+        mesh=tuple(int(v) for v in mesh.shape.values()),
+        rules=config.mesh.rules,
+        remat=config.model.remat_policy,
+        micro_batch_per_device=micro_global // ways,
+        batch_shards=ways,
+        grad_accum=accum,
+        global_batch=o.batch_size,
+        llm_tokens=config.data.max_text_len + model_cfg.visual_tokens_in_prompt - 1,
+        params_trainable=_bytes(t_shapes, t_shard),
+        params_frozen=_bytes(f_shapes, f_shard),
+        opt_state=_bytes(o_shapes, o_shard),
+        batch=batch_bytes,
+        temp=int(mem.temp_size_in_bytes),
+        outputs_unaliased=outputs,
+        xla_arguments=int(mem.argument_size_in_bytes),
+        compile_seconds=seconds,
+        hbm_bytes=int(hbm_gib * GiB),
+    )
+    log(
+        f"{label}: compiled in {seconds:.0f}s; total {row.total / GiB:.2f} GiB/device "
+        f"(temp {row.temp / GiB:.2f} GiB)"
+    )
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f}"
+
+
+def _micro(r: PlanRow) -> str:
+    # Under fsdp_tp the batch is split over data·fsdp only: a tensor group shares its rows.
+    share = r.devices // r.batch_shards
+    return str(r.micro_batch_per_device) + (f" (per {share} devices)" if share > 1 else "")
+
+
+def markdown_table(rows: Sequence[PlanRow]) -> str:
+    """The rows as a Markdown table (GiB per device)."""
+    hbm = {r.hbm_bytes for r in rows}
+    fits = f"fits {_gib(hbm.pop()).rstrip('0').rstrip('.')} GiB?" if len(hbm) == 1 else "fits?"
+    head = (
+        "stage",
+        "devices",
+        "mesh (d,f,t)",
+        "rules",
+        "remat",
+        "micro-batch/device",
+        "grad_accum",
+        "LLM tokens",
+        "params (train+frozen)",
+        "opt state",
+        "temp",
+        "batch+out",
+        "total GiB",
+        fits,
+        "compile s",
+    )
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = (
+            str(r.stage),
+            str(r.devices),
+            ",".join(map(str, r.mesh)),
+            r.rules,
+            r.remat,
+            _micro(r),
+            str(r.grad_accum),
+            str(r.llm_tokens),
+            f"{_gib(r.params)} ({_gib(r.params_trainable)}+{_gib(r.params_frozen)})",
+            _gib(r.opt_state),
+            _gib(r.temp),
+            _gib(r.other),
+            f"**{_gib(r.total)}**",
+            "yes" if r.fits else "no",
+            f"{r.compile_seconds:.0f}",
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def _split(values: Sequence[str] | None) -> list[str]:
+    return [v for value in values or () for v in re.split(r"[,\s]+", value) if v]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m exo2ego_jax.tools.memory_plan",
+        description="Per-device memory of a train step, compiled ahead of time from shapes.",
+    )
+    p.add_argument("--config", nargs="+", required=True, help="configs/stageN.py[:preset] ...")
+    p.add_argument("--devices", nargs="+", required=True, help="device counts, e.g. 8,16,32")
+    p.add_argument("--rules", nargs="+", help="fsdp | fsdp_tp | dp (default: config.mesh.rules)")
+    p.add_argument(
+        "--remat", nargs="+", help=f"{' | '.join(REMAT_POLICIES)} (default: the config's)"
+    )
+    p.add_argument("--mesh", default="auto", help="auto | config | D,F,T (one may be -1)")
+    p.add_argument("--batch_per_device", type=int, help="micro-batch per device")
+    p.add_argument("--grad_accum", type=int, help="micro-batches per optimizer update")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="config override, e.g. data.max_text_len=512 (repeatable)",
+    )
+    p.add_argument("--hbm_gib", type=float, default=16.0, help="device memory for 'fits?'")
+    p.add_argument(
+        "--fast_compile",
+        action="store_true",
+        help="compile with sharding.FAST_COMPILE_OPTIONS (less LLVM work on CPU)",
+    )
+    p.add_argument("--out", help="also write the Markdown table to this file")
+    return p
+
+
+def _device_counts(values: Sequence[str]) -> list[int]:
+    try:
+        counts = [int(v) for v in _split(values)]
+    except ValueError:
+        raise PlanError(f"--devices={' '.join(values)}: use integers, e.g. 8,16,32") from None
+    if not counts or any(n < 1 for n in counts):
+        raise PlanError("--devices: give positive device counts")
+    return counts
+
+
+def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] = print) -> list[PlanRow]:
+    """Runs the planner for every (config, devices, rules, remat) combination of ``argv``;
+    prints (and with ``--out`` writes) the Markdown table and returns the rows."""
+    args = _parser().parse_args(argv)
+    counts = _device_counts(args.devices)
+    rows = []
+    for spec in _split(args.config):
+        base = load_config(spec)
+        for devices in counts:
+            for rules in _split(args.rules) or [None]:
+                for remat in _split(args.remat) or [None]:
+                    config = prepare_config(
+                        base,
+                        devices,
+                        rules=rules,
+                        remat=remat,
+                        mesh=args.mesh,
+                        batch_per_device=args.batch_per_device,
+                        grad_accum=args.grad_accum,
+                        overrides=args.overrides,
+                    )
+                    rows.append(
+                        plan(
+                            config,
+                            devices,
+                            name=spec,
+                            hbm_gib=args.hbm_gib,
+                            fast_compile=args.fast_compile,
+                            log=log,
+                        )
+                    )
+    table = markdown_table(rows)
+    log(table)
+    if args.out:
+        Path(args.out).write_text(table)
+    return rows
+
+
+def _request_devices(argv: Sequence[str]) -> None:
+    """Sets the fake-CPU device count for the largest ``--devices`` (before JAX starts)."""
+    try:
+        wanted = max(_device_counts(_parser().parse_known_args(argv)[0].devices))
+    except (PlanError, SystemExit, TypeError):
+        return  # main() reports the bad flag
+    flags = os.environ.get("XLA_FLAGS", "")
+    have = re.search(rf"{_DEVICE_FLAG}=(\d+)", flags)
+    if have and int(have.group(1)) >= wanted:
+        return
+    flags = re.sub(rf"{_DEVICE_FLAG}=\d+", "", flags).strip()
+    os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={wanted}".strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+if __name__ == "__main__":
+    _request_devices(sys.argv[1:])
+    try:
+        main()
+    except PlanError as e:
+        sys.exit(f"memory_plan: error: {e}")

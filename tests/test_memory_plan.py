@@ -1,0 +1,124 @@
+"""The per-device memory planner (exo2ego_jax/tools/memory_plan.py) on the demo config."""
+
+import os
+import re
+
+import pytest
+from flax import traverse_util
+
+from exo2ego_jax import config_lib, stages
+from exo2ego_jax import sharding as sh
+from exo2ego_jax.models.exo2ego import Exo2Ego
+from exo2ego_jax.tools import memory_plan as mp
+
+STAGE1 = "configs/stage1.py:demo"
+
+
+@pytest.fixture(scope="module")
+def demo_rows(tmp_path_factory):
+    """Stage 1 of the demo on 8 devices with remat none and full (two small compiles)."""
+    out = tmp_path_factory.mktemp("plan") / "table.md"
+    rows = mp.main(
+        ["--config", STAGE1, "--devices=8", "--remat=none,full", f"--out={out}"], log=lambda _: None
+    )
+    return rows, out
+
+
+def test_demo_plan_matches_independent_accounting(demo_rows):
+    rows, out = demo_rows
+    assert [(r.stage, r.devices, r.remat) for r in rows] == [(1, 8, "none"), (1, 8, "full")]
+    none, full = rows
+    assert none.mesh == (1, 8, 1) and none.rules == "fsdp"
+    assert none.micro_batch_per_device == 1 and none.grad_accum == 1  # demo batch 8 / 8 ways
+    assert none.batch_shards == 8
+
+    # Parameter bytes per device, recomputed from the sharding module alone.
+    config = mp.load_config(STAGE1)
+    model = Exo2Ego(config_lib.build_model_config(config.model))
+    mesh = sh.make_abstract_mesh((1, 8, 1))
+    shapes = model.abstract_params()
+    per_leaf = sh.shard_bytes(shapes, sh.param_shardings(model, mesh, "fsdp"))
+    stage = config_lib.build_stage_config(config.stage)
+    train_paths = stages.trainable_paths(shapes, stages.trainable_patterns(stage, model))
+    assert set(per_leaf) == set(traverse_util.flatten_dict(shapes, sep="/"))
+    trainable = sum(per_leaf[p] for p in train_paths)
+    used = sum(
+        b
+        for p, b in per_leaf.items()
+        if p.startswith(("exo_encoder/", "llm/")) and "/post_layernorm/" not in p
+    )
+    for r in rows:
+        assert r.params_trainable == trainable > 0
+        assert r.params == sum(per_leaf.values())
+        # AdamW: two moments like the parameters (+ int32 step counts); no accumulation.
+        assert 0 < r.opt_state - 2 * trainable <= 16
+        # XLA's own argument bytes: jit prunes the arguments the step never reads (here E_ego,
+        # F, G, CLIP's post-layernorm and the rng key), the rest is params + opt + batch.
+        assert r.xla_arguments == used + r.opt_state + r.batch - 8
+        assert r.total == r.params + r.opt_state + r.temp + r.batch + r.outputs_unaliased
+        assert r.temp > 0 and r.compile_seconds > 0 and r.fits
+    assert full.temp <= none.temp  # rematerialisation only drops saved activations
+
+    table = out.read_text()
+    assert table.splitlines()[0].startswith("| stage | devices |")
+    assert len(table.splitlines()) == 2 + len(rows)
+    assert "fits 16 GiB?" in table
+
+
+def test_batch_per_device_keeps_the_global_batch():
+    base = mp.load_config("configs/stage3.py:paper")
+    # Paper stage 3: global batch 64 on 16 fsdp devices -> 4 per device, or 1 x 4 accumulated.
+    c = mp.prepare_config(base, 16, batch_per_device=1)
+    assert (c.optim.batch_size, c.optim.grad_accum, tuple(c.mesh.shape)) == (64, 4, (1, 16, 1))
+    c = mp.prepare_config(base, 16, batch_per_device=2, grad_accum=3)
+    assert (c.optim.batch_size, c.optim.grad_accum) == (96, 3)
+    c = mp.prepare_config(base, 16, rules="fsdp_tp", remat="dots")
+    assert tuple(c.mesh.shape) == (1, 4, 4) and c.model.remat_policy == "dots"
+    assert base.optim.grad_accum == 1 and base.mesh.rules == "fsdp"  # the base is untouched
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--devices=8", "--mesh=1,3,1"], "does not divide 8 devices"),
+        (["--devices=8", "--mesh=2,2"], "3 positive sizes"),
+        # The demo's global batch 8 in 2 micro-batches of 4 rows cannot split over 8 devices.
+        (["--devices=8", "--grad_accum=2"], "(micro-batch 4) is not divisible by the 8"),
+        (["--devices=16", "--batch_per_device=1", "--grad_accum=1"], "but JAX has 8"),
+        (["--devices=8", "--rules=zero3"], "unknown sharding preset 'zero3'"),
+        (["--devices=8", "--remat=some"], "remat policy 'some'"),
+        (["--devices=8", "--batch_per_device=3"], "not a multiple of 3 x 8"),
+        (["--devices=8", "--set=model.no_such_field=1"], "no field 'model.no_such_field'"),
+        (["--devices=8", "--set=model.dtype=float8"], "config.model.dtype='float8'"),
+    ],
+)
+def test_clear_errors(argv, message):
+    # Everything is checked before compiling, so these are fast.
+    with pytest.raises(mp.PlanError, match=re.escape(message)):
+        mp.main(["--config", STAGE1, *argv], log=lambda _: None)
+
+
+def test_script_requests_enough_fake_devices(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --foo")
+    mp._request_devices(["--config", STAGE1, "--devices", "8,32", "16"])
+    flags = os.environ["XLA_FLAGS"].split()
+    assert "--xla_force_host_platform_device_count=32" in flags and "--foo" in flags
+    assert "--xla_force_host_platform_device_count=8" not in flags
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=64")
+    mp._request_devices(["--config", STAGE1, "--devices=16"])
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=64"
+
+
+def test_table_marks_rows_shared_by_a_tensor_group():
+    gib = mp.GiB
+    row = mp.PlanRow(
+        config="c", stage=3, devices=16, mesh=(1, 4, 4), rules="fsdp_tp", remat="full",
+        micro_batch_per_device=1, batch_shards=4, grad_accum=16, global_batch=64,
+        llm_tokens=5089, params_trainable=gib, params_frozen=2 * gib, opt_state=2 * gib,
+        batch=0, temp=11 * gib, outputs_unaliased=0, xla_arguments=0, compile_seconds=1.0,
+        hbm_bytes=16 * gib,
+    )  # fmt: skip
+    assert row.total == 16 * gib and row.fits
+    line = mp.markdown_table([row]).splitlines()[2]
+    assert "| 1 (per 4 devices) | 16 | 5089 | 3.00 (1.00+2.00) |" in line
+    assert "| **16.00** | yes |" in line
