@@ -46,33 +46,57 @@ def stage_config(stage: int, workdir: Path, data_dir: Path, **overrides):
     return c
 
 
-def prepare_data(data_dir: Path, *, seed: int = 0, log=print) -> None:
-    """Steps 1-3 (each skipped when its output exists)."""
-    from exo2ego_jax.tools.pretrain_lm import pretrain  # noqa: PLC0415
+def prepare_data(
+    data_dir: Path,
+    *,
+    seed: int = 0,
+    log=print,
+    world_kwargs: dict | None = None,
+    lm_steps: int = 0,
+    clip_steps: int = 0,
+    progress: bool = True,
+) -> None:
+    """Steps 1-3 (each skipped when its output exists).
+
+    ``world_kwargs`` go to ``generate_world`` (e.g. ``num_takes``); ``lm_steps`` /
+    ``clip_steps`` > 0 shorten the demo LM / CLIP pretraining (0 = their defaults).
+    """
+    from exo2ego_jax import config_lib  # noqa: PLC0415
+    from exo2ego_jax.tools.pretrain_clip import pretrain as pretrain_clip  # noqa: PLC0415
+    from exo2ego_jax.tools.pretrain_lm import pretrain as pretrain_lm  # noqa: PLC0415
     from input_pipeline.prepare import prepare  # noqa: PLC0415
     from input_pipeline.synthetic_world import generate_world  # noqa: PLC0415
 
     world, prepared = data_dir / "world", data_dir / "prepared"
+    model = stage_config(0, data_dir, data_dir).model  # vocabulary and tower of the stages
     if not (world / "world.json").exists():
         t = time.time()
-        generate_world(world, seed=seed)
+        generate_world(world, seed=seed, progress=progress, **(world_kwargs or {}))
         log(f"[demo] generated the synthetic world in {time.time() - t:.0f}s -> {world}")
     if not (prepared / "tokenizer").exists():
         t = time.time()
-        prepare(world, prepared)
+        prepare(world, prepared, progress=progress)
         log(f"[demo] prepared datasets + tokenizer in {time.time() - t:.0f}s -> {prepared}")
     if not (prepared / "llm" / "config.json").exists():
-        s = pretrain(prepared, prepared / "llm", seed=seed)
+        steps = {"steps": lm_steps} if lm_steps > 0 else {}
+        s = pretrain_lm(
+            prepared,
+            prepared / "llm",
+            vocab_size=model.vocab_size,
+            seed=seed,
+            progress=progress,
+            **steps,
+        )
         log(
             f"[demo] demo LLM pretrained: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} "
             f"({s['seconds']:.0f}s)"
         )
     if not (prepared / "clip" / "config.json").exists():
-        from exo2ego_jax import config_lib  # noqa: PLC0415
-        from exo2ego_jax.tools.pretrain_clip import pretrain as pretrain_clip  # noqa: PLC0415
-
-        tower = config_lib.build_model_config(stage0.get_config("demo").model).clip
-        s = pretrain_clip(prepared, prepared / "clip", config=tower, seed=seed)
+        tower = config_lib.build_model_config(model).clip
+        steps = {"steps": clip_steps} if clip_steps > 0 else {}
+        s = pretrain_clip(
+            prepared, prepared / "clip", config=tower, seed=seed, progress=progress, **steps
+        )
         log(
             f"[demo] demo CLIP pretrained on {s['clips']} exo clips: loss {s['first_loss']:.1f} "
             f"-> {s['last_loss']:.1f}, word-tag F1 {s['f1']:.2f} ({s['seconds']:.0f}s)"

@@ -361,48 +361,15 @@ def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path
             f"{world} was generated with {got}, config.world asks for {want}; point "
             "config.data_dir (or config.root) elsewhere or delete that world"
         )
-    prepared = data_dir / "prepared"
-    # Shorter pretraining of the demo LM / CLIP than demo.prepare_data's (the quick preset):
-    # done here first, so that demo.prepare_data finds them and keeps them.
-    lm_todo = config.lm_steps > 0 and not (prepared / "llm" / "config.json").exists()
-    clip_todo = config.clip_steps > 0 and not (prepared / "clip" / "config.json").exists()
-    if (lm_todo or clip_todo) and not (prepared / "tokenizer").exists():
-        from input_pipeline.prepare import prepare  # noqa: PLC0415
-
-        prepare(world, prepared, progress=False)
-    if lm_todo:
-        from exo2ego_jax.tools.pretrain_lm import pretrain  # noqa: PLC0415
-
-        s = pretrain(
-            prepared,
-            prepared / "llm",
-            vocab_size=demo.stage_config(0, data_dir, data_dir).model.vocab_size,
-            steps=config.lm_steps,
-            seed=w.seed,
-            progress=False,
-        )
-        log(
-            f"[study] demo LM: {s['steps']} steps, loss {s['first_loss']:.3f} -> "
-            f"{s['last_loss']:.3f}"
-        )
-    if clip_todo:
-        from exo2ego_jax.tools.pretrain_clip import pretrain as pretrain_clip  # noqa: PLC0415
-
-        # The tower the stages build (demo model config), as demo.prepare_data makes it.
-        tower = config_lib.build_model_config(demo.stage_config(0, data_dir, data_dir).model).clip
-        s = pretrain_clip(
-            prepared,
-            prepared / "clip",
-            config=tower,
-            steps=config.clip_steps,
-            seed=w.seed,
-            progress=False,
-        )
-        log(
-            f"[study] demo CLIP: {s['steps']} steps, loss {s['first_loss']:.1f} -> "
-            f"{s['last_loss']:.1f}"
-        )
-    demo.prepare_data(data_dir, seed=w.seed, log=log)  # whatever is still missing
+    # Datasets, tokenizer, demo LM and CLIP (shorter pretraining in the quick preset).
+    demo.prepare_data(
+        data_dir,
+        seed=w.seed,
+        log=log,
+        lm_steps=config.lm_steps,
+        clip_steps=config.clip_steps,
+        progress=False,
+    )
     return data_dir
 
 
