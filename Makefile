@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) main.py --demo --workdir=workdirs/demo
 
+# Two workers, one file each at a time (module fixtures stay in one process): most of the
+# suite's time is single-threaded XLA compilation, so this halves it on 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
