@@ -21,3 +21,29 @@ _CACHE = os.environ.get("EXO2EGO_TEST_JAX_CACHE", "/tmp/exo2ego-jax-test-cache")
 jax.config.update("jax_compilation_cache_dir", _CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+# ----------------------------------------------------------------------------- shared data
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny demo world (8 takes), generated once per test session (per xdist worker)."""
+    from input_pipeline.synthetic_world import generate_world  # noqa: PLC0415
+
+    root = tmp_path_factory.getbasetemp() / "demo_world_8"
+    if not (root / "world.json").is_file():
+        generate_world(root, seed=0, num_takes=8, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def prepared(world, tmp_path_factory):
+    """``world``'s datasets and demo tokenizer (``input_pipeline.prepare``)."""
+    from input_pipeline.prepare import prepare  # noqa: PLC0415
+
+    out = tmp_path_factory.getbasetemp() / "prepared_8"
+    prepare(world, out, progress=False)  # keeps what exists: free the second time
+    return out

@@ -15,8 +15,6 @@ import tensorflow_datasets as tfds
 
 from input_pipeline.datasets import AnnotationError, build, open_dataset
 from input_pipeline.datasets.ego_it import EgoIt
-from input_pipeline.prepare import prepare
-from input_pipeline.synthetic_world import generate_world
 
 BENCH_COUNT_KEYS = {
     "egoschema": "egoschema",
@@ -28,22 +26,6 @@ BENCH_COUNT_KEYS = {
     "vlnqa": "vlnqa",
     "egomcq": "egomcq",
 }
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> Path:
-    # Shared with test_pipeline.py through the session's base temp dir: generated once.
-    root = tmp_path_factory.getbasetemp() / "demo_world_8"
-    if not (root / "world.json").is_file():
-        generate_world(root, seed=0, num_takes=8, progress=False)
-    return root
-
-
-@pytest.fixture(scope="session")
-def prepared(world, tmp_path_factory) -> Path:
-    out = tmp_path_factory.getbasetemp() / "prepared_8"
-    prepare(world, out, progress=False)  # keeps what exists: free the second time
-    return out
 
 
 def _s(x) -> str:

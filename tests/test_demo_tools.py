@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,20 +11,6 @@ import pytest
 from exo2ego_jax.checkpoints import hf
 from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.tools import chat_check, pretrain_clip
-from input_pipeline.prepare import prepare
-from input_pipeline.synthetic_world import generate_world
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    # Same paths as the pipeline tests' session fixtures: the world is generated once.
-    base = tmp_path_factory.getbasetemp()
-    world = base / "demo_world_8"
-    if not (world / "world.json").is_file():
-        generate_world(world, seed=0, num_takes=8, progress=False)
-    out = base / "prepared_8"
-    prepare(world, out, progress=False)
-    return out
 
 
 def test_pretrain_clip_learns_and_writes_a_loadable_hf_tower(prepared, tmp_path):
@@ -75,8 +60,7 @@ def test_chat_check_text_rules():
     ]
 
 
-def test_heldout_clips_are_distinct_object_clips_of_heldout_takes(prepared):
-    world = prepared.parent / "demo_world_8"
+def test_heldout_clips_are_distinct_object_clips_of_heldout_takes(world):
     clips = chat_check.heldout_clips(world, 50)
     assert clips and len({(v, s) for v, s, _, _ in clips}) == len(clips)
     heldout = set(json.loads((world / "world.json").read_text())["splits"]["heldout"])

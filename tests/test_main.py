@@ -13,22 +13,8 @@ from pathlib import Path
 import pytest
 
 from exo2ego_jax import checkpointing
-from input_pipeline.prepare import prepare
-from input_pipeline.synthetic_world import generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    # Same paths as the pipeline tests' session fixtures: the world is generated once.
-    base = tmp_path_factory.getbasetemp()
-    world = base / "demo_world_8"
-    if not (world / "world.json").is_file():
-        generate_world(world, seed=0, num_takes=8, progress=False)
-    out = base / "prepared_8"
-    prepare(world, out, progress=False)
-    return out
 
 
 def _cmd(stage: int, prepared: Path, workdir: Path, steps: int, stages_root: Path) -> list[str]:

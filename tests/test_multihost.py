@@ -36,8 +36,6 @@ from configs import stage0
 from exo2ego_jax import checkpointing, config_lib
 from exo2ego_jax import data as data_lib
 from input_pipeline.pipeline import PipelineOptions, record_dataset
-from input_pipeline.prepare import prepare
-from input_pipeline.synthetic_world import generate_world
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 3  # step 1 updates with lr 0 (warmup): step 3's loss sees a real update
@@ -45,18 +43,6 @@ GLOBAL_BATCH = 4  # 2 rows per process, 1 per device
 TIMEOUT_S = 600  # a guard against hangs only; a normal run takes a fraction of it
 # Cheap XLA:CPU compilation (compile time dominates these 3-step runs); same for all runs.
 FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory) -> Path:
-    # Same paths as the other tests' fixtures: one session generates the world once.
-    base = tmp_path_factory.getbasetemp()
-    world = base / "demo_world_8"
-    if not (world / "world.json").is_file():
-        generate_world(world, seed=0, num_takes=8, progress=False)
-    out = base / "prepared_8"
-    prepare(world, out, progress=False)
-    return out
 
 
 def _free_port() -> int:

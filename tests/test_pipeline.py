@@ -18,8 +18,6 @@ from input_pipeline.pipeline import (
     make_pipeline,
     record_dataset,
 )
-from input_pipeline.prepare import prepare
-from input_pipeline.synthetic_world import generate_world
 from input_pipeline.tokenizer import load_tokenizer
 from input_pipeline.video import VideoDecodeError, load_clip, normalize_frames
 
@@ -27,22 +25,6 @@ T, S, L, B = 4, 32, 96, 2
 OPTS = PipelineOptions(
     batch_size=B, num_frames=T, image_size=S, max_text_len=L, shard_index=0, shard_count=1
 )
-
-
-@pytest.fixture(scope="session")
-def world(tmp_path_factory) -> Path:
-    # Shared with test_datasets.py through the session's base temp dir: generated once.
-    root = tmp_path_factory.getbasetemp() / "demo_world_8"
-    if not (root / "world.json").is_file():
-        generate_world(root, seed=0, num_takes=8, progress=False)
-    return root
-
-
-@pytest.fixture(scope="session")
-def prepared(world, tmp_path_factory) -> Path:
-    out = tmp_path_factory.getbasetemp() / "prepared_8"
-    prepare(world, out, progress=False)  # keeps what exists: free the second time
-    return out
 
 
 @pytest.fixture(scope="session")
