@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -145,6 +145,20 @@ def _init_adapters(module: MistralLM, rng: jax.Array) -> dict:
     return init(rng)
 
 
+def unused_tensors(names: Iterable[str], used: set[str], config: MistralConfig) -> list[str]:
+    """Checkpoint tensors a ``MistralForCausalLM`` with ``config`` has no place for.
+
+    Rotary ``inv_freq`` buffers (recomputed) and a tied ``lm_head.weight`` are not leftovers.
+    """
+    return [
+        n
+        for n in names
+        if n not in used
+        and not n.endswith("rotary_emb.inv_freq")
+        and not (config.tie_word_embeddings and n == "lm_head.weight")
+    ]
+
+
 def load_mistral(
     path: str | os.PathLike,
     dtype: Any = jnp.float32,
@@ -203,13 +217,7 @@ def load_mistral(
         _set_path(params, m.path, jnp.asarray(buf))
         del buf
 
-    leftover = [
-        n
-        for n in index.names()
-        if n not in used
-        and not n.endswith("rotary_emb.inv_freq")
-        and not (config.tie_word_embeddings and n == "lm_head.weight")
-    ]
+    leftover = unused_tensors(index.names(), used, config)
     if leftover:
         raise CheckpointError(
             f"{path}: {len(leftover)} tensors do not belong to a MistralForCausalLM with this "

@@ -364,13 +364,7 @@ def mistral_leaves(path: str | os.PathLike, dtype: np.dtype, block_bytes: int) -
             )
         )
         used.update(m.hf_names)
-    leftover = [
-        n
-        for n in source.names()
-        if n not in used
-        and not n.endswith("rotary_emb.inv_freq")
-        and not (config.tie_word_embeddings and n == "lm_head.weight")
-    ]
+    leftover = hf_mistral.unused_tensors(source.names(), used, config)
     if leftover:
         raise CheckpointError(
             f"{path}: {len(leftover)} tensors do not belong to a MistralForCausalLM with this "
