@@ -276,6 +276,28 @@ def test_errors_name_file_and_tensor(sources, tmp_path):
         convert.convert(tmp_path / "o4", progress=False)
 
 
+def test_unknown_tensors_are_refused_by_loader_and_converter(sources, tmp_path):
+    """``hf_mistral.unused_tensors``: one rule for the host loader and the streaming converter."""
+    index = TensorIndex(sources["llm"])
+    config = json.loads((sources["llm"] / "config.json").read_text())
+    tensors = [(n, np.array(index.get(n))) for n in index.names()]
+    # A rotary inv_freq buffer (old HF checkpoints carry it) is recomputed, not a leftover.
+    ok = tmp_path / "with_inv_freq"
+    inv_freq = ("model.layers.0.self_attn.rotary_emb.inv_freq", np.ones(4, np.float32))
+    write_safetensors(ok, [*tensors, inv_freq], config=config)
+    hf.load_mistral(ok)
+    convert.convert(tmp_path / "o_ok", llm=ok, progress=False)
+    bad = tmp_path / "with_extra"
+    write_safetensors(
+        bad, [*tensors, ("model.extra.weight", np.ones(3, np.float32))], config=config
+    )
+    with pytest.raises(CheckpointError, match=r"1 tensors do not belong.*model\.extra\.weight"):
+        hf.load_mistral(bad)
+    with pytest.raises(CheckpointError, match=r"1 tensors do not belong.*model\.extra\.weight"):
+        convert.convert(tmp_path / "o_bad", llm=bad, progress=False)
+    assert not (tmp_path / "o_bad").exists()
+
+
 def test_interrupted_conversion_leaves_no_checkpoint(sources, tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
     original = convert.Leaf.blocks
