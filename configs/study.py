@@ -100,6 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.compilation_cache = "<root>/jax_cache"
     c.lm_steps = 0  # demo LM pretraining steps; 0 = demo.prepare_data's default
     c.clip_steps = 0  # demo CLIP pretraining steps; 0 = demo.prepare_data's default
+    c.clip_takes = 0  # takes in the demo CLIP's rendered corpus; 0 = the default
 
     # Per-stage schedule on top of the demo's: 0 keeps the demo default. num_steps > 0
     # wins over num_epochs (as in the stage configs).
@@ -134,7 +135,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.arms = ("baseline", "full")
         w.num_takes, w.pair_takes, w.ego_takes, w.exo_takes, w.heldout_takes = 7, 2, 1, 2, 2
         w.size, w.fps = 64, 6
-        c.lm_steps, c.clip_steps = 30, 30
+        c.lm_steps, c.clip_steps, c.clip_takes = 30, 30, 6
         for k in range(4):
             c.optim[f"stage{k}"].num_steps = 3
         e.max_items, e.retrieval_max_clips = 2, 3

@@ -5,8 +5,8 @@
 1. generate the synthetic ego/exo world (if missing)          ``<data_dir>/world``
 2. build the datasets and the demo tokenizer (if missing)     ``<data_dir>/prepared``
 3. pretrain the demo LLM on the training text (if missing)     ``<data_dir>/prepared/llm``
-   (stands in for the downloaded Mistral-7B-Instruct) and the demo CLIP tower on the exo
-   web clips (if missing)                                        ``<data_dir>/prepared/clip``
+   (stands in for the downloaded Mistral-7B-Instruct) and the demo CLIP tower on a labelled
+   corpus of freshly rendered takes (if missing)                 ``<data_dir>/prepared/clip``
    (stands in for the downloaded CLIP ViT-L/14-336)
 4. stages 0 -> 1 -> 2 -> 3, each handing its weights to the next through Orbax checkpoints
    (``<workdir>/stageN``; a rerun resumes / skips finished stages)
@@ -54,12 +54,14 @@ def prepare_data(
     world_kwargs: dict | None = None,
     lm_steps: int = 0,
     clip_steps: int = 0,
+    clip_takes: int = 0,
     progress: bool = True,
 ) -> None:
     """Steps 1-3 (each skipped when its output exists).
 
     ``world_kwargs`` go to ``generate_world`` (e.g. ``num_takes``); ``lm_steps`` /
-    ``clip_steps`` > 0 shorten the demo LM / CLIP pretraining (0 = their defaults).
+    ``clip_steps`` > 0 shorten the demo LM / CLIP pretraining and ``clip_takes`` > 0 sets the
+    size of the CLIP corpus (0 = their defaults).
     """
     from exo2ego_jax import config_lib  # noqa: PLC0415
     from exo2ego_jax.tools.pretrain_clip import pretrain as pretrain_clip  # noqa: PLC0415
@@ -93,13 +95,14 @@ def prepare_data(
         )
     if not (prepared / "clip" / "config.json").exists():
         tower = config_lib.build_model_config(model).clip
-        steps = {"steps": clip_steps} if clip_steps > 0 else {}
-        s = pretrain_clip(
-            prepared, prepared / "clip", config=tower, seed=seed, progress=progress, **steps
-        )
+        sizes = {"steps": clip_steps} if clip_steps > 0 else {}
+        sizes |= {"num_takes": clip_takes} if clip_takes > 0 else {}
+        s = pretrain_clip(prepared / "clip", config=tower, seed=seed, progress=progress, **sizes)
+        acc = ", ".join(f"{k} {v:.2f}" for k, v in s["accuracy"].items())
         log(
-            f"[demo] demo CLIP pretrained on {s['clips']} exo clips: loss {s['first_loss']:.1f} "
-            f"-> {s['last_loss']:.1f}, word-tag F1 {s['f1']:.2f} ({s['seconds']:.0f}s)"
+            f"[demo] demo CLIP pretrained on {s['clips']} corpus clips: loss "
+            f"{s['first_loss']:.2f} -> {s['last_loss']:.2f}; held-out accuracy {acc} "
+            f"({s['seconds']:.0f}s)"
         )
 
 

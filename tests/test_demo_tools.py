@@ -11,17 +11,63 @@ import pytest
 from exo2ego_jax.checkpoints import hf
 from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.tools import chat_check, pretrain_clip
+from input_pipeline import clip_corpus, synthetic_world
 
 
-def test_pretrain_clip_learns_and_writes_a_loadable_hf_tower(prepared, tmp_path):
+def test_corpus_labels_name_what_the_narration_says():
+    take = synthetic_world.sample_take_spec(7, "pairs", 0, size=64)
+    for step in take.steps:
+        words = dict(zip(clip_corpus.LABELS, clip_corpus.clip_labels(take, step)))
+        named = {k: clip_corpus.LABELS[k][i] for k, i in words.items()}
+        text = synthetic_world.narration(take, step)
+        assert named["verb"] == step.verb
+        if step.is_nav:
+            assert named["color"] == named["shape"] == named["target"] == "none"
+            assert named["direction"] == step.direction and step.direction in text
+        else:
+            obj = take.objects[step.obj]
+            assert f"the {named['color']} {named['shape']}" == f"the {obj.name}"
+            assert f"the {obj.name}" in text
+        if step.target is not None:
+            assert f"the {named['target']} bowl" in text
+        else:
+            assert named["target"] == "none"
+
+
+def test_render_corpus_is_deterministic_and_never_a_world_take():
+    a = clip_corpus.render_corpus(2, seed=3, image_size=32, size=64, workers=1, progress=False)
+    b = clip_corpus.render_corpus(2, seed=3, image_size=32, size=64, workers=1, progress=False)
+    n = len(a)
+    assert a.frames.shape == (n, 8, 32, 32, 3) and a.frames.dtype == np.uint8
+    assert a.labels.shape == (n, len(clip_corpus.LABELS)) and a.takes.tolist()[-1] == 1
+    assert a.views.count("ego") == a.views.count("exo") == n // 2
+    np.testing.assert_array_equal(a.frames, b.frames)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    # An ego clip and the exo clip of the same step show the same action differently.
+    assert not np.array_equal(a.frames[0], a.frames[n // 4])
+    world_uids = {t.uid for t in synthetic_world.build_specs(3, dict(pairs=9, ego=9, exo=9))}
+    seeds = [
+        int(np.random.SeedSequence([3, clip_corpus._SPLIT_KEY, i]).generate_state(1)[0])
+        for i in range(2)
+    ]
+    assert not {synthetic_world.sample_take_spec(s).uid for s in seeds} & world_uids
+    with pytest.raises(ValueError, match="views"):
+        clip_corpus.render_corpus(1, views=("top",), progress=False)
+
+
+def test_pretrain_clip_learns_and_writes_a_loadable_hf_tower(tmp_path):
     cfg = clip_lib.tiny(image_size=32, patch_size=8)
+    corpus = clip_corpus.render_corpus(4, image_size=32, size=64, workers=1, progress=False)
     out = tmp_path / "clip"
     s = pretrain_clip.pretrain(
-        prepared, out, config=cfg, steps=60, batch_size=8, lr=3e-3, progress=False
+        out, config=cfg, num_takes=4, steps=80, batch_size=8, lr=3e-3, corpus=corpus,
+        val_fraction=0.25, progress=False,
     )
-    # The bag-of-words loss starts at ~V·log 2 (every word 50/50) and must fall far below.
-    assert s["first_loss"] > 500 and s["last_loss"] < 0.1 * s["first_loss"]
-    assert s["clips"] > 0 and 0.0 <= s["f1"] <= 1.0
+    # Five softmax classifiers start near sum(log |vocab|) = 9.3 nats and must learn.
+    assert 8.0 < s["first_loss"] < 11.0 and s["last_loss"] < 0.6 * s["first_loss"]
+    assert s["clips"] + s["val_clips"] == len(corpus) and s["val_clips"] > 0
+    assert set(s["accuracy"]) == {*clip_corpus.LABELS, "all"}
+    assert all(0.0 <= v <= 1.0 for v in s["accuracy"].values())
     assert not list(tmp_path.glob(".clip.tmp-*"))  # written aside, then renamed
     tower, params = hf.load_clip_vision(out)
     loaded_cfg = tower.config

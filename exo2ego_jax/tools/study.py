@@ -368,6 +368,7 @@ def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path
         log=log,
         lm_steps=config.lm_steps,
         clip_steps=config.clip_steps,
+        clip_takes=config.clip_takes,
         progress=False,
     )
     return data_dir

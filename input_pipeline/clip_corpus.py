@@ -1,0 +1,157 @@
+"""A labelled "web" corpus for the demo's stand-in CLIP: freshly rendered tabletop clips.
+
+The paper's encoders start from CLIP ViT-L/14-336, pretrained on hundreds of millions of web
+images from every kind of viewpoint. The demo cannot download it, so it pretrains a tiny
+tower itself (``exo2ego_jax.tools.pretrain_clip``) on this corpus: clips of *new* takes
+(their own seeds, never a take of the world, so never a training or EgoBench clip), seen
+through the world's head-mounted camera and its fixed exo rigs, each labelled from the
+simulator with what happens in it (verb, the acted-on object's colour and shape, the target
+bowl's colour, the direction). Every clip is decoded the way the input pipeline decodes
+video (VideoLLaMA2's uniform frame sampling over the action window, bicubic resize), minus
+the near-lossless mp4 round trip.
+
+    corpus = render_corpus(num_takes=300, seed=0, image_size=64)
+    corpus.frames  # uint8[C, F, S, S, 3]
+    corpus.labels  # int32[C, len(LABELS)] indices into each LABELS vocabulary
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing
+import os
+
+import av
+import numpy as np
+
+from input_pipeline import synthetic_world as sw
+from input_pipeline.video import sample_frame_indices
+
+__all__ = ["LABELS", "Corpus", "clip_labels", "render_corpus", "render_take_clips"]
+
+#: Label vocabularies, one per field of a clip's label vector ("none": the step has none).
+LABELS: dict[str, tuple[str, ...]] = {
+    "verb": sw.VERBS,
+    "color": ("none", *sw.COLORS),
+    "shape": ("none", *sw.SHAPES),
+    "target": ("none", *sw.COLORS),
+    "direction": ("none", "left", "right", "forward", "backward"),
+}
+
+# Corpus takes come from SeedSequence([seed, _SPLIT_KEY, i]); the world's splits use keys
+# 0-3 (synthetic_world.build_specs), so the two never share a take.
+_SPLIT_KEY = 1001
+
+
+@dataclasses.dataclass
+class Corpus:
+    """``frames uint8[C, F, S, S, 3]``, ``labels int32[C, len(LABELS)]``, ``takes int32[C]``
+    (the corpus take each clip comes from, 0..num_takes-1) and ``views`` (the camera kind of
+    each clip: ``"ego"`` / ``"exo"``)."""
+
+    frames: np.ndarray
+    labels: np.ndarray
+    takes: np.ndarray
+    views: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def clip_labels(take: sw.TakeSpec, step: sw.Step) -> list[int]:
+    """The label vector of one step (one index per :data:`LABELS` field)."""
+    obj = take.objects[step.obj] if step.obj is not None else None
+    target = take.objects[step.target] if step.target is not None else None
+    direction = step.direction if step.verb in ("push", "turn", "step") else None
+    values = {
+        "verb": step.verb,
+        "color": obj.color if obj else "none",
+        "shape": obj.shape if obj else "none",
+        "target": target.color if target else "none",
+        "direction": direction or "none",
+    }
+    return [LABELS[k].index(values[k]) for k in LABELS]
+
+
+def _resize(frame: np.ndarray, image_size: int) -> np.ndarray:
+    """Bicubic resize in swscale, as ``input_pipeline.video`` does for square videos."""
+    vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+    return vf.reformat(
+        width=image_size, height=image_size, format="rgb24", interpolation="BICUBIC"
+    ).to_ndarray()
+
+
+def render_take_clips(
+    take_seed: int, *, views: tuple[str, ...], frames_per_clip: int, image_size: int, size: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every step of one freshly sampled take, from each of ``views`` (``"ego"`` and/or
+    ``"exo"``: one random exo rig): ``(frames uint8[C, F, S, S, 3], labels int32[C, L],
+    views)``."""
+    rng = np.random.default_rng(take_seed)
+    rig = str(rng.choice(sorted(sw.EXO_RIGS)))
+    take = sw.sample_take_spec(take_seed, "pairs", 0, size=size, exo_cameras=(rig,))
+    timeline = sw.simulate(take)
+    frames, labels, kinds = [], [], []
+    for view in views:
+        video = sw.render_take(take, "ego" if view == "ego" else rig, ss=1, timeline=timeline)
+        for step in take.steps:
+            t0, t1 = sw._clip_window(take, step)
+            idx = sample_frame_indices(len(video), take.fps, frames_per_clip, t0, t1)
+            frames.append(np.stack([_resize(video[i], image_size) for i in idx]))
+            labels.append(clip_labels(take, step))
+            kinds.append(view)
+    return np.stack(frames), np.asarray(labels, np.int32), kinds
+
+
+def _job(args) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    seed, kw = args
+    return render_take_clips(seed, **kw)
+
+
+def render_corpus(
+    num_takes: int = 300,
+    seed: int = 0,
+    *,
+    views: tuple[str, ...] = ("ego", "exo"),
+    frames_per_clip: int = 8,
+    image_size: int = 64,
+    size: int = sw.DEFAULT_SIZE,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Corpus:
+    """Render ``num_takes`` new takes (``size`` px, as the world's videos) and cut every step
+    of each into a clip per view, decoded to ``image_size`` px. ``workers`` render processes
+    (default: up to 2). Deterministic from ``seed``."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    bad = set(views) - {"ego", "exo"}
+    if not views or bad:
+        raise ValueError(f"views must be a non-empty subset of ('ego', 'exo'); got {views}")
+    if num_takes < 1:
+        raise ValueError(f"num_takes must be >= 1; got {num_takes}")
+    kw = dict(views=tuple(views), frames_per_clip=frames_per_clip, image_size=image_size, size=size)
+    seeds = [
+        int(np.random.SeedSequence([seed, _SPLIT_KEY, i]).generate_state(1)[0])
+        for i in range(num_takes)
+    ]
+    n = workers if workers is not None else min(2, os.cpu_count() or 1)
+    bar = tqdm(total=num_takes, desc="rendering the CLIP corpus", disable=not progress)
+    results = []
+    if n <= 1:
+        for s in seeds:
+            results.append(_job((s, kw)))
+            bar.update()
+    else:  # spawn: the caller may already run JAX threads, which fork would copy badly
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
+            for r in pool.map(_job, [(s, kw) for s in seeds], chunksize=4):
+                results.append(r)
+                bar.update()
+    bar.close()
+    return Corpus(
+        frames=np.concatenate([r[0] for r in results]),
+        labels=np.concatenate([r[1] for r in results]),
+        takes=np.concatenate([np.full(len(r[1]), i, np.int32) for i, r in enumerate(results)]),
+        views=[v for r in results for v in r[2]],
+    )
