@@ -93,12 +93,18 @@ def render_take_clips(
     take = sw.sample_take_spec(take_seed, "pairs", 0, size=size, exo_cameras=(rig,))
     timeline = sw.simulate(take)
     frames, labels, kinds = [], [], []
+    windows = [sw._clip_window(take, step) for step in take.steps]
+    idx = [
+        sample_frame_indices(take.num_frames, take.fps, frames_per_clip, t0, t1)
+        for t0, t1 in windows
+    ]
+    needed = np.unique(np.concatenate(idx))  # render only the frames some clip samples
     for view in views:
-        video = sw.render_take(take, "ego" if view == "ego" else rig, ss=1, timeline=timeline)
-        for step in take.steps:
-            t0, t1 = sw._clip_window(take, step)
-            idx = sample_frame_indices(len(video), take.fps, frames_per_clip, t0, t1)
-            frames.append(np.stack([_resize(video[i], image_size) for i in idx]))
+        camera = "ego" if view == "ego" else rig
+        video = sw.render_take(take, camera, ss=1, timeline=timeline, indices=needed)
+        small = {int(i): _resize(f, image_size) for i, f in zip(needed, video, strict=True)}
+        for step, clip_idx in zip(take.steps, idx, strict=True):
+            frames.append(np.stack([small[int(i)] for i in clip_idx]))
             labels.append(clip_labels(take, step))
             kinds.append(view)
     return np.stack(frames), np.asarray(labels, np.int32), kinds

@@ -801,26 +801,39 @@ def _scene(take: TakeSpec, tl: Timeline, i: int) -> render.SceneState:
 
 
 def render_take(
-    take: TakeSpec, camera: str, *, ss: int = 2, timeline: Timeline | None = None
+    take: TakeSpec,
+    camera: str,
+    *,
+    ss: int = 2,
+    timeline: Timeline | None = None,
+    indices: np.ndarray | list[int] | None = None,
 ) -> np.ndarray:
-    """Render every frame of ``take`` from ``camera`` (``"aria01"`` / ``"ego"`` or an exo
-    camera name of the take): ``uint8[T, size, size, 3]``."""
+    """Render the frames of ``take`` from ``camera`` (``"aria01"`` / ``"ego"`` or an exo
+    camera name of the take): ``uint8[T, size, size, 3]``, every frame or only the frames
+    ``indices`` (``T = len(indices)``; the same pixels as in the full render)."""
     camera = EGO_CAMERA if camera == "ego" else camera
     if camera not in take.cameras:
         raise KeyError(f"take {take.name} has no camera {camera!r}; it has {list(take.cameras)}")
     tl = timeline or simulate(take)
-    out = np.empty((take.num_frames, take.size, take.size, 3), np.uint8)
+    frames = range(take.num_frames) if indices is None else [int(i) for i in indices]
+    out = np.empty((len(frames), take.size, take.size, 3), np.uint8)
     rig = take.cameras[camera]
     if rig["kind"] == "ego":
-        for i, cam in enumerate(_ego_cameras(take, tl)):
-            out[i] = render.render_scene(
-                _scene(take, tl, i), cam, ss=ss, body=False, tint=(1.06, 1.0, 0.90), vignette=0.45
+        cams = _ego_cameras(take, tl)  # all of them: the head jitter is a running process
+        for k, i in enumerate(frames):
+            out[k] = render.render_scene(
+                _scene(take, tl, i),
+                cams[i],
+                ss=ss,
+                body=False,
+                tint=(1.06, 1.0, 0.90),
+                vignette=0.45,
             )
     else:
         cam = _exo_camera(rig, take.size)
         bg = render.render_background(cam, ss)
-        for i in range(take.num_frames):
-            out[i] = render.render_scene(_scene(take, tl, i), cam, ss=ss, background=bg)
+        for k, i in enumerate(frames):
+            out[k] = render.render_scene(_scene(take, tl, i), cam, ss=ss, background=bg)
     return out
 
 

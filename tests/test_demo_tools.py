@@ -17,7 +17,7 @@ from input_pipeline import clip_corpus, synthetic_world
 def test_corpus_labels_name_what_the_narration_says():
     take = synthetic_world.sample_take_spec(7, "pairs", 0, size=64)
     for step in take.steps:
-        words = dict(zip(clip_corpus.LABELS, clip_corpus.clip_labels(take, step)))
+        words = dict(zip(clip_corpus.LABELS, clip_corpus.clip_labels(take, step), strict=True))
         named = {k: clip_corpus.LABELS[k][i] for k, i in words.items()}
         text = synthetic_world.narration(take, step)
         assert named["verb"] == step.verb
@@ -32,6 +32,14 @@ def test_corpus_labels_name_what_the_narration_says():
             assert f"the {named['target']} bowl" in text
         else:
             assert named["target"] == "none"
+
+
+def test_render_take_renders_chosen_frames_exactly_as_the_full_video():
+    take = synthetic_world.sample_take_spec(11, "pairs", 0, size=32)
+    for camera in ("ego", "cam01"):
+        full = synthetic_world.render_take(take, camera, ss=1)
+        some = synthetic_world.render_take(take, camera, ss=1, indices=[3, 0, 17, 17])
+        np.testing.assert_array_equal(some, full[[3, 0, 17, 17]])
 
 
 def test_render_corpus_is_deterministic_and_never_a_world_take():
@@ -60,8 +68,15 @@ def test_pretrain_clip_learns_and_writes_a_loadable_hf_tower(tmp_path):
     corpus = clip_corpus.render_corpus(4, image_size=32, size=64, workers=1, progress=False)
     out = tmp_path / "clip"
     s = pretrain_clip.pretrain(
-        out, config=cfg, num_takes=4, steps=80, batch_size=8, lr=3e-3, corpus=corpus,
-        val_fraction=0.25, progress=False,
+        out,
+        config=cfg,
+        num_takes=4,
+        steps=80,
+        batch_size=8,
+        lr=3e-3,
+        corpus=corpus,
+        val_fraction=0.25,
+        progress=False,
     )
     # Five softmax classifiers start near sum(log |vocab|) = 9.3 nats and must learn.
     assert 8.0 < s["first_loss"] < 11.0 and s["last_loss"] < 0.6 * s["first_loss"]

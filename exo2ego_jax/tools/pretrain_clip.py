@@ -94,8 +94,8 @@ def pretrain(
     grid). Returns ``{"first_loss", "last_loss", "steps", "seconds", "clips", "val_clips",
     "accuracy"}``; ``accuracy`` maps each label field to its accuracy on the held-out takes'
     clips (evenly spaced frames), ``"all"`` to the share of clips with every field right.
-    ``corpus`` (an :class:`input_pipeline.clip_corpus.Corpus` of ``num_takes`` takes) skips
-    the rendering.
+    ``corpus`` (an :class:`input_pipeline.clip_corpus.Corpus`) is used instead of rendering
+    one (``num_takes`` / ``views`` / ``frames_per_clip`` are then the corpus's).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
@@ -106,15 +106,17 @@ def pretrain(
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
     t0 = time.time()
-    corpus = corpus or render_corpus(
-        num_takes,
-        seed,
-        views=views,
-        frames_per_clip=frames_per_clip,
-        image_size=cfg.image_size,
-        workers=workers,
-        progress=progress,
-    )
+    if corpus is None:
+        corpus = render_corpus(
+            num_takes,
+            seed,
+            views=views,
+            frames_per_clip=frames_per_clip,
+            image_size=cfg.image_size,
+            workers=workers,
+            progress=progress,
+        )
+    num_takes = int(corpus.takes.max()) + 1
     num_val = int(round(num_takes * val_fraction))
     is_val = corpus.takes >= num_takes - num_val
     train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
@@ -160,7 +162,7 @@ def pretrain(
     def sample_batch() -> tuple[np.ndarray, np.ndarray]:
         idx = rng.choice(train_idx, batch_size)
         picks = np.sort(
-            np.stack([rng.choice(frames_per_clip, num_frames, replace=False) for _ in idx]), -1
+            np.stack([rng.choice(frames.shape[1], num_frames, replace=False) for _ in idx]), -1
         )
         return frames[idx[:, None], picks], labels[idx]
 
@@ -207,7 +209,10 @@ def _accuracy(forward, params, frames, labels, idx, num_frames, sizes) -> dict[s
         lambda p, x: jnp.stack([lg.argmax(-1) for lg in _split_logits(forward(p, x), sizes)], -1)
     )
     pred = np.concatenate(
-        [np.asarray(predict(params, frames[idx[i : i + 64]][:, even])) for i in range(0, len(idx), 64)]
+        [
+            np.asarray(predict(params, frames[idx[i : i + 64]][:, even]))
+            for i in range(0, len(idx), 64)
+        ]
     )
     right = pred == labels[idx]
     out = {name: float(right[:, k].mean()) for k, name in enumerate(LABELS)}
