@@ -20,7 +20,7 @@ order (a cheap augmentation). The last ``val_fraction`` of the corpus takes is h
 for the reported accuracies.
 
     python -m exo2ego_jax.tools.pretrain_clip --out demo_data/prepared/clip \
-        [--takes 400] [--steps 3000] [--views ego exo]
+        [--takes 1200] [--steps 8000] [--views ego exo]
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def pretrain(
     out_dir: str | Path,
     *,
     config: clip_lib.CLIPVisionConfig | None = None,
-    num_takes: int = 400,
+    num_takes: int = 1200,
     views: tuple[str, ...] = ("ego", "exo"),
-    steps: int = 3000,
+    steps: int = 8000,
     batch_size: int = 32,
     num_frames: int = 4,
     frames_per_clip: int = 8,
@@ -225,9 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m exo2ego_jax.tools.pretrain_clip", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--out", required=True, help="output HF CLIPVisionModel directory")
-    p.add_argument("--takes", type=int, default=400, help="corpus takes to render")
+    p.add_argument("--takes", type=int, default=1200, help="corpus takes to render")
     p.add_argument("--views", nargs="+", default=["ego", "exo"], choices=["ego", "exo"])
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=8000)
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--image_size", type=int, default=64)
     p.add_argument("--patch_size", type=int, default=8)
