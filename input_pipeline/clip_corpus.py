@@ -10,7 +10,7 @@ bowl's colour, the direction). Every clip is decoded the way the input pipeline 
 video (VideoLLaMA2's uniform frame sampling over the action window, bicubic resize), minus
 the near-lossless mp4 round trip.
 
-    corpus = render_corpus(num_takes=300, seed=0, image_size=64)
+    corpus = render_corpus(num_takes=1200, seed=0, image_size=64)
     corpus.frames  # uint8[C, F, S, S, 3]
     corpus.labels  # int32[C, len(LABELS)] indices into each LABELS vocabulary
 """
@@ -116,7 +116,7 @@ def _job(args) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 
 def render_corpus(
-    num_takes: int = 300,
+    num_takes: int = 1200,
     seed: int = 0,
     *,
     views: tuple[str, ...] = ("ego", "exo"),
@@ -128,7 +128,8 @@ def render_corpus(
 ) -> Corpus:
     """Render ``num_takes`` new takes (``size`` px, as the world's videos) and cut every step
     of each into a clip per view, decoded to ``image_size`` px. ``workers`` render processes
-    (default: up to 2). Deterministic from ``seed``."""
+    (default: up to 2) are spawned, so a script calling this needs the usual
+    ``if __name__ == "__main__":`` guard. Deterministic from ``seed``, whatever ``workers``."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     bad = set(views) - {"ego", "exo"}

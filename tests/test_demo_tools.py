@@ -84,6 +84,8 @@ def test_pretrain_clip_learns_and_writes_a_loadable_hf_tower(tmp_path):
     assert set(s["accuracy"]) == {*clip_corpus.LABELS, "all"}
     assert all(0.0 <= v <= 1.0 for v in s["accuracy"].values())
     assert not list(tmp_path.glob(".clip.tmp-*"))  # written aside, then renamed
+    with pytest.raises(ValueError, match="holds out all 4 corpus takes"):
+        pretrain_clip.pretrain(tmp_path / "x", config=cfg, corpus=corpus, val_fraction=0.9)
     tower, params = hf.load_clip_vision(out)
     loaded_cfg = tower.config
     assert (loaded_cfg.image_size, loaded_cfg.patch_size) == (32, 8)

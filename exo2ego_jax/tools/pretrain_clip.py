@@ -120,6 +120,11 @@ def pretrain(
     num_val = int(round(num_takes * val_fraction))
     is_val = corpus.takes >= num_takes - num_val
     train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(train_idx) == 0:
+        raise ValueError(
+            f"val_fraction={val_fraction} holds out all {num_takes} corpus takes; render more "
+            "takes (num_takes) or lower val_fraction"
+        )
     frames, labels = corpus.frames, corpus.labels
     sizes = [len(v) for v in LABELS.values()]
     tower, head = clip_lib.CLIPVisionTower(cfg), ReadoutHead(sum(sizes))
