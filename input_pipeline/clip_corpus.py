@@ -46,17 +46,47 @@ _SPLIT_KEY = 1001
 
 @dataclasses.dataclass
 class Corpus:
-    """``frames uint8[C, F, S, S, 3]``, ``labels int32[C, len(LABELS)]``, ``takes int32[C]``
-    (the corpus take each clip comes from, 0..num_takes-1) and ``views`` (the camera kind of
-    each clip: ``"ego"`` / ``"exo"``)."""
+    """A rendered corpus of ``C`` clips of ``F`` frames from takes with up to ``K`` objects.
+
+    ``frames uint8[C, F, S, S, 3]``; ``labels int32[C, len(LABELS)]``; ``takes int32[C]`` (the
+    corpus take each clip comes from, 0..num_takes-1); ``views`` (the camera kind of each
+    clip: ``"ego"`` / ``"exo"``). Where the objects are, for dense supervision:
+    ``object_xy float32[C, F, K, 2]`` (each object's centre in each frame, (x, y) in [0, 1)
+    image coordinates, NaN when off the image or padding), ``object_labels int32[C, K, 2]``
+    (its colour and shape as indices into ``LABELS["color"]`` / ``LABELS["shape"]``; 0 =
+    padding) and ``acted int32[C]`` (which of the K objects the step acts on, -1 none)."""
 
     frames: np.ndarray
     labels: np.ndarray
     takes: np.ndarray
     views: list[str]
+    object_xy: np.ndarray
+    object_labels: np.ndarray
+    acted: np.ndarray
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @staticmethod
+    def concatenate(parts: list[Corpus]) -> Corpus:
+        """One corpus from ``parts`` (part ``i``'s clips get take id ``i``), objects padded
+        to the largest ``K``."""
+        k = max(p.object_xy.shape[2] for p in parts)
+
+        def pad(a: np.ndarray, axis: int, value) -> np.ndarray:
+            widths = [(0, 0)] * a.ndim
+            widths[axis] = (0, k - a.shape[axis])
+            return np.pad(a, widths, constant_values=value)
+
+        return Corpus(
+            frames=np.concatenate([p.frames for p in parts]),
+            labels=np.concatenate([p.labels for p in parts]),
+            takes=np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(parts)]),
+            views=[v for p in parts for v in p.views],
+            object_xy=np.concatenate([pad(p.object_xy, 2, np.nan) for p in parts]),
+            object_labels=np.concatenate([pad(p.object_labels, 1, 0) for p in parts]),
+            acted=np.concatenate([p.acted for p in parts]),
+        )
 
 
 def clip_labels(take: sw.TakeSpec, step: sw.Step) -> list[int]:
@@ -84,15 +114,14 @@ def _resize(frame: np.ndarray, image_size: int) -> np.ndarray:
 
 def render_take_clips(
     take_seed: int, *, views: tuple[str, ...], frames_per_clip: int, image_size: int, size: int
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
+) -> Corpus:
     """Every step of one freshly sampled take, from each of ``views`` (``"ego"`` and/or
-    ``"exo"``: one random exo rig): ``(frames uint8[C, F, S, S, 3], labels int32[C, L],
-    views)``."""
+    ``"exo"``: one random exo rig), as a :class:`Corpus` (take id 0)."""
     rng = np.random.default_rng(take_seed)
     rig = str(rng.choice(sorted(sw.EXO_RIGS)))
     take = sw.sample_take_spec(take_seed, "pairs", 0, size=size, exo_cameras=(rig,))
     timeline = sw.simulate(take)
-    frames, labels, kinds = [], [], []
+    frames, labels, kinds, where = [], [], [], []
     windows = [sw._clip_window(take, step) for step in take.steps]
     idx = [
         sample_frame_indices(take.num_frames, take.fps, frames_per_clip, t0, t1)
@@ -102,15 +131,30 @@ def render_take_clips(
     for view in views:
         camera = "ego" if view == "ego" else rig
         video = sw.render_take(take, camera, ss=1, timeline=timeline, indices=needed)
+        xy = sw.object_screen_positions(take, camera, timeline=timeline, indices=needed)
+        row = {int(i): r for r, i in enumerate(needed)}
         small = {int(i): _resize(f, image_size) for i, f in zip(needed, video, strict=True)}
         for step, clip_idx in zip(take.steps, idx, strict=True):
             frames.append(np.stack([small[int(i)] for i in clip_idx]))
+            where.append(xy[[row[int(i)] for i in clip_idx]])
             labels.append(clip_labels(take, step))
             kinds.append(view)
-    return np.stack(frames), np.asarray(labels, np.int32), kinds
+    objects = [
+        [LABELS["color"].index(o.color), LABELS["shape"].index(o.shape)] for o in take.objects
+    ]
+    acted = [-1 if s.obj is None else s.obj for s in take.steps] * len(views)
+    return Corpus(
+        frames=np.stack(frames),
+        labels=np.asarray(labels, np.int32),
+        takes=np.zeros(len(labels), np.int32),
+        views=kinds,
+        object_xy=np.stack(where),
+        object_labels=np.tile(np.asarray(objects, np.int32), (len(labels), 1, 1)),
+        acted=np.asarray(acted, np.int32),
+    )
 
 
-def _job(args) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _job(args) -> Corpus:
     seed, kw = args
     return render_take_clips(seed, **kw)
 
@@ -156,9 +200,4 @@ def render_corpus(
                 results.append(r)
                 bar.update()
     bar.close()
-    return Corpus(
-        frames=np.concatenate([r[0] for r in results]),
-        labels=np.concatenate([r[1] for r in results]),
-        takes=np.concatenate([np.full(len(r[1]), i, np.int32) for i, r in enumerate(results)]),
-        views=[v for r in results for v in r[2]],
-    )
+    return Corpus.concatenate(results)

@@ -51,6 +51,7 @@ __all__ = [
     "sample_take_spec",
     "simulate",
     "render_take",
+    "object_screen_positions",
     "write_mp4",
     "generate_world",
     "main",
@@ -834,6 +835,38 @@ def render_take(
         bg = render.render_background(cam, ss)
         for k, i in enumerate(frames):
             out[k] = render.render_scene(_scene(take, tl, i), cam, ss=ss, background=bg)
+    return out
+
+
+def object_screen_positions(
+    take: TakeSpec,
+    camera: str,
+    *,
+    timeline: Timeline | None = None,
+    indices: np.ndarray | list[int] | None = None,
+) -> np.ndarray:
+    """Where the centre of each object of ``take`` appears in the frames of ``camera`` (every
+    frame or only ``indices``, as :func:`render_take`): ``float32[T, N, 2]``, (x, y) in [0, 1)
+    image coordinates (x to the right, y down), NaN where the centre is behind the camera or
+    off the image. Occlusion is not checked: an object under the hand still has a position."""
+    camera = EGO_CAMERA if camera == "ego" else camera
+    if camera not in take.cameras:
+        raise KeyError(f"take {take.name} has no camera {camera!r}; it has {list(take.cameras)}")
+    tl = timeline or simulate(take)
+    frames = range(take.num_frames) if indices is None else [int(i) for i in indices]
+    rig = take.cameras[camera]
+    per_frame = _ego_cameras(take, tl) if rig["kind"] == "ego" else None
+    fixed = None if per_frame is not None else _exo_camera(rig, take.size)
+    lift = np.array(
+        [[0.0, 0.0, render.object_size(o.shape)[1] / 2] for o in take.objects], np.float32
+    )
+    out = np.full((len(frames), len(take.objects), 2), np.nan, np.float32)
+    for k, i in enumerate(frames):
+        cam = fixed if per_frame is None else per_frame[i]
+        uv, in_front = cam.project(tl.objects[i] + lift, 1)
+        uv = uv / take.size
+        ok = in_front & np.all((uv >= 0.0) & (uv < 1.0), axis=1)
+        out[k, ok] = uv[ok]
     return out
 
 

@@ -64,6 +64,64 @@ def test_render_corpus_is_deterministic_and_never_a_world_take():
     assert not {synthetic_world.sample_take_spec(s).uid for s in seeds} & world_uids
     with pytest.raises(ValueError, match="views"):
         clip_corpus.render_corpus(1, views=("top",), progress=False)
+    # Geometry for dense supervision: the acted-on object carries the clip's colour / shape.
+    assert a.object_xy.shape[:2] == (n, 8) and a.object_xy.shape[3] == 2
+    assert a.object_labels.shape == (n, a.object_xy.shape[2], 2)
+    seen = a.object_xy[~np.isnan(a.object_xy)]
+    assert seen.size and seen.min() >= 0.0 and seen.max() < 1.0
+    acting = np.flatnonzero(a.acted >= 0)
+    assert acting.size
+    color, shape = list(clip_corpus.LABELS).index("color"), list(clip_corpus.LABELS).index("shape")
+    np.testing.assert_array_equal(
+        a.object_labels[acting, a.acted[acting]], a.labels[acting][:, [color, shape]]
+    )
+    np.testing.assert_array_equal(a.labels[a.acted < 0][:, color], 0)
+
+
+def test_object_screen_positions_land_on_the_objects():
+    take = synthetic_world.sample_take_spec(
+        123, "pairs", 0, size=128, exo_cameras=(sorted(synthetic_world.EXO_RIGS)[0],)
+    )
+    palette = {k: np.asarray(v) / np.linalg.norm(v) for k, v in synthetic_world.COLORS.items()}
+    for camera in ("ego", sorted(synthetic_world.EXO_RIGS)[0]):
+        frame = synthetic_world.render_take(take, camera, ss=1, indices=[0])[0]
+        xy = synthetic_world.object_screen_positions(take, camera, indices=[0])[0]
+        checked = 0
+        for o, (x, y) in zip(take.objects, xy, strict=True):
+            if o.shape == "knife" or np.isnan(x):  # a knife's centre is its grey blade
+                continue
+            rgb = frame[int(y * 128), int(x * 128)].astype(float)
+            nearest = max(palette, key=lambda c: float(palette[c] @ rgb))
+            assert nearest == o.color, (camera, o.name, rgb)
+            checked += 1
+        assert checked >= 3
+    ego = synthetic_world.object_screen_positions(take, "ego")
+    assert ego.shape == (take.num_frames, len(take.objects), 2)
+    assert np.isnan(ego).any()  # the head turns: objects leave the ego view
+    with pytest.raises(KeyError, match="no camera"):
+        synthetic_world.object_screen_positions(take, "cam99")
+
+
+def test_dense_targets_put_each_object_in_its_patch():
+    nan = np.nan
+    # Two clips of two frames, two objects each, on a 2×2 patch grid.
+    xy = np.array(
+        [
+            [[[0.1, 0.2], [0.9, 0.6]], [[0.6, 0.1], [nan, nan]]],
+            [[[0.4, 0.9], [nan, nan]], [[0.99, 0.99], [nan, nan]]],
+        ],
+        np.float32,
+    )
+    labels = np.array([[[3, 1], [5, 2]], [[2, 4], [0, 0]]], np.int32)
+    color, shape, where = pretrain_clip.dense_targets(xy, labels, np.array([1, -1]), grid=2)
+    np.testing.assert_array_equal(
+        color, [[[3, 0, 0, 5], [0, 3, 0, 0]], [[0, 0, 2, 0], [0, 0, 0, 2]]]
+    )
+    np.testing.assert_array_equal(
+        shape, [[[1, 0, 0, 2], [0, 1, 0, 0]], [[0, 0, 4, 0], [0, 0, 0, 4]]]
+    )
+    # Clip 0 acts on object 1: patch 3, then off the image (4); clip 1 acts on nothing.
+    np.testing.assert_array_equal(where, [[3, 4], [4, 4]])
 
 
 def test_pretrain_clip_learns_and_writes_a_loadable_hf_tower(tmp_path):
@@ -81,11 +139,20 @@ def test_pretrain_clip_learns_and_writes_a_loadable_hf_tower(tmp_path):
         val_fraction=0.25,
         progress=False,
     )
-    # Five softmax classifiers start near sum(log |vocab|) = 9.3 nats and must learn.
-    assert 8.0 < s["first_loss"] < 11.0 and s["last_loss"] < 0.6 * s["first_loss"]
+    # Five softmax classifiers start near sum(log |vocab|) = 9.3 nats, the dense probes near
+    # log 7 + log 6 + log 17 = 6.6 (colours, shapes, 4×4 patches + absent); both must learn.
+    dense = len(clip_corpus.LABELS["color"]) * len(clip_corpus.LABELS["shape"]) * (4 * 4 + 1)
+    start = sum(np.log(len(v)) for v in clip_corpus.LABELS.values()) + np.log(dense)
+    assert 0.8 * start < s["first_loss"] < 1.25 * start and s["last_loss"] < 0.6 * s["first_loss"]
     assert s["clips"] + s["val_clips"] == len(corpus) and s["val_clips"] > 0
     assert set(s["accuracy"]) == {*clip_corpus.LABELS, "all"}
     assert all(0.0 <= v <= 1.0 for v in s["accuracy"].values())
+    # Per-view accuracies are over a partition of the held-out clips: weighted, they add up.
+    by_view, views = s["accuracy_by_view"], np.asarray(corpus.views)[corpus.takes == 3]
+    assert set(by_view) == {"ego", "exo"}
+    for field, acc in s["accuracy"].items():
+        mixed = sum(by_view[v][field] * np.mean(views == v) for v in by_view)
+        assert mixed == pytest.approx(acc)
     assert not list(tmp_path.glob(".clip.tmp-*"))  # written aside, then renamed
     with pytest.raises(ValueError, match="holds out all 4 corpus takes"):
         pretrain_clip.pretrain(tmp_path / "x", config=cfg, corpus=corpus, val_fraction=0.9)
