@@ -99,9 +99,11 @@ def prepare_data(
         sizes |= {"num_takes": clip_takes} if clip_takes > 0 else {}
         s = pretrain_clip(prepared / "clip", config=tower, seed=seed, progress=progress, **sizes)
         acc = ", ".join(f"{k} {v:.2f}" for k, v in s["accuracy"].items())
+        ego = s["accuracy_by_view"].get("ego", {}).get("all")
+        ego_acc = f" (ego clips: all fields {ego:.2f})" if ego is not None else ""
         log(
             f"[demo] demo CLIP pretrained on {s['clips']} corpus clips: loss "
-            f"{s['first_loss']:.2f} -> {s['last_loss']:.2f}; held-out accuracy {acc} "
+            f"{s['first_loss']:.2f} -> {s['last_loss']:.2f}; held-out accuracy {acc}{ego_acc} "
             f"({s['seconds']:.0f}s)"
         )
 

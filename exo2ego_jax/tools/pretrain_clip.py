@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=a.seed,
     )
     acc = ", ".join(f"{k} {v:.2f}" for k, v in s["accuracy"].items())
+    for view, by_field in s["accuracy_by_view"].items():
+        acc += f"; {view} clips: " + ", ".join(f"{k} {v:.2f}" for k, v in by_field.items())
     print(
         f"demo CLIP: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} in {s['steps']} steps on "
         f"{s['clips']} clips ({s['seconds']:.0f}s); held-out accuracy: {acc}; saved to {a.out}"
