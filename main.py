@@ -13,7 +13,7 @@ Evaluate a trained stage-3 model on EgoBench, or ask it about any ego video::
 Run the whole built-in demo (synthetic world -> datasets -> demo LM -> stages 0-3 ->
 synthetic EgoBench)::
 
-    python main.py --demo [--workdir=workdirs/demo]
+    python main.py --demo [--workdir=workdirs/demo] [--world_takes=N]
 """
 
 from __future__ import annotations
@@ -31,6 +31,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: config.workdir).")
 _DEMO = flags.DEFINE_bool("demo", False, "Run the full demo pipeline on the synthetic world.")
 _DATA = flags.DEFINE_string("data_dir", "demo_data", "Demo: where the world and datasets live.")
+_WORLD_TAKES = flags.DEFINE_integer(
+    "world_takes",
+    None,
+    "Demo: takes in the world when it is generated (default exo2ego_jax.demo.WORLD_TAKES, "
+    "320; fewer = faster and weaker).",
+)
 _VIDEO = flags.DEFINE_string("video", None, "Chat: the ego video to ask about.")
 _QUESTION = flags.DEFINE_string("question", None, "Chat: the question.")
 
@@ -93,7 +99,8 @@ def main(argv: list[str]) -> None:
     if _DEMO.value:
         from exo2ego_jax import demo  # noqa: PLC0415
 
-        demo.run(workdir=_WORKDIR.value or "workdirs/demo", data_dir=_DATA.value)
+        takes = {"world_takes": _WORLD_TAKES.value} if _WORLD_TAKES.value else {}
+        demo.run(workdir=_WORKDIR.value or "workdirs/demo", data_dir=_DATA.value, **takes)
         return
     config = _CONFIG.value
     if config is None:
