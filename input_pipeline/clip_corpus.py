@@ -6,13 +6,14 @@ tower itself (``exo2ego_jax.tools.pretrain_clip``) on this corpus: clips of *new
 (their own seeds, never a take of the world, so never a training or EgoBench clip), seen
 through the world's head-mounted camera and its fixed exo rigs, each labelled from the
 simulator with what happens in it (verb, the acted-on object's colour and shape, the target
-bowl's colour, the direction). Every clip is decoded the way the input pipeline decodes
-video (VideoLLaMA2's uniform frame sampling over the action window, bicubic resize), minus
-the near-lossless mp4 round trip.
+bowl's colour, the direction) and with where every object is in every frame. Every clip is
+decoded the way the input pipeline decodes video (VideoLLaMA2's uniform frame sampling over
+the action window, bicubic resize), minus the near-lossless mp4 round trip.
 
     corpus = render_corpus(num_takes=1200, seed=0, image_size=64)
     corpus.frames  # uint8[C, F, S, S, 3]
     corpus.labels  # int32[C, len(LABELS)] indices into each LABELS vocabulary
+    corpus.object_xy  # float32[C, F, K, 2] where each object is in each frame (dense targets)
 """
 
 from __future__ import annotations

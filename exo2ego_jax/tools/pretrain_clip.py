@@ -153,8 +153,8 @@ def pretrain(
     grid). Returns ``{"first_loss", "last_loss", "steps", "seconds", "clips", "val_clips",
     "accuracy", "accuracy_by_view"}``; ``accuracy`` maps each label field to its accuracy on
     the held-out takes' clips (evenly spaced frames), ``"all"`` to the share of clips with
-    every field right;
-    ``accuracy_by_view`` gives the same per camera kind (``"ego"`` / ``"exo"``).
+    every field right; ``accuracy_by_view`` gives the same per camera kind (``"ego"`` /
+    ``"exo"``). ``dense_weight`` scales the per-patch loss of :class:`DenseHead` (0 = off).
     ``corpus`` (an :class:`input_pipeline.clip_corpus.Corpus`) is used instead of rendering
     one (``num_takes`` / ``views`` / ``frames_per_clip`` are then the corpus's).
     """
