@@ -255,14 +255,10 @@ def pretrain(
         if i % 50 == 0 or i == steps - 1:
             bar.set_postfix(loss=f"{float(loss):.3f}")
 
-    accuracy = _accuracy(forward, params, frames, labels, val_idx, num_frames, sizes)
-    views_arr = np.asarray(corpus.views)
-    accuracy_by_view = {
-        v: _accuracy(
-            forward, params, frames, labels, val_idx[views_arr[val_idx] == v], num_frames, sizes
-        )
-        for v in sorted(set(corpus.views))
-    }
+    right = _right(forward, params, frames, labels, val_idx, num_frames, sizes)
+    val_views = np.asarray(corpus.views)[val_idx]
+    accuracy = _accuracy(right)
+    accuracy_by_view = {v: _accuracy(right[val_views == v]) for v in sorted(set(corpus.views))}
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -286,23 +282,26 @@ def pretrain(
     }
 
 
-def _accuracy(forward, params, frames, labels, idx, num_frames, sizes) -> dict[str, float]:
-    """Per-field accuracy (and all-fields-right) of ``forward`` on clips ``idx``."""
-    from input_pipeline.clip_corpus import LABELS  # noqa: PLC0415
-
-    if len(idx) == 0:
-        return {}
+def _right(forward, params, frames, labels, idx, num_frames, sizes) -> np.ndarray:
+    """``bool[len(idx), len(LABELS)]``: which fields ``forward`` gets right on clips ``idx``
+    (evenly spaced frames)."""
     even = np.linspace(0, frames.shape[1] - 1, num_frames).round().astype(int)
     predict = jax.jit(
         lambda p, x: jnp.stack([lg.argmax(-1) for lg in _split_logits(forward(p, x), sizes)], -1)
     )
-    pred = np.concatenate(
-        [
-            np.asarray(predict(params, frames[idx[i : i + 64]][:, even]))
-            for i in range(0, len(idx), 64)
-        ]
-    )
-    right = pred == labels[idx]
+    pred = [
+        np.asarray(predict(params, frames[idx[i : i + 64]][:, even]))
+        for i in range(0, len(idx), 64)
+    ]
+    return np.concatenate(pred) == labels[idx] if pred else np.zeros((0, len(sizes)), bool)
+
+
+def _accuracy(right: np.ndarray) -> dict[str, float]:
+    """Per-field accuracy (and all-fields-right) from a :func:`_right` matrix."""
+    from input_pipeline.clip_corpus import LABELS  # noqa: PLC0415
+
+    if len(right) == 0:
+        return {}
     out = {name: float(right[:, k].mean()) for k, name in enumerate(LABELS)}
     out["all"] = float(right.all(-1).mean())
     return out
