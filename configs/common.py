@@ -46,6 +46,11 @@ def model_config(preset: str) -> ml_collections.ConfigDict:
     m.with_mapping = True
     m.video_token_index = -201
     m.vocab_size = 1024 if preset == "demo" else 32000  # must match the tokenizer
+    # LLM shape over the size preset's (0 = the preset's value). The demo LM is pretrained
+    # by ``tools.pretrain_lm`` at exactly this shape; a real checkpoint must match it.
+    m.llm = ml_collections.ConfigDict(
+        dict(hidden_size=0, intermediate_size=0, num_layers=0, num_heads=0, num_kv_heads=0)
+    )
     m.dtype = "float32" if preset == "demo" else "bfloat16"  # compute dtype
     m.param_dtype = "float32"
     m.remat_policy = "none" if preset == "demo" else "full"  # none | full | dots | dots_no_batch

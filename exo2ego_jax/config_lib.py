@@ -65,20 +65,28 @@ def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
         param_dtype=pdtype,
         remat=m.remat_policy,
     )
+    shape = {k: v for k, v in m.get("llm", {}).items() if v}  # 0 = the preset's
+    if "hidden_size" in shape or "num_heads" in shape:
+        shape["head_dim"] = None  # recomputed as hidden_size // num_heads
+    heads = {k: shape.get(k, getattr(base.llm, k)) for k in ("hidden_size", "num_heads")}
+    heads["num_kv_heads"] = shape.get("num_kv_heads", base.llm.num_kv_heads)
+    if heads["hidden_size"] % heads["num_heads"] or heads["num_heads"] % heads["num_kv_heads"]:
+        raise ConfigError(
+            "config.model.llm: LLM heads do not divide: "
+            + ", ".join(f"{k}={v}" for k, v in heads.items())
+        )
     llm = dataclasses.replace(
         base.llm,
+        **shape,
         vocab_size=m.vocab_size,
         dtype=dtype,
         param_dtype=pdtype,
         remat_policy=m.remat_policy,
         lora=lora,
     )
-    if llm.hidden_size % llm.num_heads or llm.num_heads % llm.num_kv_heads:
-        raise ConfigError(
-            f"LLM heads do not divide: hidden_size={llm.hidden_size}, num_heads={llm.num_heads}, "
-            f"num_kv_heads={llm.num_kv_heads}"
-        )
-    connector = dataclasses.replace(base.connector, dtype=dtype, param_dtype=pdtype)
+    connector = dataclasses.replace(
+        base.connector, out_size=llm.hidden_size, dtype=dtype, param_dtype=pdtype
+    )
     try:
         mapping = MappingConfig(
             kind=m.mapping.kind,

@@ -19,6 +19,7 @@ Every step is restartable: finished pieces are found on disk and kept.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -77,7 +78,8 @@ def prepare_data(
     from input_pipeline.synthetic_world import generate_world  # noqa: PLC0415
 
     world, prepared = data_dir / "world", data_dir / "prepared"
-    model = stage_config(0, data_dir, data_dir).model  # vocabulary and tower of the stages
+    model = stage_config(0, data_dir, data_dir).model  # vocabulary, tower and LM of the stages
+    shapes = config_lib.build_model_config(model)
     if not (world / "world.json").exists():
         t = time.time()
         kwargs = {"num_takes": WORLD_TAKES, **(world_kwargs or {})}
@@ -92,6 +94,7 @@ def prepare_data(
         s = pretrain_lm(
             prepared,
             prepared / "llm",
+            config=dataclasses.replace(shapes.llm, lora=None),
             vocab_size=model.vocab_size,
             seed=seed,
             progress=progress,
@@ -102,7 +105,7 @@ def prepare_data(
             f"({s['seconds']:.0f}s)"
         )
     if not (prepared / "clip" / "config.json").exists():
-        tower = config_lib.build_model_config(model).clip
+        tower = shapes.clip
         sizes = {"steps": clip_steps} if clip_steps > 0 else {}
         sizes |= {"num_takes": clip_takes} if clip_takes > 0 else {}
         s = pretrain_clip(prepared / "clip", config=tower, seed=seed, progress=progress, **sizes)

@@ -10,7 +10,7 @@ import pytest
 
 from exo2ego_jax.checkpoints import hf
 from exo2ego_jax.models import clip as clip_lib
-from exo2ego_jax.tools import chat_check, pretrain_clip
+from exo2ego_jax.tools import chat_check, pretrain_clip, pretrain_lm
 from input_pipeline import clip_corpus, synthetic_world
 
 
@@ -203,3 +203,66 @@ def test_heldout_clips_are_distinct_object_clips_of_heldout_takes(world):
         assert chat_check._verb_phrase(text), text  # hand-object actions only
     with pytest.raises(FileNotFoundError, match="egomcq.json"):
         chat_check.heldout_clips(world / "nowhere", 5)
+
+
+def test_pretrain_lm_packs_documents_exactly():
+    rows = pretrain_lm.pack([[5, 6], [7], [8, 9, 10]], seq_len=4, bos=1, eos=2)
+    # <s> 5 6 </s> <s> 7 </s> <s> 8 9 10 </s>: 13 tokens -> 3 rows of 4, the tail dropped.
+    np.testing.assert_array_equal(rows, [[1, 5, 6, 2], [1, 7, 2, 1], [8, 9, 10, 2]])
+    with pytest.raises(ValueError, match="need at least seq_len=64"):
+        pretrain_lm.pack([[5]], seq_len=64, bos=1, eos=2)
+
+
+def test_demo_lm_has_the_configured_shape_and_loads_into_the_stages(prepared, tmp_path):
+    """``config.model.llm`` sizes the demo LM: pretrain_lm writes that shape and the stage
+    model (its connector and F emit tokens of that width) loads it."""
+    import dataclasses
+
+    import jax
+
+    from configs import stage0
+    from exo2ego_jax import config_lib, train
+    from exo2ego_jax.models.exo2ego import Exo2Ego
+
+    c = stage0.get_config("demo")
+    c.data.tokenizer = str(prepared / "tokenizer")
+    c.model.llm.update(hidden_size=48, intermediate_size=96, num_layers=3, num_heads=6)
+    cfg = config_lib.build_model_config(c.model)
+    assert (cfg.llm.hidden_size, cfg.llm.head_dim, cfg.llm.num_layers) == (48, 8, 3)
+    assert cfg.llm.num_kv_heads == 2 and cfg.connector.out_size == 48  # kv heads: the preset's
+    s = pretrain_lm.pretrain(
+        prepared,
+        tmp_path / "llm",
+        config=dataclasses.replace(cfg.llm, lora=None),
+        vocab_size=c.model.vocab_size,
+        steps=30,
+        progress=False,
+    )
+    # Uniform over the 1024-row table is log(1024) = 6.9 nats; 30 steps must cut it well down.
+    assert s["first_loss"] > 6.0 and s["last_loss"] < 0.7 * s["first_loss"]
+    hf_cfg = json.loads((tmp_path / "llm" / "config.json").read_text())
+    assert (hf_cfg["hidden_size"], hf_cfg["num_hidden_layers"], hf_cfg["num_attention_heads"]) == (
+        48,
+        3,
+        6,
+    )
+    assert (tmp_path / "llm" / "tokenizer.json").is_file()
+
+    def _zeros(shapes):
+        return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), shapes)
+
+    c.init.llm, c.init.clip = str(tmp_path / "llm"), ""
+    model = Exo2Ego(cfg)
+    params = _zeros(model.abstract_params())
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params)
+    placed = train.place_pretrained(params, shardings, train.read_pretrained(c.init))
+    _, loaded = hf.load_mistral(tmp_path / "llm")
+    np.testing.assert_array_equal(
+        placed["llm"]["embed_tokens"]["embedding"], loaded["embed_tokens"]["embedding"]
+    )
+    # A checkpoint of another shape is refused by name, not silently broadcast.
+    c.model.llm.num_layers = 2
+    small = Exo2Ego(config_lib.build_model_config(c.model))
+    params = _zeros(small.abstract_params())
+    with pytest.raises(ValueError, match="make config.model match the checkpoint"):
+        train.place_pretrained(params, shardings, train.read_pretrained(c.init))

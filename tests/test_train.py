@@ -100,6 +100,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         ("model.fusion", "sideways", "fusion='sideways'"),
         ("model.image_size", 30, "not a multiple of the CLIP patch size"),
         ("model.dtype", "float64", "config.model.dtype='float64'"),
+        ("model.llm.num_heads", 3, "LLM heads do not divide: hidden_size=64, num_heads=3"),
         ("data.on_bad_video", "ignore", "skip | raise"),
     ],
 )
