@@ -205,6 +205,25 @@ def test_heldout_clips_are_distinct_object_clips_of_heldout_takes(world):
         chat_check.heldout_clips(world / "nowhere", 5)
 
 
+def test_training_clips_are_the_stage3_doing_questions(world):
+    items = json.loads((world / "egoit" / "egoit_instructions.json").read_text())
+    asked = {
+        (it["video"], it["start"]): it["conversations"][1]["value"]
+        for it in items
+        if it["conversations"][0]["value"].endswith(chat_check.QUESTION)
+    }
+    clips = chat_check.training_clips(world, 5)
+    assert len(clips) == min(5, len(asked)) and len({(v, s) for v, s, _, _ in clips}) == len(clips)
+    heldout = set(json.loads((world / "world.json").read_text())["splits"]["heldout"])
+    for video, start, end, answer in clips:
+        rel = str(video.relative_to(world))
+        assert video.is_file() and end > start and asked[(rel, start)] == answer
+        assert not any(take in rel for take in heldout)  # never a held-out take
+    assert chat_check.training_clips(world, 0) == []
+    with pytest.raises(ValueError, match="clips='test'"):
+        chat_check.check(world, world, clips="test")
+
+
 def test_pretrain_lm_packs_documents_exactly():
     rows = pretrain_lm.pack([[5, 6], [7], [8, 9, 10]], seq_len=4, bos=1, eos=2)
     # <s> 5 6 </s> <s> 7 </s> <s> 8 9 10 </s>: 13 tokens -> 3 rows of 4, the tail dropped.

@@ -8,10 +8,13 @@ chat model the action-recognition question about each, and compares the answer w
 narration after normalisation (lower case, no ``#C`` tag, no final period): the same
 sentence is a correct answer. Per-part agreement (verb / colour / object words) is reported
 too, for diagnosis. With ``--blank`` the same questions are also asked about black frames
-(what the model answers without looking).
+(what the model answers without looking). With ``--clips train`` the question is asked about
+clips stage 3 *trained* on (the world's "What is C doing?" instructions, spread evenly over
+the file): how well the model fits its own training answers, a training-side signal that
+does not look at the held-out clips.
 
     python -m exo2ego_jax.tools.chat_check --workdir workdirs/demo --data_dir demo_data \
-        [--num_clips 20] [--blank] [--out results.json]
+        [--num_clips 20] [--clips heldout|train] [--blank] [--out results.json]
 """
 
 from __future__ import annotations
@@ -49,6 +52,23 @@ def heldout_clips(world: Path, num_clips: int) -> list[tuple[Path, float, float,
     return out[:num_clips]
 
 
+def training_clips(world: Path, num_clips: int) -> list[tuple[Path, float, float, str]]:
+    """``(video, start, end, answer)`` of distinct training clips whose instruction asks
+    :data:`QUESTION`, ``num_clips`` of them spread evenly over the instruction file."""
+    path = world / "egoit" / "egoit_instructions.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found; generate the demo world first (make demo)")
+    seen, out = set(), []
+    for item in json.loads(path.read_text()):
+        turns = item["conversations"]
+        key = (item["video"], item["start"])
+        if turns[0]["value"].replace("<video>", "").strip() != QUESTION or key in seen:
+            continue
+        seen.add(key)
+        out.append((world / item["video"], item["start"], item["end"], turns[1]["value"]))
+    return out[:: max(1, len(out) // num_clips)][:num_clips] if num_clips > 0 else []
+
+
 def _verb_phrase(text: str) -> str:
     """``'C picks up the red cup.'`` -> ``'picks up'`` (empty if there is no object)."""
     m = re.match(r"c (.+?) the ", normalise(text) + " ")
@@ -66,8 +86,17 @@ def word_agreement(answer: str, truth: str, vocab: dict[str, list[str]]) -> dict
     return out
 
 
-def check(workdir: Path, data_dir: Path, num_clips: int = 20, blank: bool = False) -> dict:
-    """Runs the check; returns ``{"correct", "total", "rows", "parts", ...}``."""
+def check(
+    workdir: Path,
+    data_dir: Path,
+    num_clips: int = 20,
+    blank: bool = False,
+    clips: str = "heldout",
+) -> dict:
+    """Runs the check on ``clips`` (``"heldout"`` or ``"train"``); returns ``{"correct",
+    "total", "rows", "parts", ...}``."""
+    if clips not in CLIP_SETS:
+        raise ValueError(f"clips={clips!r}: choose one of {tuple(CLIP_SETS)}")
     from exo2ego_jax import demo  # noqa: PLC0415
     from exo2ego_jax.chat import ChatSession  # noqa: PLC0415
     from exo2ego_jax.config_lib import build_model_config  # noqa: PLC0415
@@ -81,7 +110,7 @@ def check(workdir: Path, data_dir: Path, num_clips: int = 20, blank: bool = Fals
     session = ChatSession(config, log=lambda *a: None)
     frames_of = clip_frames_fn(build_model_config(config.model))
     rows = []
-    for video, start, end, truth in heldout_clips(world, num_clips):
+    for video, start, end, truth in CLIP_SETS[clips](world, num_clips):
         frames = frames_of(Clip(video, start, end))
         answer = session.ask(frames, QUESTION, stream=lambda piece: None)
         row = {
@@ -106,6 +135,7 @@ def check(workdir: Path, data_dir: Path, num_clips: int = 20, blank: bool = Fals
             parts.setdefault(k, []).append(v)
     return {
         "question": QUESTION,
+        "clips": clips,
         "correct": sum(r["correct"] for r in rows),
         "total": len(rows),
         "parts": {k: f"{sum(v)}/{len(v)}" for k, v in parts.items()},
@@ -118,6 +148,10 @@ def check(workdir: Path, data_dir: Path, num_clips: int = 20, blank: bool = Fals
     }
 
 
+#: Which clips the check asks about (``--clips``).
+CLIP_SETS = {"heldout": heldout_clips, "train": training_clips}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m exo2ego_jax.tools.chat_check", description=__doc__.split("\n\n")[0]
@@ -125,15 +159,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="workdirs/demo", help="demo workdir with stage0..3")
     p.add_argument("--data_dir", default="demo_data", help="demo data dir (world + prepared)")
     p.add_argument("--num_clips", type=int, default=20)
+    p.add_argument(
+        "--clips",
+        choices=tuple(CLIP_SETS),
+        default="heldout",
+        help="held-out EgoMCQ clips (the check) or stage-3 training clips (how well it fits)",
+    )
     p.add_argument("--blank", action="store_true", help="also ask about black frames")
     p.add_argument("--out", default="", help="write the result as JSON here")
     a = p.parse_args(argv)
-    result = check(Path(a.workdir), Path(a.data_dir), a.num_clips, a.blank)
+    result = check(Path(a.workdir), Path(a.data_dir), a.num_clips, a.blank, a.clips)
     for r in result["rows"]:
         mark = "OK " if r["correct"] else "   "
         print(f"{mark} truth: {normalise(r['truth'])!r:48} answer: {normalise(r['answer'])!r}")
     print(
-        f"{result['correct']}/{result['total']} held-out clips answered exactly; "
+        f"{result['correct']}/{result['total']} {a.clips} clips answered exactly; "
         f"parts right: {result['parts']}"
         + (f"; black frames: {result['blank_correct']}/{result['total']}" if a.blank else "")
     )
