@@ -104,6 +104,7 @@ def prepare_data(
             f"[demo] demo LLM pretrained: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} "
             f"({s['seconds']:.0f}s)"
         )
+    _check_demo_lm(prepared / "llm", shapes.llm)
     if not (prepared / "clip" / "config.json").exists():
         tower = shapes.clip
         sizes = {"steps": clip_steps} if clip_steps > 0 else {}
@@ -116,6 +117,25 @@ def prepare_data(
             f"[demo] demo CLIP pretrained on {s['clips']} corpus clips: loss "
             f"{s['first_loss']:.2f} -> {s['last_loss']:.2f}; held-out accuracy {acc}{ego_acc} "
             f"({s['seconds']:.0f}s)"
+        )
+
+
+def _check_demo_lm(path: Path, llm) -> None:
+    """An existing demo LM must have the shape ``config.model.llm`` asks for (the stages would
+    refuse it later, after minutes of work)."""
+    hf = json.loads((path / "config.json").read_text())
+    have = {
+        "hidden_size": hf.get("hidden_size"),
+        "intermediate_size": hf.get("intermediate_size"),
+        "num_layers": hf.get("num_hidden_layers"),
+        "num_heads": hf.get("num_attention_heads"),
+        "num_kv_heads": hf.get("num_key_value_heads"),
+    }
+    want = {k: getattr(llm, k) for k in have}
+    if have != want:
+        raise ValueError(
+            f"{path} holds a demo LM of shape {have}, but config.model.llm asks for {want}; "
+            f"delete {path} to pretrain it again at the new shape (or set config.model.llm)"
         )
 
 

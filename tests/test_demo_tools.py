@@ -240,7 +240,7 @@ def test_demo_lm_has_the_configured_shape_and_loads_into_the_stages(prepared, tm
     import jax
 
     from configs import stage0
-    from exo2ego_jax import config_lib, train
+    from exo2ego_jax import config_lib, demo, train
     from exo2ego_jax.models.exo2ego import Exo2Ego
 
     c = stage0.get_config("demo")
@@ -279,8 +279,11 @@ def test_demo_lm_has_the_configured_shape_and_loads_into_the_stages(prepared, tm
     np.testing.assert_array_equal(
         placed["llm"]["embed_tokens"]["embedding"], loaded["embed_tokens"]["embedding"]
     )
+    demo._check_demo_lm(tmp_path / "llm", cfg.llm)  # the shape it was made at: accepted
     # A checkpoint of another shape is refused by name, not silently broadcast.
     c.model.llm.num_layers = 2
+    with pytest.raises(ValueError, match=r"'num_layers': 3.*'num_layers': 2.*delete"):
+        demo._check_demo_lm(tmp_path / "llm", config_lib.build_model_config(c.model).llm)
     small = Exo2Ego(config_lib.build_model_config(c.model))
     params = _zeros(small.abstract_params())
     with pytest.raises(ValueError, match="make config.model match the checkpoint"):
