@@ -116,11 +116,12 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     o.lr = 3e-3 if demo else sched["lr"]
     o.warmup_ratio = sched["warmup_ratio"]
     # Demo epochs per stage (the demo datasets differ a lot in size). On the 320-take demo
-    # world: 8 / 2 / 5 / 14 min on 2 cores. Stage 0 (captioning, where the ego connector learns
-    # to read the frames) still lost ~8 % per tenth of its run at 8 epochs; 16 halve its loss.
-    # Stage 3 at 5 epochs answered only 6 of 20 of its own *training* "What is C doing?" clips
-    # exactly (loss still falling; `chat_check --clips train`); 10 epochs answer 15 of 20.
-    o.num_epochs = {0: 16, 1: 15, 2: 20, 3: 10}[stage] if demo else sched["num_epochs"]
+    # world: 16 / 2 / 5 / 15 min on 2 cores. Stage 0 (captioning, where the ego connector
+    # learns to read the frames) still lost ~8 % per tenth of its run at 8 epochs and ~5 % at
+    # 16 (last tenth 0.49); 32 end at 0.26. Stage 3 at 5 epochs answered only 6 of 20 of its
+    # own *training* "What is C doing?" clips exactly (loss still falling; `chat_check --clips
+    # train`); 10 epochs answer 15 of 20. docs/egobench.md has what each change did.
+    o.num_epochs = {0: 32, 1: 15, 2: 20, 3: 10}[stage] if demo else sched["num_epochs"]
     o.num_steps = -1  # > 0 overrides num_epochs
     o.weight_decay = 0.0  # VideoLLaMA2 default
     o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
