@@ -123,15 +123,12 @@ def prepare_data(
 def _check_demo_lm(path: Path, llm) -> None:
     """An existing demo LM must have the shape ``config.model.llm`` asks for (the stages would
     refuse it later, after minutes of work)."""
-    hf = json.loads((path / "config.json").read_text())
-    have = {
-        "hidden_size": hf.get("hidden_size"),
-        "intermediate_size": hf.get("intermediate_size"),
-        "num_layers": hf.get("num_hidden_layers"),
-        "num_heads": hf.get("num_attention_heads"),
-        "num_kv_heads": hf.get("num_key_value_heads"),
-    }
-    want = {k: getattr(llm, k) for k in have}
+    from exo2ego_jax.models.mistral import from_hf_config  # noqa: PLC0415
+
+    saved = from_hf_config(json.loads((path / "config.json").read_text()))
+    fields = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
+    have = {k: getattr(saved, k) for k in fields}
+    want = {k: getattr(llm, k) for k in fields}
     if have != want:
         raise ValueError(
             f"{path} holds a demo LM of shape {have}, but config.model.llm asks for {want}; "
