@@ -22,8 +22,14 @@ import logging
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
+
+from exo2ego_jax.chat import answer
+from exo2ego_jax.demo import runner as demo
+from exo2ego_jax.eval.evaluate import evaluate
+from exo2ego_jax.training.loop import train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Stage config file, e.g. configs/stage3.py:demo.", lock_config=True
@@ -34,7 +40,7 @@ _DATA = flags.DEFINE_string("data_dir", "demo_data", "Demo: where the world and 
 _WORLD_TAKES = flags.DEFINE_integer(
     "world_takes",
     None,
-    "Demo: takes in the world when it is generated (default exo2ego_jax.demo.WORLD_TAKES, "
+    "Demo: takes in the world when it is generated (default exo2ego_jax.demo.runner.WORLD_TAKES, "
     "320; fewer = faster and weaker).",
 )
 _VIDEO = flags.DEFINE_string("video", None, "Chat: the ego video to ask about.")
@@ -50,8 +56,6 @@ def _maybe_initialize_distributed() -> None:
     a cluster launcher, ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` (with
     ``JAX_COORDINATOR_ADDRESS``) name this process. See docs/tpu_vm.md.
     """
-    import jax  # noqa: PLC0415
-
     env = os.environ
     force = env.get("EXO2EGO_DISTRIBUTED", "")
     # A one-task SLURM / MPI job stays single-process: JAX's SLURM detection would make each
@@ -87,8 +91,6 @@ def main(argv: list[str]) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger().setLevel(logging.INFO)
     _maybe_initialize_distributed()
-    import jax  # noqa: PLC0415
-
     logging.info(
         "jax %s, backend %s, %d devices: %s",
         jax.__version__,
@@ -97,8 +99,6 @@ def main(argv: list[str]) -> None:
         jax.devices()[:4],
     )
     if _DEMO.value:
-        from exo2ego_jax import demo  # noqa: PLC0415
-
         takes = {"world_takes": _WORLD_TAKES.value} if _WORLD_TAKES.value else {}
         demo.run(workdir=_WORKDIR.value or "workdirs/demo", data_dir=_DATA.value, **takes)
         return
@@ -107,18 +107,12 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("pass --config=configs/stageN.py[:preset] (or --demo)")
     run = config.get("run", "train")
     if run == "chat":
-        from exo2ego_jax.chat import answer  # noqa: PLC0415
-
         answer(config, _VIDEO.value, _QUESTION.value)
         return
     if run == "evaluate":
-        from exo2ego_jax.evaluate import evaluate  # noqa: PLC0415
-
         evaluate(config)
         return
-    from exo2ego_jax import train  # noqa: PLC0415
-
-    summary = train.train(config, _WORKDIR.value or config.workdir)
+    summary = train(config, _WORKDIR.value or config.workdir)
     print(
         f"stage {config.stage.stage}: {summary['steps']} steps, loss "
         f"{summary['first_loss']} -> {summary['last_loss']}"

@@ -1,4 +1,4 @@
-"""Study config: ``python -m exo2ego_jax.tools.study --config=configs/study.py[:quick]``.
+"""Study config: ``python -m exo2ego_jax.demo.study --config=configs/study.py[:quick]``.
 
 The study reproduces the paper's claims at demo scale (docs/study.md): an ego-only baseline,
 full Exo2Ego, each Table 3 ablation (method.md §6) as one config switch, and the stage curve

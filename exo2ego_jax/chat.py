@@ -1,14 +1,16 @@
 """Ask the trained Exo2Ego model about any ego video, with the answer streamed as it decodes.
 
 ``python main.py --config=configs/eval.py:chat --video=PATH --question="..."`` calls
-:func:`answer`. The model is loaded as ``evaluate`` loads it (stage-3 weights on the mesh);
+:func:`answer`. The model is loaded as evaluation loads it (``runtime.load_trained``:
+stage-3 weights on the mesh);
 the video is decoded with VideoLLaMA2's sampling (``input_pipeline.video.load_clip``) at the
 model's frame count and size; the prompt is the ``mistral`` template with the paper's
 first-person cue (``config.eval.first_person``).
 
-Decoding is a Python loop over two jitted functions sharing one preallocated KV cache: a
-prefill over the spliced prompt (video tokens in place of ``<video>``), then one
-single-token step per new token (the cache is donated and updated in place). After every
+Decoding is a Python loop over the decode engine's jitted prefill and step
+(``models.decode.decoder``) sharing one preallocated KV cache: a prefill over the spliced
+prompt (video tokens in place of ``<video>``), then one single-token step per new token (the
+cache is donated and updated in place). After every
 token the text decoded so far is compared with what was already shown and the new piece
 is passed to ``stream``. Greedy by default; ``chat.temperature`` > 0 samples with
 ``chat.top_p`` nucleus filtering.
@@ -19,7 +21,6 @@ prompt): an uneven batch split is not possible on the mesh.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,16 +30,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from exo2ego_jax import config_lib, runtime
 from exo2ego_jax.eval.scoring import clip_frames_fn, system_prompt
 from exo2ego_jax.eval.tasks import Clip
-from exo2ego_jax.evaluate import Log, Trained, check_model_config, load_trained
-from exo2ego_jax.models.exo2ego import Exo2Ego
-from exo2ego_jax.models.generate import sample_token
-from exo2ego_jax.models.mistral import init_cache
+from exo2ego_jax.models import decode
+from exo2ego_jax.models.exo2ego import Exo2EgoConfig
+from exo2ego_jax.runtime import Log, Trained
 from input_pipeline.templates import build_prompt
 
 Stream = Callable[[str], None]
-_PAD_PROMPT = 64  # prompt lengths are padded to a multiple of this (fewer recompilations)
 
 
 def print_piece(piece: str) -> None:
@@ -49,38 +49,7 @@ def print_piece(piece: str) -> None:
 # ----------------------------------------------------------------------------- decoding
 
 
-@functools.lru_cache(maxsize=4)
-def _decoder(model: Exo2Ego) -> tuple[Callable, Callable]:
-    """``(prefill, step)`` jitted for one model (cached per model object)."""
-
-    @functools.partial(jax.jit, static_argnames=("cache_len",))
-    def prefill(params, frames, ids, mask, *, cache_len):
-        """-> (next-token logits float[B, V], cache, prompt lengths int[B])."""
-        visual, _, _ = model.ego_visual_tokens(params, frames)
-        embeds, mask, _ = model.embed_multimodal(params, ids, visual, mask)
-        b, length = mask.shape
-        lengths = jnp.sum(mask, axis=1).astype(jnp.int32)
-        out = model.llm.apply(
-            {"params": params["llm"]},
-            inputs_embeds=embeds,
-            positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length)),
-            cache=init_cache(model.config.llm, b, cache_len),
-            logits_index=(lengths - 1)[:, None],
-        )
-        return out.logits[:, 0].astype(jnp.float32), out.cache, lengths
-
-    @functools.partial(jax.jit, donate_argnames=("cache",))
-    def step(params, tokens, positions, cache):
-        """Feeds ``tokens int[B]`` at ``positions int[B]``; -> (next logits, cache)."""
-        out = model.llm.apply(
-            {"params": params["llm"]}, tokens[:, None], positions=positions[:, None], cache=cache
-        )
-        return out.logits[:, 0].astype(jnp.float32), out.cache
-
-    return prefill, step
-
-
-_pick = jax.jit(sample_token, static_argnames=("greedy",))
+_pick = jax.jit(decode.sample_token, static_argnames=("greedy",))
 
 
 def decode_tokens(
@@ -101,18 +70,18 @@ def decode_tokens(
     """
     model, tok = trained.model, trained.tokenizer
     b = trained.batch_ways
-    length = -(-len(prompt_ids) // _PAD_PROMPT) * _PAD_PROMPT
+    length = decode.bucket(len(prompt_ids))
     ids = np.full((b, length), tok.pad_token_id, np.int32)
     mask = np.zeros((b, length), np.int32)
     ids[:, : len(prompt_ids)], mask[:, : len(prompt_ids)] = prompt_ids, 1
     batch_frames = np.broadcast_to(frames, (b, *frames.shape))
-    spliced = length - 1 + model.config.visual_tokens_in_prompt
-    prefill, step = _decoder(model)
+    spliced = decode.spliced_length(model, length)
+    engine = decode.decoder(model)
     greedy = temperature <= 0.0
     rng = jax.random.key(seed)
     temp, nucleus = jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)
     with trained.context():
-        logits, cache, lengths = prefill(
+        logits, cache, lengths = engine.prefill(
             trained.params,
             jnp.asarray(batch_frames),
             jnp.asarray(ids),
@@ -129,7 +98,7 @@ def decode_tokens(
                 return
             # Every row carries the same prompt: feed row 0's token to all of them.
             tokens = jnp.full((b,), token, jnp.int32)
-            logits, cache = step(trained.params, tokens, lengths + t, cache)
+            logits, cache = engine.step(trained.params, tokens, lengths + t, cache)
 
 
 def stream_text(tokenizer: Any, token_ids: Iterator[int], stream: Stream = print_piece) -> str:
@@ -155,14 +124,12 @@ def stream_text(tokenizer: Any, token_ids: Iterator[int], stream: Stream = print
 # ----------------------------------------------------------------------------- sessions
 
 
-def load_frames(config: ml_collections.ConfigDict, video_path: str | Path) -> np.ndarray:
+def load_frames(model_config: Exo2EgoConfig, video_path: str | Path) -> np.ndarray:
     """Any video file -> the model's ``float32[T, H, W, 3]`` CLIP-normalised frames.
 
     Raises ``input_pipeline.video.VideoDecodeError`` for a missing or unreadable file.
     """
-    from exo2ego_jax.config_lib import build_model_config  # noqa: PLC0415
-
-    return clip_frames_fn(build_model_config(config.model))(Clip(Path(video_path)))
+    return clip_frames_fn(model_config)(Clip(Path(video_path)))
 
 
 class ChatSession:
@@ -170,16 +137,18 @@ class ChatSession:
 
     def __init__(
         self,
-        config: ml_collections.ConfigDict,
+        config: ml_collections.ConfigDict | config_lib.ResolvedConfig,
         *,
         log: Log = print,
         trained: Trained | None = None,
     ):
-        self.config = config
-        if trained is None:
-            check_model_config(config)
-            trained = load_trained(config, log=log)
-        self.trained = trained
+        resolved = (
+            config
+            if isinstance(config, config_lib.ResolvedConfig)
+            else runtime.resolve_for_inference(config)
+        )
+        self.config = resolved.config
+        self.trained = trained or runtime.load_trained(resolved, log=log)
 
     def ask(
         self,
@@ -190,7 +159,8 @@ class ChatSession:
     ) -> str:
         """Streams the answer to ``question`` about ``video`` (a path or decoded frames)."""
         c = self.config
-        frames = video if isinstance(video, np.ndarray) else load_frames(c, video)
+        model_config = self.trained.model.config
+        frames = video if isinstance(video, np.ndarray) else load_frames(model_config, video)
         tok = self.trained.tokenizer
         system = system_prompt(None, first_person=c.eval.first_person)
         prompt = build_prompt(
@@ -231,9 +201,9 @@ def answer(
         raise ValueError("no video: pass --video=PATH (or set config.chat.video)")
     if not question:
         raise ValueError('no question: pass --question="..." (or set config.chat.question)')
-    check_model_config(config)  # config, then video: both fail before the model loads
-    frames = load_frames(config, video)
-    session = ChatSession(config, log=log)
+    resolved = runtime.resolve_for_inference(config)  # config, then video: both fail
+    frames = load_frames(resolved.model, video)  # before the model loads
+    session = ChatSession(resolved, log=log)
     text = session.ask(frames, question, stream=stream or print_piece)
     if stream is None:
         print(flush=True)

@@ -1,7 +1,10 @@
-"""Turns an ml_collections config into model / stage objects, validating every field first.
+"""Resolves an ml_collections config once, at the entry: every field validated, then the
+model / stage / sharding objects the rest of the code takes.
 
 Everything here runs before any compute, so a bad field fails in seconds with a message that
-names the field and the fix.
+names the field and the fix. Entry points (``main.py``, ``training.loop.train``,
+``eval.evaluate``, ``chat``, ``tools.memory_plan``) call :func:`resolve` once and pass the
+:class:`ResolvedConfig` down.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import ml_collections
 from exo2ego_jax.models import exo2ego
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapping import MappingConfig
-from exo2ego_jax.sharding import MESH_AXES, batch_axes, rules_for
+from exo2ego_jax.sharding import MESH_AXES, LogicalRules, batch_ways, rules_for
 from exo2ego_jax.stages import StageConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -25,6 +28,21 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 class ConfigError(ValueError):
     """A config field is invalid; the message names the field and what to do."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedConfig:
+    """A validated config and what it resolves to (built once per run)."""
+
+    config: ml_collections.ConfigDict
+    model: exo2ego.Exo2EgoConfig
+    stage: StageConfig
+    rules: LogicalRules
+
+    @property
+    def is_inference(self) -> bool:
+        """Evaluation or chat (``config.run``), rather than training a stage."""
+        return self.config.get("run", "train") != "train"
 
 
 def _dtype(field: str, name: str):
@@ -132,10 +150,12 @@ def build_stage_config(s: ml_collections.ConfigDict) -> StageConfig:
         raise ConfigError(f"config.stage: {e}") from e
 
 
-def validate(
+def resolve(
     config: ml_collections.ConfigDict, *, num_devices: int | None = None, check_inputs: bool = True
-) -> None:
-    """Checks cross-field constraints before anything is built."""
+) -> ResolvedConfig:
+    """Validates every field and cross-field constraint, then builds the model, stage and
+    sharding objects. ``num_devices`` defaults to ``jax.device_count()``;
+    ``check_inputs=False`` skips the checks of input paths (planning without data)."""
     n = num_devices if num_devices is not None else jax.device_count()
     shape = list(config.mesh.shape)
     if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
@@ -156,11 +176,10 @@ def validate(
         )
     filled = dict(zip(MESH_AXES, (n // known if s == -1 else s for s in shape), strict=True))
     try:
-        axes = batch_axes(rules_for(config.mesh.rules))
+        rules = rules_for(config.mesh.rules, config.mesh.get("rule_overrides"))
     except ValueError as e:
         raise ConfigError(f"config.mesh.rules: {e}") from e
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    data_ways = math.prod(filled[a] for a in axes)  # devices the batch is split over
+    data_ways = batch_ways(filled, rules)  # devices the batch is split over
     micro = o.batch_size // (o.grad_accum or 1)
     if micro % data_ways:
         raise ConfigError(
@@ -169,8 +188,8 @@ def validate(
         )
     if config.data.on_bad_video not in ("skip", "raise"):
         raise ConfigError(f"config.data.on_bad_video={config.data.on_bad_video!r}: skip | raise")
-    build_stage_config(config.stage)
-    build_model_config(config.model)
+    stage = build_stage_config(config.stage)
+    model = build_model_config(config.model)
     if check_inputs:
         for i, wd in enumerate(config.init.stages):
             if not Path(wd).is_dir():
@@ -182,3 +201,4 @@ def validate(
             path = config.init.get(field, "")
             if path and not Path(path).exists():
                 raise ConfigError(f"config.init.{field}={path!r}: not found")
+    return ResolvedConfig(config, model, stage, rules)

@@ -23,21 +23,22 @@ Activation axes
   ``batch``, ``length`` (sequence / tokens), ``act_embed``, ``act_heads``, ``act_kv_heads``,
   ``act_mlp``, ``act_vocab``.
 
-Presets (:data:`RULE_PRESETS`, :func:`rules_for`; docs/sharding.md has the full table)
-  ``fsdp``     (default) ZeRO-3 style: weights are sharded over ``('fsdp', 'tensor')`` on
-               their ``embed`` axis (LoRA factors without one: on ``lora_rank``); batch
-               over all three mesh axes. ``tensor`` acts as a second FSDP axis, so a mesh
-               with ``tensor > 1`` has no idle devices; with ``tensor == 1`` this is
-               :data:`DEFAULT_RULES` plus the LoRA-rank fallback.
+Presets (:func:`rules_for`: :data:`RULES` with a preset's rows of :data:`PRESET_OVERRIDES`
+replaced, and optionally a run's own rows; docs/sharding.md has the full table)
+  ``fsdp``     (default, :data:`RULES` itself) ZeRO-3 style: weights are sharded over
+               ``('fsdp', 'tensor')`` on their ``embed`` axis (LoRA factors without one: on
+               ``lora_rank``); batch over all three mesh axes. ``tensor`` acts as a second
+               FSDP axis, so a mesh with ``tensor > 1`` has no idle devices.
   ``fsdp_tp``  FSDP over ``fsdp`` plus tensor parallelism: ``heads`` / ``kv_heads`` / ``mlp``
                / ``vocab`` and their activations on ``tensor``; batch over
-               ``('data', 'fsdp')``. :data:`DEFAULT_RULES` plus the LoRA-rank fallback.
+               ``('data', 'fsdp')``.
   ``dp``       parameters replicated; batch over all three mesh axes.
 
 Helpers
   :func:`logical_to_shardings`, :func:`param_shardings` and :func:`shard_init` place
   parameters; :func:`optimizer_state_shardings` places optimizer state like them;
-  :func:`batch_sharding` / :func:`shard_batch` place input batches;
+  :func:`batch_sharding` / :func:`shard_batch` place input batches and :func:`batch_ways`
+  counts the devices a batch is split over;
   :func:`sharding_context` activates the rules (and the mesh) for the activation constraints
   inside the modules -- a jitted function is *traced* with the constraints only if its first
   call (or ``.lower``) happens inside it.
@@ -61,28 +62,6 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LogicalRules = Sequence[tuple[str, str | tuple[str, ...] | None]]
-
-#: FSDP over the ``fsdp`` mesh axis, tensor parallel over ``tensor``, data over ``data``.
-#: With a mesh of shape (N, 1, 1) this is plain data parallelism.
-DEFAULT_RULES: LogicalRules = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("vocab", "tensor"),
-    ("layers", None),
-    ("lora_rank", None),
-    ("conv_space", None),
-    ("norm", None),
-)
 
 
 def make_mesh(
@@ -159,20 +138,24 @@ ACTIVATION_AXES: tuple[str, ...] = (
 #: The whole vocabulary; every preset has a rule for each of these names.
 LOGICAL_AXES: tuple[str, ...] = PARAM_AXES + ACTIVATION_AXES
 
-# ----------------------------------------------------------------------------- presets
+# ----------------------------------------------------------------------------- rules
 
 _ALL = MESH_AXES  # batch over every mesh axis
 _FSDP = ("fsdp", "tensor")  # the fsdp preset treats `tensor` as a second FSDP axis
 
-# Flax resolves rules in order: for each rule whose logical name occurs in the array and
-# whose mesh axes are still unused by that array, the dimension takes those axes. So a
-# `lora_rank` rule listed after `embed` only fires for the LoRA factors that have no `embed`
-# axis (lora_b[r, heads|kv_heads|mlp], lora_a[heads|mlp, r]): at paper size (r=128) they hold
-# 0.9 GB of trainable weights (+1.8 GB of Adam moments) that would otherwise sit whole on
-# every device. `mlp` gets no FSDP fallback on purpose: besides biases, the arrays it would
-# catch are the connector's depthwise and squeeze-excite convs, and sharding a grouped conv's
-# channels makes XLA replicate its batch-sharded input ("involuntary full rematerialization").
-FSDP_RULES: LogicalRules = (
+#: The one rules table (the default preset, ``fsdp``): ZeRO-3 style, every weight sharded
+#: over ``('fsdp', 'tensor')`` on its ``embed`` axis, the batch over every mesh axis.
+#:
+#: Flax resolves rules in order: for each rule whose logical name occurs in the array and
+#: whose mesh axes are still unused by that array, the dimension takes those axes. So the
+#: ``lora_rank`` rule, listed after ``embed``, only fires for the LoRA factors that have no
+#: ``embed`` axis (lora_b[r, heads|kv_heads|mlp], lora_a[heads|mlp, r]): at paper size (r=128)
+#: they hold 0.9 GB of trainable weights (+1.8 GB of Adam moments) that would otherwise sit
+#: whole on every device. ``mlp`` gets no FSDP fallback on purpose: besides biases, the arrays
+#: it would catch are the connector's depthwise and squeeze-excite convs, and sharding a
+#: grouped conv's channels makes XLA replicate its batch-sharded input ("involuntary full
+#: rematerialization").
+RULES: LogicalRules = (
     ("batch", _ALL),
     ("length", None),
     ("act_embed", None),
@@ -192,53 +175,54 @@ FSDP_RULES: LogicalRules = (
     ("norm", None),
 )
 
-FSDP_TP_RULES: LogicalRules = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("vocab", "tensor"),
-    # LoRA factors mirror their kernel: the rank takes `fsdp` where `embed` is missing.
-    ("lora_rank", "fsdp"),
-    ("head_dim", None),
-    ("layers", None),
-    ("conv_space", None),
-    ("norm", None),
-)
-
-#: Parameters replicated, batch over every mesh axis.
-DP_RULES: LogicalRules = (
-    ("batch", _ALL),
-    *((name, None) for name in LOGICAL_AXES if name != "batch"),
-)
-
-#: Named rule tables; ``fsdp`` is the default.
-RULE_PRESETS: Mapping[str, LogicalRules] = {
-    "fsdp": FSDP_RULES,
-    "fsdp_tp": FSDP_TP_RULES,
-    "dp": DP_RULES,
+#: Each preset is :data:`RULES` with these rows replaced (order kept).
+PRESET_OVERRIDES: Mapping[str, Mapping[str, str | tuple[str, ...] | None]] = {
+    "fsdp": {},
+    # FSDP over `fsdp` plus tensor parallelism: heads / kv_heads / mlp / vocab and their
+    # activations on `tensor`; the batch over ('data', 'fsdp'); LoRA factors mirror their
+    # kernel (the rank takes `fsdp` where `embed` is missing).
+    "fsdp_tp": {
+        "batch": ("data", "fsdp"),
+        "act_heads": "tensor",
+        "act_kv_heads": "tensor",
+        "act_mlp": "tensor",
+        "act_vocab": "tensor",
+        "embed": "fsdp",
+        "lora_rank": "fsdp",
+        "mlp": "tensor",
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "vocab": "tensor",
+    },
+    # Parameters replicated; the batch over every mesh axis.
+    "dp": {"embed": None, "lora_rank": None},
 }
 DEFAULT_PRESET = "fsdp"
 
 RulesLike = LogicalRules | str
 
 
-def rules_for(name: str = DEFAULT_PRESET) -> LogicalRules:
-    """The rules table of a preset (``"fsdp"``, ``"fsdp_tp"`` or ``"dp"``)."""
-    try:
-        return RULE_PRESETS[name]
-    except (KeyError, TypeError):
+def rules_for(
+    name: str = DEFAULT_PRESET, overrides: Mapping[str, Any] | None = None
+) -> LogicalRules:
+    """:data:`RULES` with the rows of preset ``name`` (``"fsdp"``, ``"fsdp_tp"``, ``"dp"``)
+    and then ``overrides`` (``{logical name: mesh axes}``, e.g. ``{"vocab": "tensor"}``)
+    replaced; the order of the rows is kept."""
+    if name not in PRESET_OVERRIDES:
         raise ValueError(
-            f"unknown sharding preset {name!r}; choose one of {sorted(RULE_PRESETS)} "
+            f"unknown sharding preset {name!r}; choose one of {sorted(PRESET_OVERRIDES)} "
             "(see docs/sharding.md)"
-        ) from None
+        )
+    rows = {**PRESET_OVERRIDES[name], **_as_rows(overrides or {})}
+    unknown = sorted(set(rows) - {n for n, _ in RULES})
+    if unknown:
+        raise ValueError(f"sharding rule overrides {unknown}: not logical axis names of RULES")
+    return tuple((n, rows.get(n, axes)) for n, axes in RULES)
+
+
+def _as_rows(overrides: Mapping[str, Any]) -> dict[str, str | tuple[str, ...] | None]:
+    # Config files give lists; PartitionSpec entries must be str, tuple or None.
+    return {n: tuple(a) if isinstance(a, list) else (a or None) for n, a in overrides.items()}
 
 
 def resolve_rules(rules: RulesLike | None) -> LogicalRules:
@@ -247,8 +231,7 @@ def resolve_rules(rules: RulesLike | None) -> LogicalRules:
         return rules_for(DEFAULT_PRESET)
     if isinstance(rules, str):
         return rules_for(rules)
-    # Config files give lists; PartitionSpec entries must be str, tuple or None.
-    return tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    return tuple((n, tuple(a) if isinstance(a, list) else a) for n, a in rules)
 
 
 def uncovered_axes(rules: RulesLike, names: Sequence[str] = LOGICAL_AXES) -> list[str]:
@@ -471,6 +454,18 @@ def batch_axes(rules: RulesLike | None = None) -> str | tuple[str, ...] | None:
     return nn.logical_to_mesh_axes(("batch",), resolve_rules(rules))[0]
 
 
+def batch_ways(
+    mesh: jax.sharding.Mesh | AbstractMesh | Mapping[str, int], rules: RulesLike | None = None
+) -> int:
+    """Devices a batch is split over: the product of the ``batch`` rule's mesh axes.
+
+    ``mesh`` may be a mesh or its ``{axis: size}`` shape (planning without devices).
+    """
+    shape = dict(mesh.shape) if hasattr(mesh, "shape") else dict(mesh)
+    axes = batch_axes(rules)
+    return math.prod(shape[a] for a in _as_tuple(axes)) if axes else 1
+
+
 def batch_sharding(
     mesh: jax.sharding.Mesh | AbstractMesh, rules: RulesLike | None = None
 ) -> NamedSharding:
@@ -487,8 +482,7 @@ def shard_batch(host_batch: Any, mesh: jax.sharding.Mesh, rules: RulesLike | Non
     """
     sharding = batch_sharding(mesh, rules)
     axes = batch_axes(rules)
-    shards = math.prod(mesh.shape[a] for a in _as_tuple(axes)) if axes else 1
-    local_shards = max(1, shards // jax.process_count())
+    local_shards = max(1, batch_ways(mesh, rules) // jax.process_count())
 
     def put(path, x):
         x = np.asarray(x)

@@ -2,7 +2,7 @@
 
 The paper's encoders start from CLIP ViT-L/14-336, pretrained on hundreds of millions of web
 images from every kind of viewpoint. The demo cannot download it, so it pretrains a tiny
-tower itself (``exo2ego_jax.tools.pretrain_clip``) on this corpus: clips of *new* takes
+tower itself (``exo2ego_jax.demo.pretrain_clip``) on this corpus: clips of *new* takes
 (their own seeds, never a take of the world, so never a training or EgoBench clip), seen
 through the world's head-mounted camera and its fixed exo rigs, each labelled from the
 simulator with what happens in it (verb, the acted-on object's colour and shape, the target

@@ -13,8 +13,8 @@ import pytest
 import torch
 import transformers
 
-from exo2ego_jax.checkpoints.hf_clip import load_clip_vision, save_clip_vision, tensor_map
-from exo2ego_jax.checkpoints.safetensors_io import CheckpointError, TensorIndex, write_safetensors
+from exo2ego_jax.weights.hf_clip import load_clip_vision, save_clip_vision, tensor_map
+from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
 from exo2ego_jax.models import clip
 from exo2ego_jax.sharding import DEFAULT_RULES
 

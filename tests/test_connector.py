@@ -13,13 +13,13 @@ import safetensors.torch
 import torch
 from reference.stc_connector_torch import STCConnector as TorchSTC
 
-from exo2ego_jax.checkpoints.mm_projector import (
+from exo2ego_jax.weights.mm_projector import (
     convert_state_dict,
     load_mm_projector,
     mm_projector_keys,
     save_mm_projector,
 )
-from exo2ego_jax.checkpoints.safetensors_io import CheckpointError
+from exo2ego_jax.weights.safetensors_io import CheckpointError
 from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
 from exo2ego_jax.sharding import DEFAULT_RULES, make_mesh
 

@@ -24,9 +24,9 @@ import transformers
 from flax import traverse_util
 
 from exo2ego_jax import sharding as sh
-from exo2ego_jax.checkpoints import converted, hf
-from exo2ego_jax.checkpoints.mm_projector import load_mm_projector, mm_projector_keys
-from exo2ego_jax.checkpoints.safetensors_io import CheckpointError, TensorIndex, write_safetensors
+from exo2ego_jax.weights import converted, hf
+from exo2ego_jax.weights.mm_projector import load_mm_projector, mm_projector_keys
+from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
 from exo2ego_jax.models import exo2ego
 from exo2ego_jax.models.clip import CLIPVisionConfig
 from exo2ego_jax.models.connector import STCConnectorConfig
@@ -193,8 +193,8 @@ def test_build_params_restores_init_converted(tmp_path):
 
     from configs import stage0
     from exo2ego_jax import config_lib, train
-    from exo2ego_jax.checkpoints.hf_clip import save_clip_vision
-    from exo2ego_jax.checkpoints.hf_mistral import save_mistral
+    from exo2ego_jax.weights.hf_clip import save_clip_vision
+    from exo2ego_jax.weights.hf_mistral import save_mistral
 
     c = stage0.get_config("demo")
     c.init.llm = c.init.clip = ""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exo2ego_jax.checkpoints.safetensors_io import (
+from exo2ego_jax.weights.safetensors_io import (
     CheckpointError,
     TensorIndex,
     read_hf_config,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from configs import study as study_config
-from exo2ego_jax.tools import study
+from exo2ego_jax.demo import study
 
 
 def test_mean_std_and_aggregate_on_known_numbers():

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from exo2ego_jax.train import Stream
+from exo2ego_jax.training.streams import Stream
 
 
 class CountingStream:

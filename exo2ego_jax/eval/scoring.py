@@ -38,11 +38,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from exo2ego_jax.eval.tasks import LETTERS, Clip, EvalItem
-from exo2ego_jax.models.generate import generate as llm_generate
-from exo2ego_jax.models.mistral import KVCache, init_cache
+from exo2ego_jax.models import decode
+from exo2ego_jax.models.mistral import KVCache
 from input_pipeline.templates import (
     DEFAULT_SYSTEM_PROMPT,
     DEFAULT_VIDEO_TOKEN,
@@ -73,8 +74,7 @@ TASK_DETAILS = {
     "vlnqa": "The video shows the camera wearer moving; answer about the motion.",
     "egomcq": "The video shows a short action from the actor's own view.",
 }
-_PAD_PROMPT = 64  # prompt lengths are padded to a multiple of this (fewer recompilations)
-_PAD_CONT = 16
+_PAD_CONT = 16  # continuation lengths are padded to a multiple of this
 
 
 def system_prompt(
@@ -226,10 +226,6 @@ class _Tokens:
         return np.asarray(ids, np.int32)
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _to_host(x: Any) -> np.ndarray:
     """A jitted output as numpy, also when it is sharded over other processes' devices.
 
@@ -237,8 +233,6 @@ def _to_host(x: Any) -> np.ndarray:
     can); every process then gathers it (a collective: all processes call this in lockstep).
     """
     if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
-        from jax.experimental import multihost_utils  # noqa: PLC0415
-
         x = multihost_utils.process_allgather(x, tiled=True)
     return np.asarray(x)
 
@@ -264,29 +258,16 @@ class _Engine:
 
 @functools.lru_cache(maxsize=4)
 def _engine(model: Any) -> _Engine:
-    """Jitted pieces for one model (cached per model object)."""
-
-    def embed(params, frames, ids, mask):
-        visual, _, _ = model.ego_visual_tokens(params, frames)
-        embeds, mask, _ = model.embed_multimodal(params, ids, visual, mask)
-        return embeds, mask
+    """The decode engine's prefill / extend (``models.decode``) jitted for scoring, once per
+    model object: log-probabilities instead of logits, and rows over copies of a cache."""
 
     @functools.partial(jax.jit, static_argnames=("cache_len",))
     def prefill(params, frames, ids, mask, *, cache_len):
         """-> (log p of the first continuation token float[B, V], cache, lengths int[B])."""
-        embeds, mask = embed(params, frames, ids, mask)
-        b, length = mask.shape
-        lengths = jnp.sum(mask, axis=1).astype(jnp.int32)
-        cache = init_cache(model.config.llm, b, cache_len)
-        out = model.llm.apply(
-            {"params": params["llm"]},
-            inputs_embeds=embeds,
-            positions=jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length)),
-            cache=cache,
-            logits_index=(lengths - 1)[:, None],
+        logits, cache, lengths = decode.prefill(
+            model, params, frames, ids, mask, cache_len=cache_len
         )
-        first = jax.nn.log_softmax(out.logits[:, 0].astype(jnp.float32), axis=-1)
-        return first, out.cache, lengths
+        return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), cache, lengths
 
     @jax.jit
     def rows(params, first, cache, lengths, item, tokens):
@@ -298,10 +279,8 @@ def _engine(model: Any) -> _Engine:
         row_cache = KVCache(k=jnp.take(cache.k, item, axis=1), v=jnp.take(cache.v, item, axis=1))
         c = tokens.shape[1]
         positions = lengths[item][:, None] + jnp.arange(c, dtype=jnp.int32)[None, :]
-        out = model.llm.apply(
-            {"params": params["llm"]}, tokens, positions=positions, cache=row_cache
-        )
-        logp = jax.nn.log_softmax(out.logits[:, :-1].astype(jnp.float32), axis=-1)
+        logits, _ = decode.llm_extend(model.llm, params["llm"], tokens, positions, row_cache)
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
         rest = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
         head = first[item, tokens[:, 0]]
         return jnp.concatenate([head[:, None], rest], axis=1)
@@ -309,10 +288,11 @@ def _engine(model: Any) -> _Engine:
     @jax.jit
     def full_logprobs(params, frames, ids, mask):
         """Log-probs ``float[B, L', V]`` of a whole spliced sequence (naive reference)."""
-        embeds, mask = embed(params, frames, ids, mask)
+        embeds, mask = decode.embed_prompt(model, params, frames, ids, mask)
         logits = model.lm_logits(params, embeds, mask)
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
+    embed = functools.partial(decode.embed_prompt, model)
     return _Engine(prefill, rows, full_logprobs, jax.jit(embed))
 
 
@@ -353,11 +333,11 @@ def continuation_logprobs(
         batch += [batch[0]] * (batch_size - n_real)  # fixed batch shape: one compilation
         prompts = [tokens.prompt(r.question) for r in batch]
         conts = [[tokens.continuation(r.question, c) for c in r.continuations] for r in batch]
-        p = _round_up(max(len(x) for x in prompts), _PAD_PROMPT)
-        c = _round_up(max(len(x) for row in conts for x in row), _PAD_CONT)
+        p = decode.bucket(max(len(x) for x in prompts))
+        c = decode.bucket(max(len(x) for row in conts for x in row), _PAD_CONT)
         ids, mask = _pad_rows(prompts, p, pad_id)
         frames = np.stack([frames_of(r.clip) for r in batch])
-        cache_len = p - 1 + cfg.visual_tokens_in_prompt + c
+        cache_len = decode.spliced_length(model, p) + c
         first, cache, lengths = engine.prefill(
             params, jnp.asarray(frames), jnp.asarray(ids), jnp.asarray(mask), cache_len=cache_len
         )
@@ -399,7 +379,7 @@ def naive_continuation_logprobs(
     prompt = tokens.prompt(request.question)
     conts = [tokens.continuation(request.question, c) for c in request.continuations]
     seqs = [np.concatenate([prompt, c]) for c in conts]
-    length = _round_up(max(len(s) for s in seqs), _PAD_PROMPT)  # fewer recompilations
+    length = decode.bucket(max(len(s) for s in seqs))  # fewer recompilations
     ids, mask = _pad_rows(seqs, length, int(tokenizer.pad_token_id))
     k = len(seqs)
     batch_frames = jnp.asarray(np.broadcast_to(frames, (k, *frames.shape)))
@@ -447,12 +427,12 @@ def generate_texts(
             ).input_ids
             for i in idx
         ]
-        ids, mask = _pad_rows(prompts, _round_up(max(map(len, prompts)), _PAD_PROMPT), pad_id)
+        ids, mask = _pad_rows(prompts, decode.bucket(max(map(len, prompts))), pad_id)
         frames = np.stack([frames_of(clips[i]) for i in idx])
         embeds, emask = engine.embed(
             params, jnp.asarray(frames), jnp.asarray(ids), jnp.asarray(mask)
         )
-        out = llm_generate(
+        out = decode.generate(
             model.llm,
             params["llm"],
             inputs_embeds=embeds,

@@ -28,10 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from exo2ego_jax.models import clip as clip_lib
+from exo2ego_jax.models import decode
 from exo2ego_jax.models import mistral as mistral_lib
 from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
-from exo2ego_jax.models.generate import GenerateOutput
-from exo2ego_jax.models.generate import generate as llm_generate
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapping import MappingConfig, MappingNetwork
 from exo2ego_jax.models.splice import splice_batch
@@ -316,8 +315,8 @@ class Exo2Ego:
         attention_mask: jax.Array,
         max_new_tokens: int = 32,
         **kwargs: Any,
-    ) -> GenerateOutput:
-        """Answers about an ego clip (no exo video needed): see ``models.generate.generate``.
+    ) -> decode.GenerateOutput:
+        """Answers about an ego clip (no exo video needed): see ``models.decode.generate``.
 
         Args:
           frames: ``float[B, T, H, W, 3]`` ego clips; input_ids / attention_mask: right-padded
@@ -325,9 +324,8 @@ class Exo2Ego:
         Returns:
           ``GenerateOutput(tokens int32[B, max_new_tokens], lengths int32[B])``.
         """
-        visual, _, _ = self.ego_visual_tokens(params, frames)
-        embeds, mask, _ = self.embed_multimodal(params, input_ids, visual, attention_mask)
-        return llm_generate(
+        embeds, mask = decode.embed_prompt(self, params, frames, input_ids, attention_mask)
+        return decode.generate(
             self.llm,
             params["llm"],
             inputs_embeds=embeds,

@@ -14,7 +14,7 @@ Hugging Face ``MistralForCausalLM`` directory and optionally a VideoLLaMA2 ``mm_
 ``llm/...``                        Mistral base weights (no LoRA adapters)
 =================================  ==========================================
 
-``exo2ego_jax.checkpoints.converted.restore_converted`` (or ``config.init.converted``) reads
+``exo2ego_jax.weights.converted.restore_converted`` (or ``config.init.converted``) reads
 it straight into sharded device arrays on any mesh.
 
 Memory: the checkpoint is written **block by block**, never a whole model nor a whole
@@ -68,16 +68,16 @@ from orbax.checkpoint import future as ocp_future
 from orbax.checkpoint._src.serialization import ocdbt_utils
 from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
-from exo2ego_jax.checkpoints import hf_clip, hf_mistral, mm_projector
-from exo2ego_jax.checkpoints.converted import FORMAT, FORMAT_VERSION
-from exo2ego_jax.checkpoints.safetensors_io import (
+from exo2ego_jax.models.clip import CLIPVisionConfig
+from exo2ego_jax.models.mistral import MistralLM, from_hf_config
+from exo2ego_jax.weights import hf_clip, hf_mistral, mm_projector
+from exo2ego_jax.weights.converted import FORMAT, FORMAT_VERSION
+from exo2ego_jax.weights.safetensors_io import (
     CheckpointError,
     TensorIndex,
     _read_header,
     read_hf_config,
 )
-from exo2ego_jax.models.clip import CLIPVisionConfig
-from exo2ego_jax.models.mistral import MistralLM, from_hf_config
 
 CLIP_SUBTREES = ("ego_encoder/clip", "exo_encoder/clip")
 LLM_SUBTREE = "llm"

@@ -1,8 +1,8 @@
 r"""Per-device memory plan of a training step, from abstract shapes (nothing is allocated).
 
-Builds the train step of a stage exactly as ``exo2ego_jax.train.train`` does (same model,
-sharding rules, trainable / frozen split, optimizer and batch shardings), but every input is
-a ``jax.ShapeDtypeStruct`` carrying its ``NamedSharding``. The step is compiled ahead of
+Lowers the train step of a stage exactly as the trainer does (``training.step.jit_train_step``:
+same model, sharding rules, trainable / frozen split, optimizer and batch shardings), but every
+input is a ``jax.ShapeDtypeStruct`` carrying its ``NamedSharding``. The step is compiled ahead of
 time (``jax.jit(...).lower(...).compile()``) for a mesh of the first N (fake CPU) devices
 and XLA's ``memory_analysis()`` gives the per-device temporaries. Prints a Markdown table of
 per-device bytes: parameters (trainable + frozen), optimizer state, temporaries, the rest
@@ -51,6 +51,15 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from exo2ego_jax import config_lib, stages
+from exo2ego_jax import sharding as sharding_lib
+from exo2ego_jax.models.exo2ego import Exo2Ego
+from exo2ego_jax.training.optim import make_optimizer
+from exo2ego_jax.training.step import TrainState, batch_shardings, jit_train_step
 
 GiB = 2**30
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -181,14 +190,6 @@ def _parse_mesh(mesh: str, rules: str, devices: int, config) -> tuple[int, int, 
     return tuple(devices // known if s == -1 else s for s in shape)
 
 
-def _batch_ways(rules: str, mesh: tuple[int, int, int]) -> int:
-    from exo2ego_jax import sharding as sharding_lib  # noqa: PLC0415
-
-    axes = sharding_lib.batch_axes(sharding_lib.rules_for(rules))
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return math.prod(dict(zip(sharding_lib.MESH_AXES, mesh, strict=True))[a] for a in axes)
-
-
 def prepare_config(
     config,
     devices: int,
@@ -201,9 +202,6 @@ def prepare_config(
     overrides: Sequence[str] = (),
 ):
     """A copy of ``config`` with the plan's choices applied, validated like the trainer."""
-    from exo2ego_jax import config_lib  # noqa: PLC0415
-    from exo2ego_jax import sharding as sharding_lib  # noqa: PLC0415
-
     config = copy.deepcopy(config)
     for assignment in overrides:
         apply_override(config, assignment)
@@ -222,7 +220,9 @@ def prepare_config(
     shape = _parse_mesh(mesh, config.mesh.rules, devices, config)
     config.mesh.shape = shape
     o = config.optim
-    ways = _batch_ways(config.mesh.rules, shape)
+    ways = sharding_lib.batch_ways(
+        dict(zip(sharding_lib.MESH_AXES, shape, strict=True)), config.mesh.rules
+    )
     for name, v in (("batch_per_device", batch_per_device), ("grad_accum", grad_accum)):
         if v is not None and v < 1:
             raise PlanError(f"--{name}={v}: must be >= 1")
@@ -241,7 +241,7 @@ def prepare_config(
     elif grad_accum is not None:
         o.grad_accum = grad_accum
     try:
-        config_lib.validate(config, num_devices=devices, check_inputs=False)
+        config_lib.resolve(config, num_devices=devices, check_inputs=False)
     except ValueError as e:  # ConfigError, and ValueErrors of the model dataclasses
         raise PlanError(str(e)) from None
     return config
@@ -257,9 +257,6 @@ def abstract_batch(config, model_cfg, stage, global_batch: int) -> dict[str, dic
     right-padded ``input_ids`` / ``labels`` / ``attention_mask`` ``int32[B, L]`` with
     ``L = config.data.max_text_len`` (the pipeline always pads to it).
     """
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
     size = model_cfg.clip.image_size
     frames = jax.ShapeDtypeStruct((global_batch, model_cfg.num_frames, size, size, 3), jnp.float32)
     text = jax.ShapeDtypeStruct((global_batch, config.data.max_text_len), jnp.int32)
@@ -275,16 +272,12 @@ def abstract_batch(config, model_cfg, stage, global_batch: int) -> dict[str, dic
 
 
 def _with_shardings(shapes: Any, shardings: Any) -> Any:
-    import jax  # noqa: PLC0415
-
     return jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
     )
 
 
 def _bytes(shapes: Any, shardings: Any) -> int:
-    from exo2ego_jax import sharding as sharding_lib  # noqa: PLC0415
-
     return sum(sharding_lib.shard_bytes(shapes, shardings).values())
 
 
@@ -302,29 +295,22 @@ def plan(
 
     Nothing is allocated: parameters, optimizer state and batch are ``ShapeDtypeStruct`` s.
     """
-    import jax  # noqa: PLC0415
-
-    from exo2ego_jax import config_lib, stages, train  # noqa: PLC0415
-    from exo2ego_jax import sharding as sharding_lib  # noqa: PLC0415
-    from exo2ego_jax.models.exo2ego import Exo2Ego  # noqa: PLC0415
-
     available = jax.devices()
     if devices > len(available):
         raise PlanError(
             f"{devices} devices requested but JAX has {len(available)}; run as a script (it "
             f"sets {_DEVICE_FLAG}) or set XLA_FLAGS={_DEVICE_FLAG}={devices} before JAX starts"
         )
-    model_cfg = config_lib.build_model_config(config.model)
-    stage = config_lib.build_stage_config(config.stage)
+    resolved = config_lib.resolve(config, num_devices=devices, check_inputs=False)
+    model_cfg, stage, rules = resolved.model, resolved.stage, resolved.rules
     model = Exo2Ego(model_cfg)
     try:
         mesh = sharding_lib.make_mesh(config.mesh.shape, devices=available[:devices])
     except ValueError as e:
         raise PlanError(str(e)) from None
-    rules = sharding_lib.rules_for(config.mesh.rules)
     o = config.optim
     accum = o.grad_accum or 1
-    ways = _batch_ways(config.mesh.rules, tuple(mesh.shape.values()))
+    ways = sharding_lib.batch_ways(mesh, rules)
     micro_global = o.batch_size // accum
 
     # Parameters: the trainer's layout (shard_init uses param_shardings == these shardings).
@@ -333,28 +319,28 @@ def plan(
     patterns = stages.trainable_patterns(stage, model)
     t_shapes, f_shapes = stages.split_params(shapes, patterns)
     t_shard, f_shard = stages.split_params(shardings, patterns)
-    trainable = _with_shardings(t_shapes, t_shard)
     frozen = _with_shardings(f_shapes, f_shard)
 
     # Optimizer: the step count only shapes the schedule, not the state.
-    optimizer = train.make_optimizer(o, 1000)
+    optimizer = make_optimizer(o, 1000)
+    trainable = _with_shardings(t_shapes, t_shard)
     o_shard = sharding_lib.optimizer_state_shardings(optimizer, t_shard, trainable)
     o_shapes = jax.eval_shape(optimizer.init, trainable)
-    opt_state = _with_shardings(o_shapes, o_shard)
+    state = TrainState(trainable, _with_shardings(o_shapes, o_shard))
 
     batch_shapes = abstract_batch(config, model_cfg, stage, micro_global)
-    b_shard = train.batch_shardings(batch_shapes, mesh, rules)
+    b_shard = batch_shardings(batch_shapes, mesh, rules)
     batch = _with_shardings(batch_shapes, b_shard)
     rng = jax.eval_shape(lambda: jax.random.key(0))
 
-    # The jit of train.train: same in/out shardings, donation and rng handling.
-    step_fn = stages.make_train_step(model, stage, optimizer)
-    use_rng = model_cfg.llm.lora is not None and model_cfg.llm.lora.dropout > 0
-    jitted = jax.jit(
-        step_fn if use_rng else (lambda t, s, f, b, r: step_fn(t, s, f, b)),
-        in_shardings=(t_shard, o_shard, f_shard, b_shard, None),
-        out_shardings=(t_shard, o_shard, None),
-        donate_argnums=(0, 1),
+    # The very function the trainer compiles (training.step.jit_train_step).
+    jitted = jit_train_step(
+        model,
+        stage,
+        optimizer,
+        state_shardings=TrainState(t_shard, o_shard),
+        frozen_shardings=f_shard,
+        batch_shardings=b_shard,
     )
     label = name or f"stage {stage.stage}"
     log(
@@ -364,7 +350,7 @@ def plan(
     t0 = time.time()
     # Activation constraints are baked in at trace time: lower inside the rules context.
     with sharding_lib.sharding_context(mesh, rules):
-        lowered = jitted.lower(trainable, opt_state, frozen, batch, rng)
+        lowered = jitted.lower(state, frozen, batch, rng)
     options = sharding_lib.FAST_COMPILE_OPTIONS if fast_compile else None
     compiled = lowered.compile(options)
     seconds = time.time() - t0

@@ -32,14 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exo2ego_jax.checkpoints.safetensors_io import (
+from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
+from exo2ego_jax.weights.safetensors_io import (
     _DTYPES,
     CheckpointError,
     TensorIndex,
     _read_header,
     write_safetensors,
 )
-from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
 
 Params = dict[str, Any]
 

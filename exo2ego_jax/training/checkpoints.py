@@ -36,7 +36,7 @@ class HandOffError(ValueError):
 
 
 def _grain_args(iterators: Mapping[str, Any], save: bool) -> dict[str, Any]:
-    import grain  # noqa: PLC0415 — only needed when iterators are checkpointed
+    import grain  # noqa: PLC0415 — heavy; only needed when iterators are checkpointed
 
     cls = grain.checkpoint.CheckpointSave if save else grain.checkpoint.CheckpointRestore
     return {f"data_{k}": cls(it) for k, it in iterators.items() if hasattr(it, "get_state")}

@@ -22,14 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exo2ego_jax.checkpoints.safetensors_io import (
+from exo2ego_jax.models.lora import LoRAConfig, lora_param_filter, merge_lora
+from exo2ego_jax.models.mistral import MistralConfig, MistralLM, from_hf_config, to_hf_config
+from exo2ego_jax.weights.safetensors_io import (
     CheckpointError,
     TensorIndex,
     read_hf_config,
     write_safetensors,
 )
-from exo2ego_jax.models.lora import LoRAConfig, lora_param_filter, merge_lora
-from exo2ego_jax.models.mistral import MistralConfig, MistralLM, from_hf_config, to_hf_config
 
 SUPPORTED_ARCHITECTURES = ("MistralForCausalLM",)
 

@@ -6,7 +6,7 @@
    that the mesh cannot split) and loads every task's items (loaders never open videos, so
    a missing annotation file fails in seconds);
 2. builds the mesh and, only if some item is still unscored, the stage-3 model: random init
-   -> pretrained weights -> the four stage checkpoints (``train.build_params``);
+   -> pretrained weights -> the four stage checkpoints (``runtime.load_trained``);
 3. scores each task with its scorer (``eval/scoring.py``) inside the mesh / logical-rules
    context, so every batch is split over the data-parallel devices, appending predictions
    to ``<out_dir>/<task>.jsonl`` per chunk; a rerun scores only what is missing;
@@ -25,9 +25,7 @@ Predictions of one ``out_dir`` must come from one setting: the scoring-relevant 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
-import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,15 +33,17 @@ from typing import Any
 
 import jax
 import ml_collections
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from exo2ego_jax import checkpointing, config_lib
+from exo2ego_jax import config_lib, runtime
 from exo2ego_jax import sharding as sharding_lib
+from exo2ego_jax.config_lib import ResolvedConfig
 from exo2ego_jax.eval import report, scoring, tasks
 from exo2ego_jax.eval.tasks import EvalItem, RetrievalBenchmark
-from exo2ego_jax.models.exo2ego import Exo2Ego, Params
+from exo2ego_jax.runtime import Log, Trained
+from exo2ego_jax.training import checkpoints
 
-Log = Callable[[str], None]
 Benchmark = list[EvalItem] | RetrievalBenchmark
 MODES = ("loglik", "letters")
 # Tasks whose items carry text options (letter mode applies); the rest always use loglik.
@@ -51,72 +51,12 @@ LETTER_TASKS = ("egoschema", "qaego4d_close", "egotaskqa", "egoplan", "vlnqa")
 SETTINGS_FILE = "eval_settings.json"
 
 
-# ----------------------------------------------------------------------------- model
-
-
-@dataclasses.dataclass
-class Trained:
-    """The stage-3 model ready for inference, and the mesh it lives on."""
-
-    model: Exo2Ego
-    params: Params
-    tokenizer: Any
-    mesh: jax.sharding.Mesh
-    rules: Any
-
-    def context(self):
-        """The mesh + logical-rules context every jitted call must be traced in."""
-        return sharding_lib.sharding_context(self.mesh, self.rules)
-
-    @property
-    def batch_ways(self) -> int:
-        return batch_ways(self.mesh, self.rules)
-
-
-def mesh_and_rules(config: ml_collections.ConfigDict) -> tuple[jax.sharding.Mesh, Any]:
-    """The ``('data', 'fsdp', 'tensor')`` mesh and sharding rules of ``config.mesh``."""
-    return sharding_lib.make_mesh(config.mesh.shape), sharding_lib.rules_for(config.mesh.rules)
-
-
-def batch_ways(mesh: jax.sharding.Mesh, rules: Any) -> int:
-    """Devices a batch is split over (the mesh axes of the logical ``batch`` axis)."""
-    axes = sharding_lib.batch_axes(rules)
-    if axes is None:
-        return 1
-    axes = (axes,) if isinstance(axes, str) else axes
-    return math.prod(mesh.shape[a] for a in axes)
-
-
-def check_model_config(config: ml_collections.ConfigDict) -> None:
-    """``config_lib.validate`` for inference: mesh, model fields, stage workdirs, weights.
-
-    The training batch is irrelevant here; it is replaced by one the mesh always splits, so
-    only real problems are reported.
-    """
-    probe = ml_collections.ConfigDict(config.to_dict())
-    probe.optim.batch_size, probe.optim.grad_accum = jax.device_count(), 1
-    config_lib.validate(probe)
-
-
-def load_trained(config: ml_collections.ConfigDict, *, log: Log = print) -> Trained:
-    """Builds the model as stage 3 left it (call outside any mesh context)."""
-    from exo2ego_jax import data as data_lib  # noqa: PLC0415
-    from exo2ego_jax import train  # noqa: PLC0415
-
-    model = Exo2Ego(config_lib.build_model_config(config.model))
-    tokenizer = data_lib.load_tokenizer_checked(config)
-    mesh, rules = mesh_and_rules(config)
-    pretrained = train.read_pretrained(config.init)  # host-side loaders: outside the mesh
-    with sharding_lib.sharding_context(mesh, rules):
-        params, _ = train.build_params(config, model, mesh, rules, pretrained, log=log)
-    return Trained(model, params, tokenizer, mesh, rules)
-
-
 # ----------------------------------------------------------------------------- config
 
 
-def check_eval_config(config: ml_collections.ConfigDict) -> None:
-    """Fails fast, naming the field, on anything evaluation cannot run with."""
+def check_eval_config(config: ml_collections.ConfigDict) -> ResolvedConfig:
+    """Fails fast, naming the field, on anything evaluation cannot run with; returns the
+    resolved config."""
     e = config.eval
     unknown = [t for t in e.tasks if t not in tasks.TASKS]
     if unknown or not e.tasks:
@@ -134,9 +74,9 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
         raise config_lib.ConfigError("config.eval.out_dir is empty")
     if e.max_items < 0 or e.retrieval_max_clips < 0:
         raise config_lib.ConfigError("config.eval.max_items / retrieval_max_clips must be >= 0")
-    check_model_config(config)
-    mesh, rules = mesh_and_rules(config)
-    ways = batch_ways(mesh, rules)
+    resolved = runtime.resolve_for_inference(config)
+    mesh, rules = runtime.make_mesh_and_rules(resolved)
+    ways = sharding_lib.batch_ways(mesh, rules)
     for field in ("batch_size", "row_batch"):
         value = e[field]
         if value < 1 or value % ways:
@@ -145,6 +85,7 @@ def check_eval_config(config: ml_collections.ConfigDict) -> None:
                 f"config.eval.{field}={value} must be a positive multiple of the {ways} "
                 f"devices a batch is split over (mesh {dict(mesh.shape)})"
             )
+    return resolved
 
 
 def settings(config: ml_collections.ConfigDict) -> dict:
@@ -152,9 +93,9 @@ def settings(config: ml_collections.ConfigDict) -> dict:
     e = config.eval
     stages = []
     for wd in config.init.stages:
-        step, _ = checkpointing.read_meta(wd)
+        step, _ = checkpoints.read_meta(wd)
         stages.append({"workdir": str(Path(wd).absolute()), "step": step})
-    return checkpointing.dump_json(
+    return checkpoints.dump_json(
         {
             "model": config.model.to_dict(),
             "init": {"clip": config.init.clip, "llm": config.init.llm},
@@ -258,8 +199,6 @@ def run_task(
     def score(chunk: Sequence[EvalItem]) -> list[dict]:
         nonlocal synced
         if not synced:  # every process has read the predictions before process 0 appends
-            from jax.experimental import multihost_utils  # noqa: PLC0415
-
             multihost_utils.sync_global_devices(f"eval {task}")
             synced = True
         out = scorer(chunk)
@@ -283,7 +222,7 @@ def evaluate(
     Returns:
       the results table rows and ``{task: {metric: percent}}``.
     """
-    check_eval_config(config)
+    resolved = check_eval_config(config)
     e = config.eval
     out_dir = Path(e.out_dir)
     primary = jax.process_index() == 0  # multi-host: one progress bar, one writer
@@ -303,7 +242,7 @@ def evaluate(
         def get_trained() -> Trained:
             nonlocal trained
             if trained is None:
-                trained = load_trained(config, log=log)  # outside the mesh context
+                trained = runtime.load_trained(resolved, log=log)  # outside the mesh context
                 stack.enter_context(trained.context())  # score inside it
             return trained
 

@@ -25,32 +25,21 @@ import logging
 import time
 from pathlib import Path
 
-from configs import stage0, stage1, stage2, stage3
-
-STAGE_MODULES = (stage0, stage1, stage2, stage3)
+from configs import demo as demo_configs
+from exo2ego_jax import config_lib
+from exo2ego_jax.demo import chat_check
+from exo2ego_jax.demo.pretrain_clip import pretrain as pretrain_clip
+from exo2ego_jax.demo.pretrain_lm import pretrain as pretrain_lm
+from exo2ego_jax.eval.evaluate import evaluate
+from exo2ego_jax.models.mistral import from_hf_config
+from exo2ego_jax.training import checkpoints
+from exo2ego_jax.training.loop import train
+from input_pipeline.prepare import prepare
+from input_pipeline.synthetic_world import generate_world
 
 # Takes in the demo's world. The stage-3 model's held-out answers keep improving with the
 # world's size (docs/egobench.md: 64 / 160 / 320 takes); 320 takes is about 5 min to render.
 WORLD_TAKES = 320
-
-
-def stage_config(stage: int, workdir: Path, data_dir: Path, **overrides):
-    """The demo config of ``stage`` with every path pointed into ``workdir`` / ``data_dir``."""
-    c = STAGE_MODULES[stage].get_config("demo")
-    c.workdir = str(workdir / f"stage{stage}")
-    c.data.world_dir = str(data_dir / "world")
-    c.data.prepared_dir = str(data_dir / "prepared")
-    c.data.tokenizer = str(data_dir / "prepared" / "tokenizer")
-    c.init.llm = str(data_dir / "prepared" / "llm")
-    c.init.clip = str(data_dir / "prepared" / "clip")
-    c.init.stages = tuple(str(workdir / f"stage{i}") for i in range(stage))
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 def prepare_data(
@@ -71,14 +60,8 @@ def prepare_data(
     ``clip_steps`` > 0 shorten the demo LM / CLIP pretraining and ``clip_takes`` > 0 sets the
     size of the CLIP corpus (0 = their defaults).
     """
-    from exo2ego_jax import config_lib  # noqa: PLC0415
-    from exo2ego_jax.tools.pretrain_clip import pretrain as pretrain_clip  # noqa: PLC0415
-    from exo2ego_jax.tools.pretrain_lm import pretrain as pretrain_lm  # noqa: PLC0415
-    from input_pipeline.prepare import prepare  # noqa: PLC0415
-    from input_pipeline.synthetic_world import generate_world  # noqa: PLC0415
-
     world, prepared = data_dir / "world", data_dir / "prepared"
-    model = stage_config(0, data_dir, data_dir).model  # vocabulary, tower and LM of the stages
+    model = demo_configs.stage_config(0, data_dir, data_dir).model  # vocabulary, tower, LM
     shapes = config_lib.build_model_config(model)
     if not (world / "world.json").exists():
         t = time.time()
@@ -123,8 +106,6 @@ def prepare_data(
 def _check_demo_lm(path: Path, llm) -> None:
     """An existing demo LM must have the shape ``config.model.llm`` asks for (the stages would
     refuse it later, after minutes of work)."""
-    from exo2ego_jax.models.mistral import from_hf_config  # noqa: PLC0415
-
     saved = from_hf_config(json.loads((path / "config.json").read_text()))
     fields = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads")
     have = {k: getattr(saved, k) for k in fields}
@@ -136,25 +117,9 @@ def _check_demo_lm(path: Path, llm) -> None:
         )
 
 
-def eval_config(workdir: Path, data_dir: Path):
-    """``configs/eval.py:demo`` pointed at this demo's stage workdirs and data."""
-    from configs import eval as eval_cfg  # noqa: PLC0415
-
-    c = eval_cfg.get_config("demo")
-    base = stage_config(3, workdir, data_dir)
-    c.data.prepared_dir, c.data.tokenizer = base.data.prepared_dir, base.data.tokenizer
-    c.init.llm, c.init.clip = base.init.llm, base.init.clip
-    c.init.stages = tuple(str(workdir / f"stage{i}") for i in range(4))
-    c.eval.data_root = str(data_dir / "world")
-    c.eval.out_dir = str(workdir / "eval")
-    return c
-
-
 def evaluate_demo(workdir: Path, data_dir: Path, *, log=print) -> dict:
     """Step 5: the synthetic EgoBench with the stage-3 model; prints the results table."""
-    from exo2ego_jax.evaluate import evaluate  # noqa: PLC0415
-
-    _, metrics = evaluate(eval_config(workdir, data_dir), log=log)
+    _, metrics = evaluate(demo_configs.eval_config(workdir, data_dir), log=log)
     return metrics
 
 
@@ -167,25 +132,22 @@ def run(
 ) -> dict:
     """Runs the demo end to end; returns per-stage loss summaries, eval results and the chat
     check's counts. ``world_takes``: size of the world if it has to be generated."""
-    from exo2ego_jax import checkpointing, train  # noqa: PLC0415
-    from exo2ego_jax.tools import chat_check  # noqa: PLC0415
-
     workdir, data_dir = Path(workdir), Path(data_dir)
     logging.getLogger("absl").setLevel(logging.WARNING)  # keep Orbax's INFO chatter quiet
     t0 = time.time()
     prepare_data(data_dir, log=log, world_kwargs={"num_takes": world_takes})
     results: dict = {"stages": {}}
     for stage in range(4):
-        config = stage_config(stage, workdir, data_dir)
+        config = demo_configs.stage_config(stage, workdir, data_dir)
         wd = Path(config.workdir)
         try:
-            step, meta = checkpointing.read_meta(wd)
-        except checkpointing.HandOffError:
+            step, meta = checkpoints.read_meta(wd)
+        except checkpoints.HandOffError:
             step, meta = None, {}
         if meta.get("finished"):
             log(f"[demo] stage {stage}: already finished ({wd}, step {step})")
             continue
-        summary = train.train(config, wd, log=logging.info)
+        summary = train(config, wd, log=logging.info)
         if summary["first_loss"] is None:
             log(f"[demo] stage {stage}: already finished ({wd}, step {summary['steps']})")
             continue
@@ -201,7 +163,7 @@ def run(
     log(
         f"[demo] chat check: {check['correct']}/{check['total']} held-out ego clips answered "
         f"exactly to {check['question']!r} (right {parts}); details: python -m "
-        f"exo2ego_jax.tools.chat_check --workdir {workdir} --data_dir {data_dir}"
+        f"exo2ego_jax.demo.chat_check --workdir {workdir} --data_dir {data_dir}"
     )
     results["seconds"] = time.time() - t0
     (workdir / "demo_summary.json").write_text(json.dumps(results, indent=2))

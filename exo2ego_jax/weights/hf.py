@@ -5,9 +5,9 @@
 or not) tensor by tensor through :mod:`safetensors_io`.
 """
 
-from exo2ego_jax.checkpoints.hf_clip import load_clip_vision, save_clip_vision
-from exo2ego_jax.checkpoints.hf_mistral import load_mistral, save_mistral
-from exo2ego_jax.checkpoints.safetensors_io import CheckpointError
+from exo2ego_jax.weights.hf_clip import load_clip_vision, save_clip_vision
+from exo2ego_jax.weights.hf_mistral import load_mistral, save_mistral
+from exo2ego_jax.weights.safetensors_io import CheckpointError
 
 __all__ = [
     "CheckpointError",

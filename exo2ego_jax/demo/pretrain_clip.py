@@ -24,7 +24,7 @@ Clips are decoded once (``frames_per_clip`` frames each); every step samples ``n
 of them in temporal order (a cheap augmentation). The last ``val_fraction`` of the corpus
 takes is held out for the reported accuracies.
 
-    python -m exo2ego_jax.tools.pretrain_clip --out demo_data/prepared/clip \
+    python -m exo2ego_jax.demo.pretrain_clip --out demo_data/prepared/clip \
         [--takes 1200] [--steps 8000] [--views ego exo]
 """
 
@@ -43,7 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from exo2ego_jax.demo.fit import fit
 from exo2ego_jax.models import clip as clip_lib
+from exo2ego_jax.weights.hf import save_clip_vision
+from input_pipeline.clip_corpus import LABELS, render_corpus
 from input_pipeline.video import CLIP_MEAN, CLIP_STD
 
 _MEAN, _STD = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
@@ -158,11 +161,6 @@ def pretrain(
     ``corpus`` (an :class:`input_pipeline.clip_corpus.Corpus`) is used instead of rendering
     one (``num_takes`` / ``views`` / ``frames_per_clip`` are then the corpus's).
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    from exo2ego_jax.checkpoints.hf import save_clip_vision  # noqa: PLC0415
-    from input_pipeline.clip_corpus import LABELS, render_corpus  # noqa: PLC0415
-
     cfg = config or clip_lib.tiny(image_size=64, patch_size=8)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
@@ -208,13 +206,7 @@ def pretrain(
         ],
         "dense": dense.init(k_head, jnp.zeros((1, 1, cfg.num_patches, cfg.hidden_size)))["params"],
     }
-    params = jax.tree.map(
-        lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
-    )
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr * 0.05)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-    opt_state = opt.init(params)
-
+    params = nn.unbox(params)
     ce = optax.softmax_cross_entropy_with_integer_labels
 
     def loss_fn(p, x, y, color, shape, where):
@@ -229,12 +221,6 @@ def pretrain(
             loss = loss + dense_weight * loss_dense
         return loss
 
-    @jax.jit
-    def step(params, opt_state, x, y, color, shape, where):
-        loss, grads = jax.value_and_grad(loss_fn)(params, x, y, color, shape, where)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
     rng = np.random.default_rng(seed)
 
     def sample_batch() -> tuple[np.ndarray, ...]:
@@ -246,14 +232,16 @@ def pretrain(
         targets = dense_targets(xy, corpus.object_labels[idx], corpus.acted[idx], grid)
         return frames[idx[:, None], picks], labels[idx], *targets
 
-    first = loss = None
-    bar = tqdm(range(steps), desc="demo CLIP pretraining", disable=not progress, dynamic_ncols=True)
-    for i in bar:
-        params, opt_state, loss = step(params, opt_state, *sample_batch())
-        if i == 0:
-            first = float(loss)
-        if i % 50 == 0 or i == steps - 1:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
+    result = fit(
+        loss_fn,
+        params,
+        sample_batch,
+        steps=steps,
+        lr=lr,
+        desc="demo CLIP pretraining",
+        progress=progress,
+    )
+    params = result.params
 
     right = _right(forward, params, frames, labels, val_idx, num_frames, sizes)
     val_views = np.asarray(corpus.views)[val_idx]
@@ -271,8 +259,8 @@ def pretrain(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {
-        "first_loss": first,
-        "last_loss": float(loss),
+        "first_loss": result.first_loss,
+        "last_loss": result.last_loss,
         "steps": steps,
         "seconds": time.time() - t0,
         "clips": len(train_idx),
@@ -298,8 +286,6 @@ def _right(forward, params, frames, labels, idx, num_frames, sizes) -> np.ndarra
 
 def _accuracy(right: np.ndarray) -> dict[str, float]:
     """Per-field accuracy (and all-fields-right) from a :func:`_right` matrix."""
-    from input_pipeline.clip_corpus import LABELS  # noqa: PLC0415
-
     if len(right) == 0:
         return {}
     out = {name: float(right[:, k].mean()) for k, name in enumerate(LABELS)}
@@ -309,7 +295,7 @@ def _accuracy(right: np.ndarray) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m exo2ego_jax.tools.pretrain_clip", description=__doc__.split("\n\n")[0]
+        prog="python -m exo2ego_jax.demo.pretrain_clip", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--out", required=True, help="output HF CLIPVisionModel directory")
     p.add_argument("--takes", type=int, default=1200, help="corpus takes to render")

@@ -7,7 +7,7 @@ captions, instructions and answers — never the held-out EgoBench items). It is
 Hugging Face Mistral directory, so the stages load it exactly the way they load the real
 model (``config.init.llm``).
 
-    python -m exo2ego_jax.tools.pretrain_lm --data_dir demo_data/prepared \
+    python -m exo2ego_jax.demo.pretrain_lm --data_dir demo_data/prepared \
         --out demo_data/prepared/llm [--steps 600]
 """
 
@@ -21,13 +21,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from exo2ego_jax import losses
+from exo2ego_jax.demo.fit import fit
 from exo2ego_jax.models import mistral as mistral_lib
+from exo2ego_jax.weights.hf import save_mistral
+from input_pipeline.datasets import open_dataset
+from input_pipeline.tokenizer import load_tokenizer
 
 #: The training datasets whose text the demo LM reads (EgoBench is held out).
 TRAIN_TEXT = (
@@ -43,8 +47,6 @@ def _s(x) -> str:
 
 def training_text(data_dir: str | Path) -> Iterator[str]:
     """Narrations, captions and instruction turns of the prepared *training* datasets."""
-    from input_pipeline.datasets import open_dataset  # noqa: PLC0415
-
     for name, keys in TRAIN_TEXT:
         source, _ = open_dataset(name, data_dir, "train")
         for i in range(len(source)):
@@ -87,11 +89,6 @@ def pretrain(
 
     Returns ``{"first_loss", "last_loss", "steps", "seconds"}``.
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    from exo2ego_jax.checkpoints.hf import save_mistral  # noqa: PLC0415
-    from input_pipeline.tokenizer import load_tokenizer  # noqa: PLC0415
-
     data_dir = Path(data_dir)
     tokenizer_dir = Path(tokenizer_dir or data_dir / "tokenizer")
     tok = load_tokenizer(tokenizer_dir)
@@ -107,34 +104,24 @@ def pretrain(
     model = mistral_lib.MistralLM(cfg)
     rng = jax.random.key(seed)
     params = jax.jit(model.init)(rng, jnp.zeros((1, seq_len), jnp.int32))["params"]
-    params = jax.tree.map(
-        lambda x: getattr(x, "value", x), params, is_leaf=lambda x: hasattr(x, "value")
-    )
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(steps // 20, 1), steps, lr * 0.05)
-    opt = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-    opt_state = opt.init(params)
+    params = nn.unbox(params)
 
-    @jax.jit
-    def step(params, opt_state, batch):
-        def loss_fn(p):
-            logits = model.apply({"params": p}, batch).logits
-            return losses.vtg_loss(logits, batch)[0]
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    def loss_fn(p, batch):
+        logits = model.apply({"params": p}, batch).logits
+        return losses.vtg_loss(logits, batch)[0]
 
     order = np.random.default_rng(seed)
-    t0, first, loss = time.time(), None, None
-    bar = tqdm(range(steps), desc="demo LM pretraining", disable=not progress, dynamic_ncols=True)
-    for i in bar:
-        batch = jnp.asarray(rows[order.integers(0, len(rows), batch_size)])
-        params, opt_state, loss = step(params, opt_state, batch)
-        if i == 0:
-            first = float(loss)
-        if i % 50 == 0 or i == steps - 1:
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-    last = float(loss)
+    t0 = time.time()
+    result = fit(
+        loss_fn,
+        params,
+        lambda: (jnp.asarray(rows[order.integers(0, len(rows), batch_size)]),),
+        steps=steps,
+        lr=lr,
+        desc="demo LM pretraining",
+        progress=progress,
+    )
+    params, first, last = result.params, result.first_loss, result.last_loss
 
     out_dir = Path(out_dir)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
@@ -159,7 +146,7 @@ def pretrain(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m exo2ego_jax.tools.pretrain_lm", description=__doc__.split("\n\n")[0]
+        prog="python -m exo2ego_jax.demo.pretrain_lm", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--data_dir", required=True, help="prepared datasets (input_pipeline.prepare)")
     p.add_argument("--out", required=True, help="output HF Mistral directory")

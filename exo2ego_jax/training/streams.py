@@ -17,14 +17,31 @@ instruct       ``ego_it``              EgoIT (stage 3)
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import ml_collections
+import numpy as np
 
-from exo2ego_jax import config_lib
+from exo2ego_jax.config_lib import ConfigError
+from exo2ego_jax.runtime import load_tokenizer_checked
 from exo2ego_jax.stages import StageConfig
-from exo2ego_jax.train import Stream
+from input_pipeline.pipeline import PipelineOptions, make_pipeline, record_dataset
+
+
+@dataclasses.dataclass
+class Stream:
+    """One named input stream of a stage (e.g. ``ego_caption``).
+
+    ``iterator`` yields host-local numpy batches (dicts of arrays with the per-host batch as
+    leading axis); if it has ``get_state`` / ``set_state`` (a Grain iterator) its position
+    is checkpointed. ``num_examples`` sizes an epoch.
+    """
+
+    iterator: Iterator[dict[str, np.ndarray]]
+    num_examples: int
 
 
 def dataset_for(stream: str, stage: StageConfig, config: ml_collections.ConfigDict) -> str:
@@ -42,32 +59,11 @@ def dataset_for(stream: str, stage: StageConfig, config: ml_collections.ConfigDi
     }[stream]
 
 
-def load_tokenizer_checked(config: ml_collections.ConfigDict):
-    """The configured tokenizer; its size must fit the model's vocabulary."""
-    from input_pipeline.tokenizer import load_tokenizer  # noqa: PLC0415
-
-    path = config.data.tokenizer
-    if not path or not Path(path).exists():
-        raise config_lib.ConfigError(
-            f"config.data.tokenizer={path!r}: not found. For the demo run "
-            "`python -m input_pipeline.prepare --world demo_data/world --out demo_data/prepared`"
-        )
-    tok = load_tokenizer(path)
-    if len(tok) > config.model.vocab_size:
-        raise config_lib.ConfigError(
-            f"tokenizer {path} has {len(tok)} tokens but config.model.vocab_size="
-            f"{config.model.vocab_size}; raise the vocabulary size"
-        )
-    return tok
-
-
 def make_streams(config: ml_collections.ConfigDict, stage: StageConfig) -> dict[str, Stream]:
     """``{stream name: Stream}`` for every sub-batch the stage reads."""
-    from input_pipeline.pipeline import PipelineOptions, make_pipeline, record_dataset  # noqa: PLC0415
-
     data_dir = config.data.prepared_dir
     if not data_dir or not Path(data_dir).is_dir():
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"config.data.prepared_dir={data_dir!r}: no such directory; prepare the datasets with "
             "`python -m input_pipeline.prepare --world WORLD --out DIR`"
         )
@@ -75,7 +71,7 @@ def make_streams(config: ml_collections.ConfigDict, stage: StageConfig) -> dict[
     # One micro-batch per step: the global batch over gradient-accumulation steps and hosts.
     micro = config.optim.batch_size // (config.optim.grad_accum or 1)
     if micro % jax.process_count():  # each host reads an equal, disjoint part of every batch
-        raise config_lib.ConfigError(
+        raise ConfigError(
             f"config.optim.batch_size={config.optim.batch_size} (micro-batch {micro}) is not "
             f"divisible by the {jax.process_count()} processes"
         )

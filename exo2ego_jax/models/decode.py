@@ -1,10 +1,19 @@
-"""Autoregressive decoding for :class:`MistralLM` with a preallocated KV cache.
+"""The one decode engine: prefill a KV cache, extend it, and generate from it.
 
-One jitted function runs the prefill (token ids or spliced input embeddings) and then a
-``lax.while_loop`` of single-token steps that stops as soon as every row has produced EOS.
-The cache ``float[L, B, P + N, K, H]`` is allocated once per call, donated into the jitted
-function and updated in place; shapes never change inside the loop, so one compilation
-serves every call with the same (batch, prompt length, max_new_tokens).
+Every caller that runs the LLM incrementally -- :func:`generate` (EgoBench's open answers
+and letter mode, ``Exo2Ego.generate``), the chat session, and EgoBench's log-likelihood
+scoring -- goes through one prefill / extend pair:
+
+* :func:`llm_prefill` / :func:`prefill`: run a right-padded prompt (token ids, input
+  embeddings, or, for :func:`prefill`, an ego clip spliced into the prompt at ``<video>``)
+  through the LLM, writing every prompt slot of a preallocated cache, and return the logits
+  of each row's last real token;
+* :func:`llm_extend`: feed ``C`` more tokens per row at given positions over a cache.
+
+The cache ``float[L, B, S, K, H]`` is allocated once per call; shapes never change while
+decoding, so one compilation serves every call with the same (batch, prompt bucket, cache
+length). Prompt lengths are padded to a multiple of :data:`PROMPT_BUCKET` by callers
+(:func:`bucket`) so that a new question rarely recompiles.
 
 Right-padded prompts of different lengths decode together: row ``b`` with ``n_b`` real
 tokens writes its ``t``-th new token at slot / position ``n_b + t`` and attends to slots
@@ -14,6 +23,8 @@ tokens writes its ``t``-th new token at slot / position ``n_b + t`` and attends 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -21,6 +32,14 @@ import jax
 import jax.numpy as jnp
 
 from exo2ego_jax.models.mistral import KVCache, MistralLM, init_cache, unstack_layers
+
+#: Prompt lengths are padded to a multiple of this (fewer recompilations).
+PROMPT_BUCKET = 64
+
+
+def bucket(n: int, multiple: int = PROMPT_BUCKET) -> int:
+    """``n`` rounded up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
 
 
 @flax.struct.dataclass
@@ -70,6 +89,131 @@ def sample_token(
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+# ----------------------------------------------------------------------------- prefill / extend
+
+
+def llm_prefill(
+    module: MistralLM,
+    params: Any,
+    attention_mask: jax.Array,
+    cache: KVCache,
+    *,
+    input_ids: jax.Array | None = None,
+    inputs_embeds: jax.Array | None = None,
+) -> tuple[jax.Array, KVCache, jax.Array]:
+    """Runs right-padded prompts through the LLM, filling ``cache``.
+
+    Args:
+      module, params: a :class:`MistralLM` and its (inner) parameters.
+      attention_mask: ``int|bool[B, P]``, 1 on real tokens.
+      cache: a :class:`KVCache` with room for ``P`` + the tokens to come.
+      input_ids: ``int[B, P]``, or inputs_embeds: ``float[B, P, D]`` (exactly one).
+    Returns:
+      ``(logits float[B, V] of each row's last real token, cache, lengths int32[B])``.
+    """
+    b, p = attention_mask.shape
+    lengths = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
+    # Every prompt slot is written (pads too: they sit above the row's causal horizon until
+    # overwritten); logits only at each row's last real token.
+    out = module.apply(
+        {"params": params},
+        input_ids,
+        inputs_embeds=inputs_embeds,
+        positions=jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)),
+        cache=cache,
+        logits_index=jnp.maximum(lengths - 1, 0)[:, None],
+    )
+    return out.logits[:, 0], out.cache, lengths
+
+
+def llm_extend(
+    module: MistralLM, params: Any, tokens: jax.Array, positions: jax.Array, cache: KVCache
+) -> tuple[jax.Array, KVCache]:
+    """Feeds ``tokens int[B, C]`` at ``positions int[B, C]`` (also their cache slots).
+
+    Returns ``(logits float[B, C, V], cache)``: the logits after each fed token.
+    """
+    out = module.apply({"params": params}, tokens, positions=positions, cache=cache)
+    return out.logits, out.cache
+
+
+def prefill(
+    model: Any,
+    params: Any,
+    frames: jax.Array,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    cache_len: int,
+) -> tuple[jax.Array, KVCache, jax.Array]:
+    """Prefill for an :class:`~exo2ego_jax.models.exo2ego.Exo2Ego`: the ego clip's visual
+    tokens spliced in at each prompt's ``<video>`` sentinel, then :func:`llm_prefill` over a
+    new cache of ``cache_len`` slots.
+
+    Args:
+      frames: ``float[B, T, H, W, 3]`` CLIP-normalised ego clips.
+      input_ids, attention_mask: ``int[B, P]`` right-padded prompts with one sentinel each.
+    Returns:
+      ``(logits float[B, V], cache, lengths int32[B])``, lengths counting spliced tokens.
+    """
+    embeds, mask = embed_prompt(model, params, frames, input_ids, attention_mask)
+    cache = init_cache(model.config.llm, mask.shape[0], cache_len)
+    return llm_prefill(model.llm, params["llm"], mask, cache, inputs_embeds=embeds)
+
+
+def embed_prompt(
+    model: Any, params: Any, frames: jax.Array, input_ids: jax.Array, attention_mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Prompt embeddings with the ego clip's visual tokens spliced in at ``<video>``.
+
+    ``frames float[B, T, H, W, 3]``, ``input_ids / attention_mask int[B, P]`` ->
+    ``(embeds float[B, P', D], mask int[B, P'])`` with ``P' = spliced_length(model, P)``.
+    """
+    visual, _, _ = model.ego_visual_tokens(params, frames)
+    embeds, mask, _ = model.embed_multimodal(params, input_ids, visual, attention_mask)
+    return embeds, mask
+
+
+def spliced_length(model: Any, prompt_len: int) -> int:
+    """Length of a ``prompt_len``-token prompt once its ``<video>`` sentinel is replaced."""
+    return prompt_len - 1 + model.config.visual_tokens_in_prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """The jitted prefill and single-token step of one Exo2Ego model (:func:`decoder`).
+
+    ``prefill(params, frames, ids, mask, *, cache_len) -> (logits float32[B, V], cache,
+    lengths int32[B])`` and ``step(params, tokens int[B], positions int[B], cache) ->
+    (logits float32[B, V], cache)`` (the cache is donated and updated in place).
+    """
+
+    prefill: Callable
+    step: Callable
+
+
+@functools.lru_cache(maxsize=4)
+def decoder(model: Any) -> Decoder:
+    """The :class:`Decoder` of ``model`` (compiled once per model object and shape)."""
+
+    @functools.partial(jax.jit, static_argnames=("cache_len",))
+    def prefill_fn(params, frames, ids, mask, *, cache_len):
+        logits, cache, lengths = prefill(model, params, frames, ids, mask, cache_len=cache_len)
+        return logits.astype(jnp.float32), cache, lengths
+
+    @functools.partial(jax.jit, donate_argnames=("cache",))
+    def step_fn(params, tokens, positions, cache):
+        logits, cache = llm_extend(
+            model.llm, params["llm"], tokens[:, None], positions[:, None], cache
+        )
+        return logits[:, 0].astype(jnp.float32), cache
+
+    return Decoder(prefill_fn, step_fn)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
 def _generate_impl(
     module: MistralLM,
     params: Any,
@@ -90,10 +234,6 @@ def _generate_impl(
     if unstack and module.config.scan_layers:
         params = unstack_layers(params, module.config.num_layers)
         module = MistralLM(dataclasses.replace(module.config, scan_layers=False))
-    variables = {"params": params}
-    b, p = attention_mask.shape
-    n_prompt = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)  # [B]
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
 
     def pick(logits, t):
         key = None if greedy else jax.random.fold_in(rng, t)
@@ -104,17 +244,11 @@ def _generate_impl(
             return jnp.zeros(tok.shape, bool)
         return tok == eos_token_id
 
-    # Prefill: write every prompt slot (pads too: they sit above the row's causal horizon
-    # until overwritten) and take logits at each row's last real token only.
-    out = module.apply(
-        variables,
-        input_ids,
-        inputs_embeds=inputs_embeds,
-        positions=positions,
-        cache=cache,
-        logits_index=jnp.maximum(n_prompt - 1, 0)[:, None],
+    b = attention_mask.shape[0]
+    logits, cache, n_prompt = llm_prefill(
+        module, params, attention_mask, cache, input_ids=input_ids, inputs_embeds=inputs_embeds
     )
-    tok = pick(out.logits[:, 0], 0)
+    tok = pick(logits, 0)
     tokens = jnp.full((b, max_new_tokens), pad_token_id, jnp.int32).at[:, 0].set(tok)
     done = is_eos(tok)
     lengths = jnp.ones((b,), jnp.int32)
@@ -126,13 +260,13 @@ def _generate_impl(
     def body(state):
         t, tokens, last, done, lengths, cache = state
         pos = (n_prompt + t - 1)[:, None]  # slot of the token being fed
-        out = module.apply(variables, last[:, None], positions=pos, cache=cache)
-        tok = jnp.where(done, pad_token_id, pick(out.logits[:, 0], t))
+        logits, cache = llm_extend(module, params, last[:, None], pos, cache)
+        tok = jnp.where(done, pad_token_id, pick(logits[:, 0], t))
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, t))
         lengths = jnp.where(done, lengths, t + 1)
-        return t + 1, tokens, tok, done | is_eos(tok), lengths, out.cache
+        return t + 1, tokens, tok, done | is_eos(tok), lengths, cache
 
-    state = (jnp.int32(1), tokens, tok, done, lengths, out.cache)
+    state = (jnp.int32(1), tokens, tok, done, lengths, cache)
     _, tokens, _, _, lengths, cache = jax.lax.while_loop(cond, body, state)
     return tokens, lengths, cache
 

@@ -13,7 +13,7 @@ clips stage 3 *trained* on (the world's "What is C doing?" instructions, spread 
 the file): how well the model fits its own training answers, a training-side signal that
 does not look at the held-out clips.
 
-    python -m exo2ego_jax.tools.chat_check --workdir workdirs/demo --data_dir demo_data \
+    python -m exo2ego_jax.demo.chat_check --workdir workdirs/demo --data_dir demo_data \
         [--num_clips 20] [--clips heldout|train] [--blank] [--out results.json]
 """
 
@@ -25,6 +25,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+
+from configs import demo as demo_configs
+from exo2ego_jax.chat import ChatSession
+from exo2ego_jax.eval.scoring import clip_frames_fn
+from exo2ego_jax.eval.tasks import Clip
 
 QUESTION = "What is C doing in this video?"
 
@@ -97,18 +102,11 @@ def check(
     "total", "rows", "parts", ...}``."""
     if clips not in CLIP_SETS:
         raise ValueError(f"clips={clips!r}: choose one of {tuple(CLIP_SETS)}")
-    from exo2ego_jax import demo  # noqa: PLC0415
-    from exo2ego_jax.chat import ChatSession  # noqa: PLC0415
-    from exo2ego_jax.config_lib import build_model_config  # noqa: PLC0415
-    from exo2ego_jax.eval.scoring import clip_frames_fn  # noqa: PLC0415
-    from exo2ego_jax.eval.tasks import Clip  # noqa: PLC0415
-
     world = data_dir / "world"
     manifest = json.loads((world / "world.json").read_text())["vocab"]
     vocab = {"colour": manifest["colors"], "object": manifest["shapes"]}
-    config = demo.eval_config(workdir, data_dir)
-    session = ChatSession(config, log=lambda *a: None)
-    frames_of = clip_frames_fn(build_model_config(config.model))
+    session = ChatSession(demo_configs.eval_config(workdir, data_dir), log=lambda *a: None)
+    frames_of = clip_frames_fn(session.trained.model.config)
     rows = []
     for video, start, end, truth in CLIP_SETS[clips](world, num_clips):
         frames = frames_of(Clip(video, start, end))
@@ -154,7 +152,7 @@ CLIP_SETS = {"heldout": heldout_clips, "train": training_clips}
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m exo2ego_jax.tools.chat_check", description=__doc__.split("\n\n")[0]
+        prog="python -m exo2ego_jax.demo.chat_check", description=__doc__.split("\n\n")[0]
     )
     p.add_argument("--workdir", default="workdirs/demo", help="demo workdir with stage0..3")
     p.add_argument("--data_dir", default="demo_data", help="demo data dir (world + prepared)")

@@ -2,7 +2,7 @@ r"""The Exo2Ego study at demo scale: baseline, full model, Table 3 ablations, st
 
 ::
 
-    python -m exo2ego_jax.tools.study --config=configs/study.py [--quick] \
+    python -m exo2ego_jax.demo.study --config=configs/study.py [--quick] \
         [--config.seeds=0,1,2] [--config.arms=full,no_kl] [--plan]
 
 For every seed of ``config.seeds`` and every arm of ``config.arms`` (``configs/study.py``:
@@ -36,10 +36,8 @@ without running anything.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -49,43 +47,41 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
 
-from exo2ego_jax.eval import report
+from configs import demo as demo_configs
+from configs import study as study_configs
+from exo2ego_jax import config_lib
+from exo2ego_jax.demo import runner
+from exo2ego_jax.demo.study_report import (
+    AVERAGE,
+    PAPER_AVERAGE,
+    PAPER_CURVE_EGOSCHEMA,
+    aggregate,
+    chance_scores,
+    format_score,
+    paper_task_scores,
+    results_csv,
+    results_tables,
+    task_scores,
+    write_plots,
+)
+from exo2ego_jax.eval.evaluate import evaluate
+from exo2ego_jax.training import checkpoints
+from exo2ego_jax.training.loop import TrainingDivergedError, train
+from exo2ego_jax.training.streams import dataset_for
+from input_pipeline.pipeline import PipelineOptions, record_dataset
+from input_pipeline.synthetic_world import generate_world, split_sizes
 
 Log = Callable[[str], None]
 
 # method.md §6, Table 3: the paper's 8-task average of each arm (no ego-only baseline there).
-PAPER_AVERAGE = {
-    "full": 55.6,
-    "no_lora": 53.2,
-    "forward_cycle": 54.9,
-    "no_g_ccl": 54.4,
-    "no_kl": 51.4,
-    "fc_mapping": 54.7,
-}
-# method.md §6: EgoSchema accuracy after initialization, stage 2 and stage 3.
-PAPER_CURVE_EGOSCHEMA = {0: 49.2, 2: 56.7, 3: 61.3}
-TASK_LABELS = tuple(report.PRIMARY)  # the eight tasks, in the paper's order
-AVERAGE = "Average"
-COLUMNS = (*TASK_LABELS, AVERAGE)
-ARM_TITLES = {
-    "baseline": "ego-only baseline (stages 0, 3)",
-    "full": "Exo2Ego (stages 0-3)",
-    "no_kl": "w/o KL",
-    "no_g_ccl": "w/o G and CCL",
-    "forward_cycle": "forward cycle only",
-    "fc_mapping": "FC layers for F / G",
-    "no_lora": "w/o LoRA",
-}
-
-
-def _recoverable() -> tuple[type[BaseException], ...]:
-    """Errors that stop one job (recorded; the jobs depending on it are skipped)."""
-    from exo2ego_jax import checkpointing, config_lib, train  # noqa: PLC0415
-
-    return (config_lib.ConfigError, checkpointing.HandOffError, train.TrainingDivergedError)
+#: Errors that stop one job (recorded; the jobs depending on it are skipped).
+RECOVERABLE = (config_lib.ConfigError, checkpoints.HandOffError, TrainingDivergedError)
 
 
 # ----------------------------------------------------------------------------- plan
@@ -158,14 +154,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
-def _set(config: ml_collections.ConfigDict, path: str, value: Any) -> None:
-    node = config
-    *parents, leaf = path.split(".")
-    for p in parents:
-        node = node[p]
-    node[leaf] = value
-
-
 def data_dir_of(config: ml_collections.ConfigDict) -> Path:
     return Path(config.data_dir) if config.data_dir else Path(config.root) / "data"
 
@@ -184,11 +172,8 @@ def stage_overrides(config: ml_collections.ConfigDict, arm: str, stage: int, see
 
 
 def planned_steps(c: ml_collections.ConfigDict) -> int | None:
-    """The optimizer updates ``train.train`` runs for stage config ``c`` (its formula: epochs
-    of the largest input stream), or None while the datasets are not prepared."""
-    from exo2ego_jax import config_lib, data  # noqa: PLC0415
-    from input_pipeline.pipeline import PipelineOptions, record_dataset  # noqa: PLC0415
-
+    """The optimizer updates ``training.loop.train`` runs for stage config ``c`` (its formula:
+    epochs of the largest input stream), or None while the datasets are not prepared."""
     o = c.optim
     if o.num_steps > 0:
         return int(o.num_steps)
@@ -197,7 +182,7 @@ def planned_steps(c: ml_collections.ConfigDict) -> int | None:
     stage = config_lib.build_stage_config(c.stage)
     opts = PipelineOptions(shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
     sizes = [
-        len(record_dataset(n, c.data.prepared_dir, opts, dataset=data.dataset_for(n, stage, c))[0])
+        len(record_dataset(n, c.data.prepared_dir, opts, dataset=dataset_for(n, stage, c))[0])
         for n in stage.batches
     ]
     return int(o.num_epochs * max(1, math.ceil(max(sizes) / o.batch_size)))
@@ -205,8 +190,6 @@ def planned_steps(c: ml_collections.ConfigDict) -> int | None:
 
 def make_plan(config: ml_collections.ConfigDict) -> Plan:
     """Resolves every stage run and evaluation of the study (nothing is run or read)."""
-    from exo2ego_jax import demo  # noqa: PLC0415
-
     root, data_dir = Path(config.root), data_dir_of(config)
     unknown = [a for a in (*config.arms, config.curve.arm) if a not in config.arm_defs]
     if unknown:
@@ -219,11 +202,10 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
 
     def add_eval(seed, label, chain, model_overrides) -> str:
         seed_dir = root / f"seed{seed}"
-        c = demo.eval_config(seed_dir, data_dir)
+        c = demo_configs.eval_config(seed_dir, data_dir)
         c.seed = seed
         c.init.stages = tuple(str(stage_jobs[j].workdir) for j in chain)
-        for path, value in model_overrides.items():
-            _set(c, path, value)
+        c.update_from_flattened_dict(model_overrides)
         e = config.eval
         c.eval.max_items, c.eval.retrieval_max_clips = e.max_items, e.retrieval_max_clips
         if e.tasks:
@@ -254,10 +236,10 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
                     # Same number of updates as the reference arm's stage (not the same
                     # epochs: the ego-only stage 0 reads only the scarce ego corpus).
                     ref = stage_overrides(config, spec.steps_like, k, seed)
-                    steps = planned_steps(demo.stage_config(k, seed_dir, data_dir, **ref))
+                    steps = planned_steps(demo_configs.stage_config(k, seed_dir, data_dir, **ref))
                     if steps is not None:
                         overrides["optim.num_steps"] = steps
-                c = demo.stage_config(k, seed_dir, data_dir, **overrides)
+                c = demo_configs.stage_config(k, seed_dir, data_dir, **overrides)
                 c.init.stages = tuple(str(stage_jobs[j].workdir) for j in chain)
                 ident = c.to_dict()
                 ident.pop("workdir")
@@ -311,8 +293,6 @@ def plan_json(plan: Plan) -> dict:
 
 def expected_world_sizes(w: ml_collections.ConfigDict) -> dict[str, int]:
     """The per-split take counts ``generate_world`` makes from ``config.world``."""
-    from input_pipeline.synthetic_world import split_sizes  # noqa: PLC0415
-
     sizes = split_sizes(w.num_takes)
     for split, field in (
         ("pairs", "pair_takes"),
@@ -327,9 +307,6 @@ def expected_world_sizes(w: ml_collections.ConfigDict) -> dict[str, int]:
 
 def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path:
     """World (``config.world``'s regime), datasets, tokenizer and demo LM, each if missing."""
-    from exo2ego_jax import config_lib, demo  # noqa: PLC0415
-    from input_pipeline.synthetic_world import generate_world  # noqa: PLC0415
-
     data_dir, w = data_dir_of(config), config.world
     world = data_dir / "world"
     if not (world / "world.json").exists():
@@ -362,7 +339,7 @@ def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path
             "config.data_dir (or config.root) elsewhere or delete that world"
         )
     # Datasets, tokenizer, demo LM and CLIP (shorter pretraining in the quick preset).
-    demo.prepare_data(
+    runner.prepare_data(
         data_dir,
         seed=w.seed,
         log=log,
@@ -372,221 +349,6 @@ def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path
         progress=False,
     )
     return data_dir
-
-
-# ----------------------------------------------------------------------------- scores
-
-
-def task_scores(metrics: Mapping[str, Mapping[str, float]]) -> dict[str, float | None]:
-    """Each task's headline score (``report.PRIMARY``: the eval report's average inputs) and
-    their mean (None when a task is missing)."""
-    out: dict[str, float | None] = {}
-    for label, (task, keys) in report.PRIMARY.items():
-        got = metrics.get(task, {})
-        out[label] = float(np.mean([got[k] for k in keys])) if all(k in got for k in keys) else None
-    present = [v for v in out.values() if v is not None]
-    out[AVERAGE] = float(np.mean(present)) if len(present) == len(TASK_LABELS) else None
-    return out
-
-
-def mean_std(values: Sequence[float], ddof: int = 1) -> dict[str, Any]:
-    """``{"mean", "std", "n", "values"}``; std is None when fewer than ``ddof + 1`` values."""
-    vals = [float(v) for v in values if v is not None]
-    if not vals:
-        return {"mean": None, "std": None, "n": 0, "values": []}
-    std = float(np.std(vals, ddof=ddof)) if len(vals) > ddof else None
-    return {"mean": float(np.mean(vals)), "std": std, "n": len(vals), "values": vals}
-
-
-def aggregate(
-    per_seed: Mapping[str, Mapping[int, Mapping[str, float | None]]], ddof: int = 1
-) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{row: {seed: {column: score}}}`` -> ``{row: {column: mean_std(...)}}``."""
-    return {
-        row: {col: mean_std([s.get(col) for s in seeds.values()], ddof) for col in COLUMNS}
-        for row, seeds in per_seed.items()
-    }
-
-
-def format_cell(cell: Mapping[str, Any]) -> str:
-    """``"27.9 ± 1.2"``; a single seed shows its mean only; nothing shows "—"."""
-    if cell.get("mean") is None:
-        return "—"
-    if cell.get("std") is None:
-        return f"{cell['mean']:.1f}"
-    return f"{cell['mean']:.1f} ± {cell['std']:.1f}"
-
-
-def paper_task_scores() -> dict[str, float | None]:
-    """The paper's full Exo2Ego per task, combined as :func:`task_scores` combines ours."""
-    paper = {}
-    for task, key, *_, value in report.LAYOUT:
-        if isinstance(value, int | float):
-            paper.setdefault(task, {})[key] = float(value)
-    out = task_scores(paper)
-    out[AVERAGE] = report.PAPER_AVERAGE  # the paper's own average
-    return out
-
-
-def chance_scores(config: ml_collections.ConfigDict) -> dict[str, float | None]:
-    """Random guessing on the evaluated items (what the numbers must beat)."""
-    from exo2ego_jax import evaluate  # noqa: PLC0415
-
-    chance = {
-        t: report.chance_metrics(t, evaluate.load_benchmark(config, t)) for t in config.eval.tasks
-    }
-    return task_scores(chance)
-
-
-# ----------------------------------------------------------------------------- tables
-
-
-def results_tables(
-    config: ml_collections.ConfigDict,
-    arms: Mapping[str, Mapping[str, dict]],
-    curve: Mapping[int, Mapping[str, dict]],
-    chance: Mapping[str, float | None] | None,
-    seeds: Sequence[int],
-) -> str:
-    """The Markdown of ``results.md``."""
-    head = "| Arm | " + " | ".join(COLUMNS) + " | Paper avg |"
-    rule = "|---|" + "---:|" * (len(COLUMNS) + 1)
-    lines = [
-        f"# Exo2Ego study: synthetic EgoBench, mean ± std over seeds {list(seeds)}",
-        "",
-        "Per-task headline score (the eval report's average inputs) and their average, in "
-        "percent. Paper avg: method.md §6, Table 3 (real EgoBench, 7B model).",
-        "",
-        head,
-        rule,
-    ]
-    for arm, cells in arms.items():
-        paper = PAPER_AVERAGE.get(arm)
-        title = f"{arm}: {ARM_TITLES.get(arm, arm)}"
-        row = [title, *(format_cell(cells[c]) for c in COLUMNS), _num(paper)]
-        lines.append("| " + " | ".join(row) + " |")
-    paper_row = paper_task_scores()
-    lines.append(
-        "| paper: Exo2Ego | " + " | ".join(_num(paper_row[c]) for c in COLUMNS) + " | 55.6 |"
-    )
-    if chance:
-        lines.append("| chance | " + " | ".join(_num(chance.get(c)) for c in COLUMNS) + " | — |")
-    if curve:
-        lines += [
-            "",
-            f"## Stage curve ({config.curve.arm})",
-            "",
-            "| After | EgoSchema | Average | Paper EgoSchema |",
-            "|---|---:|---:|---:|",
-        ]
-        for after, cells in curve.items():
-            name = "init (stage 0)" if after == 0 else f"stage {after}"
-            paper = _num(PAPER_CURVE_EGOSCHEMA.get(after))
-            lines.append(
-                f"| {name} | {format_cell(cells['EgoSchema'])} | "
-                f"{format_cell(cells[AVERAGE])} | {paper} |"
-            )
-    return "\n".join(lines) + "\n"
-
-
-def _num(value: float | None) -> str:
-    return "—" if value is None else f"{value:.1f}"
-
-
-def results_csv(
-    arms: Mapping[str, Mapping[str, dict]], curve: Mapping[int, Mapping[str, dict]]
-) -> str:
-    """Long format: one line per (section, row, column) with mean, std, n and the paper."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["section", "row", "column", "mean", "std", "n", "paper"])
-    paper_full = paper_task_scores()
-    for arm, cells in arms.items():
-        for col in COLUMNS:
-            paper = PAPER_AVERAGE.get(arm) if col == AVERAGE else None
-            if arm == "full":
-                paper = paper_full[col]
-            w.writerow(["arm", arm, col, *_csv_cell(cells[col]), _csv_num(paper)])
-    for after, cells in curve.items():
-        for col in COLUMNS:
-            paper = PAPER_CURVE_EGOSCHEMA.get(after) if col == "EgoSchema" else None
-            row = ["curve", f"after_stage{after}", col, *_csv_cell(cells[col]), _csv_num(paper)]
-            w.writerow(row)
-    return buf.getvalue()
-
-
-def _csv_num(v: float | None) -> str:
-    return "" if v is None else f"{v:.2f}"
-
-
-def _csv_cell(cell: Mapping[str, Any]) -> list[str]:
-    return [_csv_num(cell["mean"]), _csv_num(cell["std"]), str(cell["n"])]
-
-
-def _nan(value: float | None) -> float:
-    return np.nan if value is None else value
-
-
-def write_plots(
-    root: Path,
-    arms: Mapping[str, Mapping[str, dict]],
-    curve: Mapping[int, Mapping[str, dict]],
-    chance: Mapping[str, float | None] | None = None,
-) -> list[Path]:
-    """``ablations.png`` (average per arm vs the paper) and ``stage_curve.png``."""
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    written = []
-    if arms:
-        names = list(arms)
-        x = np.arange(len(names))
-        ours = [_nan(arms[a][AVERAGE]["mean"]) for a in names]
-        err = [arms[a][AVERAGE]["std"] or 0.0 for a in names]
-        paper = [PAPER_AVERAGE.get(a, np.nan) for a in names]
-        fig, ax = plt.subplots(figsize=(1.3 * len(names) + 2.5, 3.8))
-        ax.bar(x - 0.2, ours, 0.4, yerr=err, capsize=3, label="ours (synthetic EgoBench)")
-        ax.bar(x + 0.2, paper, 0.4, label="paper Table 3")
-        if chance and chance.get(AVERAGE) is not None:
-            ax.axhline(chance[AVERAGE], color="gray", ls=":", label="chance (ours)")
-        ax.set_xticks(x, names, rotation=20)
-        ax.set_ylabel("8-task average (%)")
-        ax.set_title("Exo2Ego ablations: mean ± std over seeds")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written.append(root / "ablations.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    if curve:
-        afters = sorted(curve)
-        x = np.arange(len(afters))  # evenly spaced points, labelled by stage
-        fig, ax = plt.subplots(figsize=(4.8, 4.2))
-        for col, style in (("EgoSchema", "o-"), (AVERAGE, "s-")):
-            ax.errorbar(
-                x,
-                [_nan(curve[a][col]["mean"]) for a in afters],
-                yerr=[curve[a][col]["std"] or 0.0 for a in afters],
-                fmt=style,
-                capsize=3,
-                label=f"ours: {col}",
-            )
-        ax.plot(
-            x,
-            [PAPER_CURVE_EGOSCHEMA.get(a, np.nan) for a in afters],
-            "^--",
-            label="paper: EgoSchema",
-        )
-        ax.set_xticks(x, ["init" if a == 0 else f"stage {a}" for a in afters])
-        ax.set_ylabel("score (%)")
-        ax.set_title("Stage curve")
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-        fig.tight_layout()
-        written.append(root / "stage_curve.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
-    return written
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -679,11 +441,9 @@ class Timings:
 
 
 def _stage_finished(workdir: Path) -> bool:
-    from exo2ego_jax import checkpointing  # noqa: PLC0415
-
     try:
-        _, meta = checkpointing.read_meta(workdir)
-    except checkpointing.HandOffError:
+        _, meta = checkpoints.read_meta(workdir)
+    except checkpoints.HandOffError:
         return False
     return bool(meta.get("finished"))
 
@@ -701,15 +461,13 @@ def job_done(plan: Plan, job_id: str) -> bool:
 
 def run_stage(job: StageJob, *, log: Log, progress: bool) -> dict | None:
     """Trains one stage run (resuming it if interrupted); None if it was already finished."""
-    from exo2ego_jax import train  # noqa: PLC0415
-
     if _stage_finished(job.workdir):
         log(f"[study] {job.id} ({', '.join(job.arms)}): already finished")
         return None
     log(f"[study] {job.id}: training stage {job.stage} for {', '.join(job.arms)}")
     job.workdir.mkdir(parents=True, exist_ok=True)
     (job.workdir / "study_config.json").write_text(job.config.to_json_best_effort(indent=2))
-    summary = train.train(job.config, job.workdir, log=logging.info, progress=progress)
+    summary = train(job.config, job.workdir, log=logging.info, progress=progress)
     if summary["first_loss"] is not None:
         log(
             f"[study] {job.id}: {summary['steps']} steps, loss {summary['first_loss']:.3f} -> "
@@ -720,18 +478,16 @@ def run_stage(job: StageJob, *, log: Log, progress: bool) -> dict | None:
 
 def run_eval(job: EvalJob, *, log: Log, progress: bool) -> dict:
     """Evaluates (or resumes) one model; returns its task scores."""
-    from exo2ego_jax import evaluate  # noqa: PLC0415
-
     done = _eval_finished(job)
     if done is not None:
         log(f"[study] {job.id} ({', '.join(job.labels)}): already finished")
         return done["scores"]
     log(f"[study] {job.id}: evaluating {', '.join(job.labels)}")
-    _, metrics = evaluate.evaluate(job.config, log=logging.info, progress=progress)
+    _, metrics = evaluate(job.config, log=logging.info, progress=progress)
     scores = task_scores(metrics)
     record = {"labels": job.labels, "scores": scores, "metrics": metrics}
     _atomic_write(job.out_dir / "study_metrics.json", json.dumps(record, indent=2))
-    log(f"[study] {job.id}: average {_num(scores[AVERAGE])}")
+    log(f"[study] {job.id}: average {format_score(scores[AVERAGE])}")
     return scores
 
 
@@ -739,8 +495,6 @@ def use_compilation_cache(config: ml_collections.ConfigDict) -> None:
     """A persistent XLA cache: arms and seeds compile the same train / scoring programs
     (only values differ), so most jobs skip compilation. An already configured cache (e.g.
     the test suite's) is left alone."""
-    import jax  # noqa: PLC0415
-
     if not config.compilation_cache or jax.config.jax_compilation_cache_dir:
         return
     path = Path(config.compilation_cache.replace("<root>", str(config.root)))
@@ -800,7 +554,7 @@ def run(config: ml_collections.ConfigDict, *, log: Log = print, progress: bool =
                     cpu_seconds = round(time.process_time() - cpu, 1)
                     timings.record(job_id, "eval", time.time() - t, cpu_seconds=cpu_seconds)
                 write_results(config, plan, done, errors, chance, plots=False)
-        except _recoverable() as e:
+        except RECOVERABLE as e:
             errors[job_id] = f"{type(e).__name__}: {e}"
             log(f"[study] {job_id} FAILED: {errors[job_id]}")
             continue
@@ -842,17 +596,12 @@ def describe_plan(config: ml_collections.ConfigDict, *, log: Log = print) -> Pla
 
 
 def main(argv: Sequence[str]) -> None:
-    from absl import app, flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
-
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     config = flags.FLAGS.config
     if flags.FLAGS.quick:
-        from configs import study as study_config  # noqa: PLC0415
-
         # The quick preset, then the command line's --config.* overrides on top of it.
-        config = study_config.get_config("quick")
+        config = study_configs.get_config("quick")
         config.update_from_flattened_dict(config_flags.get_override_values(flags.FLAGS["config"]))
     logging.getLogger().setLevel(logging.WARNING)
     if flags.FLAGS.plan:
@@ -864,9 +613,6 @@ def main(argv: Sequence[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags  # noqa: PLC0415
-    from ml_collections import config_flags  # noqa: PLC0415
-
     config_flags.DEFINE_config_file("config", "configs/study.py", "Study config file.")
     flags.DEFINE_bool("quick", False, "Run the quick preset (one seed, baseline + full, tiny).")
     flags.DEFINE_bool("plan", False, "Print the jobs and the time estimate; run nothing.")
@@ -874,7 +620,5 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
     _define_flags()
     app.run(main)

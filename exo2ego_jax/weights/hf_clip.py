@@ -37,13 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from exo2ego_jax.checkpoints.safetensors_io import (
+from exo2ego_jax.models.clip import CLIPVisionConfig, CLIPVisionTower
+from exo2ego_jax.weights.safetensors_io import (
     CheckpointError,
     TensorIndex,
     read_hf_config,
     write_safetensors,
 )
-from exo2ego_jax.models.clip import CLIPVisionConfig, CLIPVisionTower
 
 #: Prefix written by :func:`save_clip_vision` (what transformers 4 ``CLIPVisionModel`` uses).
 SAVE_PREFIX = "vision_model."
