@@ -16,7 +16,7 @@ import transformers
 from exo2ego_jax.weights.hf_clip import load_clip_vision, save_clip_vision, tensor_map
 from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
 from exo2ego_jax.models import clip
-from exo2ego_jax.sharding import DEFAULT_RULES
+from exo2ego_jax.sharding import rules_for
 
 TOL = 1e-4
 
@@ -364,7 +364,7 @@ def test_every_param_has_logical_names(scan):
     )
     # Every spec must map onto the mesh through the project's rules table.
     for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)):
-        nn.logical_to_mesh_axes(tuple(spec), DEFAULT_RULES)
+        nn.logical_to_mesh_axes(tuple(spec), rules_for("fsdp_tp"))
     if scan:
         assert specs["encoder"]["layers"]["self_attn"]["q_proj"]["kernel"] == (
             jax.sharding.PartitionSpec("layers", "embed", "heads", "head_dim")

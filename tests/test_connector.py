@@ -21,7 +21,9 @@ from exo2ego_jax.weights.mm_projector import (
 )
 from exo2ego_jax.weights.safetensors_io import CheckpointError
 from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
-from exo2ego_jax.sharding import DEFAULT_RULES, make_mesh
+from exo2ego_jax.sharding import make_mesh, rules_for
+
+TP_RULES = rules_for("fsdp_tp")
 
 TOL = 1e-4
 PAPER_PARAMS = 489_188_608  # s1 153.4M + sampler 134.2M + s2 168.0M + readout 33.6M
@@ -220,7 +222,7 @@ def test_logical_axes_and_sharded_apply():
     module = STCConnector(cfg)
     x = _input((4, 4, 36, 32), seed=5)
     boxed = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
-    vocab = {name for name, _ in DEFAULT_RULES}
+    vocab = {name for name, _ in TP_RULES}
     leaves = jax.tree.leaves(boxed, is_leaf=lambda a: isinstance(a, nn.Partitioned))
     assert leaves and all(isinstance(a, nn.Partitioned) for a in leaves)
     for a in leaves:
@@ -229,9 +231,9 @@ def test_logical_axes_and_sharded_apply():
     mesh = make_mesh((2, 2, 2))
     params = jax.jit(module.init)(jax.random.key(0), x)["params"]
     want = _run_jax(module, nn.meta.unbox(params), x)
-    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(params), mesh, DEFAULT_RULES)
+    shardings = nn.logical_to_mesh_sharding(nn.get_partition_spec(params), mesh, TP_RULES)
     sharded = jax.device_put(nn.meta.unbox(params), nn.meta.unbox(shardings))
-    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(TP_RULES):
         got = jax.jit(module.apply)({"params": sharded}, jnp.asarray(x))
     assert got.sharding.spec[0] == ("data", "fsdp")
     assert float(np.abs(np.asarray(got) - want).max()) <= TOL

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from exo2ego_jax import checkpointing
+from exo2ego_jax.training import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,6 +120,6 @@ def test_main_runs_every_stage_and_resumes_after_sigkill(prepared, tmp_path):
         assert "hand-off" in out.stderr and f"stage {stage}: 2 steps" in out.stdout
         assert (runs / f"stage{stage}" / "checkpoints" / "2").is_dir()
     # Stage 3 saved only what it trains: the ego connector and CLIP, F, and the LoRA adapters.
-    _, meta = checkpointing.read_meta(runs / "stage3")
+    _, meta = checkpoints.read_meta(runs / "stage3")
     assert {p.split("/")[0] for p in meta["param_paths"]} == {"ego_encoder", "F", "llm"}
     assert all(p.endswith(("lora_a", "lora_b")) for p in meta["param_paths"] if p[:4] == "llm/")

@@ -14,7 +14,9 @@ import torch.nn.functional as TF
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from exo2ego_jax.models.mapping import MappingConfig, MappingNetwork
-from exo2ego_jax.sharding import DEFAULT_RULES, make_mesh
+from exo2ego_jax.sharding import make_mesh, rules_for
+
+TP_RULES = rules_for("fsdp_tp")
 
 D = 12  # tiny model width
 
@@ -338,10 +340,10 @@ def test_logical_names_and_sharded_apply():
 
     mesh = make_mesh((2, 2, 2))
     specs = nn.get_partition_spec(boxed)
-    shardings = nn.logical_to_mesh_sharding(specs, mesh, DEFAULT_RULES)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, TP_RULES)
     params = jax.device_put(nn.meta.unbox(boxed), shardings)
     apply = jax.jit(lambda p, x: model.apply({"params": p}, x, grid))
-    with nn.logical_axis_rules(DEFAULT_RULES), jax.set_mesh(mesh):
+    with nn.logical_axis_rules(TP_RULES), jax.set_mesh(mesh):
         out = apply(params, tokens)
     assert out.sharding.spec[0] == ("data", "fsdp")  # the batch constraint took effect
     expected = apply(nn.meta.unbox(boxed), tokens)

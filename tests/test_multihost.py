@@ -5,7 +5,7 @@ localhost, ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID`` read by ``main.py``), each
 CPU devices, so one mesh ``data=4`` spans both and cross-process collectives go through
 XLA:CPU's gloo implementation (jax's default ``jax_cpu_collectives_implementation``). Each
 process reads its own half of every global batch (``data.make_streams`` +
-``PipelineOptions.shard``) and ``train.to_global`` assembles the global arrays. A
+``PipelineOptions.shard``) and ``sharding.shard_batch`` assembles the global arrays. A
 single-process, single-device run with the same global batch is the reference: both see the
 same examples per step (the hosts' strided slices of one shuffled stream), in another row
 order, so losses agree to float rounding.
@@ -33,8 +33,9 @@ import pytest
 from flax import traverse_util
 
 from configs import stage0
-from exo2ego_jax import checkpointing, config_lib
-from exo2ego_jax import data as data_lib
+from exo2ego_jax import config_lib
+from exo2ego_jax.training import checkpoints
+from exo2ego_jax.training.streams import make_streams
 from input_pipeline.pipeline import PipelineOptions, record_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,7 +109,7 @@ def _losses(workdir: Path) -> list[dict]:
 def _restore_params(workdir: Path) -> dict[str, np.ndarray]:
     """The stage's saved (trainable) params, restored onto one device of this process: the
     hand-off path a next stage would take, here across a change of topology."""
-    _, meta = checkpointing.read_meta(workdir)
+    _, meta = checkpoints.read_meta(workdir)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = traverse_util.unflatten_dict(
         {
@@ -117,7 +118,7 @@ def _restore_params(workdir: Path) -> dict[str, np.ndarray]:
         },
         sep="/",
     )
-    params, paths = checkpointing.restore_stage_params(workdir, 0, target)
+    params, paths = checkpoints.restore_stage_params(workdir, 0, target)
     flat = traverse_util.flatten_dict(params, sep="/")
     return {p: np.asarray(flat[p]) for p in paths}
 
@@ -192,7 +193,7 @@ def test_two_process_checkpoint_is_one_and_restores(runs):
     for stream in ("data_ego_caption",):
         names = sorted(p.name for p in (last / stream).glob("process_*.json"))
         assert names == ["process_0-of-2.json", "process_1-of-2.json"]
-    step, meta = checkpointing.read_meta(runs["multi"])
+    step, meta = checkpoints.read_meta(runs["multi"])
     assert step == STEPS and meta["stage"] == 0 and meta["finished"]
 
     got, want = _restore_params(runs["multi"]), _restore_params(runs["single"])
@@ -230,12 +231,12 @@ def test_streams_read_each_hosts_part_of_the_global_batch(prepared, monkeypatch)
     )
     monkeypatch.setattr(jax, "process_count", lambda *a, **k: 2)
     monkeypatch.setattr(jax, "process_index", lambda *a, **k: 1)
-    streams = data_lib.make_streams(config, stage)
+    streams = make_streams(config, stage)
     batch = next(streams["ego_caption"].iterator)
     assert batch["input_ids"].shape[0] == 8 // 2 // 2
     config.optim.batch_size = 6  # micro-batch 3 over 2 processes
     with pytest.raises(config_lib.ConfigError, match="not divisible by the 2 processes"):
-        data_lib.make_streams(config, stage)
+        make_streams(config, stage)
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """A stage checkpoint saved under one mesh restores exactly under another (and on one device).
 
-Saved by the trainer's own code path (``checkpointing.StageCheckpointer`` with asynchronous
+Saved by the trainer's own code path (``checkpoints.StageCheckpointer`` with asynchronous
 saving, ``param_meta``) from 8-way FSDP (mesh ``(1, 8, 1)``, preset ``fsdp``); restored
 through both ways the trainer reads checkpoints: resuming (``StageCheckpointer.restore``:
 trainable params + Adam state) and the stage hand-off (``restore_stage_params``), under 2×4
@@ -18,7 +18,8 @@ import optax
 import pytest
 from flax import traverse_util
 
-from exo2ego_jax import checkpointing, stages
+from exo2ego_jax import stages
+from exo2ego_jax.training import checkpoints
 from exo2ego_jax import sharding as sh
 from exo2ego_jax.models import exo2ego
 from exo2ego_jax.models.lora import LoRAConfig
@@ -87,11 +88,11 @@ def saved(tmp_path_factory):
     assert len({str(s.index) for s in q.addressable_shards}) == 8  # really 8 different shards
 
     workdir = tmp_path_factory.mktemp("stage3")
-    ckpt = checkpointing.StageCheckpointer(workdir, keep=2, async_save=True)  # as the trainer
+    ckpt = checkpoints.StageCheckpointer(workdir, keep=2, async_save=True)  # as the trainer
     meta = {
         "stage": 3,
-        "model": checkpointing.dump_json(dataclasses.asdict(MODEL.config)),
-        **checkpointing.param_meta(trainable),
+        "model": checkpoints.dump_json(dataclasses.asdict(MODEL.config)),
+        **checkpoints.param_meta(trainable),
         "finished": True,
     }
     assert ckpt.save(STEP, trainable, opt_state, meta, {"test": True}, force=True)
@@ -120,7 +121,7 @@ def assert_same(restored, saved_host, abstract, tag: str) -> None:
 def test_resume_reshards_params_and_optimizer_state(saved, target):
     mesh, rules = TARGETS[target]()
     t_abs, _, o_abs = abstract_state(mesh, rules)
-    ckpt = checkpointing.StageCheckpointer(saved["workdir"], async_save=False)
+    ckpt = checkpoints.StageCheckpointer(saved["workdir"], async_save=False)
     step = ckpt.latest_step()
     assert step == STEP
     trainable, opt_state, meta = ckpt.restore(step, t_abs, o_abs)
@@ -140,7 +141,7 @@ def test_hand_off_reshards_into_the_full_tree(saved, target):
     mesh, rules = TARGETS[target]()
     t_abs, f_abs, _ = abstract_state(mesh, rules)
     full = stages.merge_params(t_abs, f_abs)
-    params, paths = checkpointing.restore_stage_params(saved["workdir"], 3, full)
+    params, paths = checkpoints.restore_stage_params(saved["workdir"], 3, full)
     assert sorted(paths) == sorted(flat(t_abs))
     restored, rest = stages.split_params(params, PATTERNS)
     assert_same(restored, saved["trainable"], t_abs, f"{target} hand-off")

@@ -9,7 +9,10 @@ import pytest
 from train_helpers import streams_for
 
 from configs import stage0, stage1, stage2, stage3
-from exo2ego_jax import checkpointing, config_lib, train
+from exo2ego_jax import config_lib
+from exo2ego_jax.training import checkpoints
+from exo2ego_jax.training.loop import TrainingDivergedError, train
+from exo2ego_jax.training.optim import make_optimizer
 
 STAGE_CONFIGS = {0: stage0, 1: stage1, 2: stage2, 3: stage3}
 
@@ -33,7 +36,7 @@ def _config(stage, tmp_path, steps=4, **overrides):
 
 
 def test_resume_continues_with_identical_losses(tmp_path):
-    full = train.train(
+    full = train(
         _config(0, tmp_path, steps=6), tmp_path / "full", streams=streams_for(0), progress=False
     )
     # Interrupted run: the stream fails when step 5 asks for its batch.
@@ -49,12 +52,12 @@ def test_resume_continues_with_identical_losses(tmp_path):
     type(it).__next__ = failing_next
     try:
         with pytest.raises(KeyboardInterrupt):
-            train.train(
+            train(
                 _config(0, tmp_path, steps=6), tmp_path / "cut", streams=streams, progress=False
             )
     finally:
         type(it).__next__ = original_next
-    resumed = train.train(
+    resumed = train(
         _config(0, tmp_path, steps=6), tmp_path / "cut", streams=streams_for(0), progress=False
     )
     assert resumed["start_step"] == 4  # steps 1-4 ran; step 4 was checkpointed
@@ -62,33 +65,33 @@ def test_resume_continues_with_identical_losses(tmp_path):
 
 
 def test_wrong_or_missing_previous_stage_is_refused(tmp_path):
-    train.train(
+    train(
         _config(0, tmp_path, steps=2), tmp_path / "stage0", streams=streams_for(0), progress=False
     )
     # Stage 2 pointed at stage 0's workdir twice: stages must come in increasing order.
     c = _config(2, tmp_path)
     c.init.stages = (str(tmp_path / "stage0"), str(tmp_path / "stage0"))
     with pytest.raises(
-        checkpointing.HandOffError, match="holds a stage 0 checkpoint, listed after stage 0"
+        checkpoints.HandOffError, match="holds a stage 0 checkpoint, listed after stage 0"
     ):
-        train.train(c, tmp_path / "stage2", streams=streams_for(2), progress=False)
+        train(c, tmp_path / "stage2", streams=streams_for(2), progress=False)
     # A stage cannot start from itself (or a later stage).
     c = _config(0, tmp_path)
     c.init.stages = (str(tmp_path / "stage0"),)
-    with pytest.raises(checkpointing.HandOffError, match="listed first .* for a stage-0 run"):
-        train.train(c, tmp_path / "stage0b", streams=streams_for(0), progress=False)
+    with pytest.raises(checkpoints.HandOffError, match="listed first .* for a stage-0 run"):
+        train(c, tmp_path / "stage0b", streams=streams_for(0), progress=False)
     c = _config(1, tmp_path)
     c.init.stages = (str(tmp_path / "nowhere"),)
     with pytest.raises(config_lib.ConfigError, match=r"config.init.stages\[0\].*no such workdir"):
-        train.train(c, tmp_path / "stage1", streams=streams_for(1), progress=False)
+        train(c, tmp_path / "stage1", streams=streams_for(1), progress=False)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     c = _config(0, tmp_path, steps=6)
     streams = streams_for(0, nan_at=3)
-    with pytest.raises(train.TrainingDivergedError, match="loss is nan at step 4"):
-        train.train(c, tmp_path / "nan", streams=streams, progress=False)
-    step, _ = checkpointing.read_meta(tmp_path / "nan")
+    with pytest.raises(TrainingDivergedError, match="loss is nan at step 4"):
+        train(c, tmp_path / "nan", streams=streams, progress=False)
+    step, _ = checkpoints.read_meta(tmp_path / "nan")
     assert step == 2
 
 
@@ -107,7 +110,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_bad_fields_fail_before_compute(tmp_path, field, value, message):
     c = _config(0, tmp_path, **{field: value})
     with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.validate(c)
+        config_lib.resolve(c)
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
@@ -130,7 +133,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
 
     def run(accum, batches):
         c.optim.grad_accum = accum
-        opt = train.make_optimizer(c.optim, total_steps=10)
+        opt = make_optimizer(c.optim, total_steps=10)
         step = jax.jit(stages.make_train_step(model, st, opt))
         t, s = trainable, opt.init(trainable)
         for b in batches:
