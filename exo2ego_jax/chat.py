@@ -30,11 +30,11 @@ import ml_collections
 import numpy as np
 
 from exo2ego_jax.eval.scoring import clip_frames_fn, system_prompt
-from exo2ego_jax.eval.tasks import Clip
 from exo2ego_jax.evaluate import Log, Trained, check_model_config, load_trained
 from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.models.generate import sample_token
 from exo2ego_jax.models.mistral import init_cache
+from input_pipeline.egobench import Clip
 from input_pipeline.templates import build_prompt
 
 Stream = Callable[[str], None]

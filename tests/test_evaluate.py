@@ -12,7 +12,8 @@ import pytest
 from configs import common
 from configs import eval as eval_config
 from exo2ego_jax import chat, checkpointing, config_lib, evaluate, stages, train
-from exo2ego_jax.eval import report, tasks
+from exo2ego_jax.eval import report
+from input_pipeline import egobench as tasks
 from input_pipeline.prepare import prepare
 from input_pipeline.synthetic_world import generate_world
 

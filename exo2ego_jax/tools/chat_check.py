@@ -101,7 +101,7 @@ def check(
     from exo2ego_jax.chat import ChatSession  # noqa: PLC0415
     from exo2ego_jax.config_lib import build_model_config  # noqa: PLC0415
     from exo2ego_jax.eval.scoring import clip_frames_fn  # noqa: PLC0415
-    from exo2ego_jax.eval.tasks import Clip  # noqa: PLC0415
+    from input_pipeline.egobench import Clip  # noqa: PLC0415
 
     world = data_dir / "world"
     manifest = json.loads((world / "world.json").read_text())["vocab"]
