@@ -19,7 +19,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs import common
-from exo2ego_jax.eval.tasks import TASKS
+from input_pipeline.egobench import TASKS
 
 
 def _parse(arg: str | None) -> tuple[str, bool]:
@@ -33,7 +33,8 @@ def _parse(arg: str | None) -> tuple[str, bool]:
 
 
 def _loader_kwargs(preset: str) -> ml_collections.ConfigDict:
-    """Per-task keyword arguments of the ``tasks.py`` loaders (file names, video layout).
+    """Per-task keyword arguments of the EgoBench loaders (``input_pipeline.egobench``):
+    annotation file names and video layout.
 
     The demo world's layout is every loader's default. For the real benchmarks the
     documented official file names are filled in; video folders depend on where the user

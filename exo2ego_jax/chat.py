@@ -32,10 +32,10 @@ import numpy as np
 
 from exo2ego_jax import config_lib, runtime
 from exo2ego_jax.eval.scoring import clip_frames_fn, system_prompt
-from exo2ego_jax.eval.tasks import Clip
 from exo2ego_jax.models import decode
 from exo2ego_jax.models.exo2ego import Exo2EgoConfig
 from exo2ego_jax.runtime import Log, Trained
+from input_pipeline.egobench import Clip
 from input_pipeline.templates import build_prompt
 
 Stream = Callable[[str], None]

@@ -46,8 +46,8 @@ import grain
 import numpy as np
 
 from input_pipeline import templates
+from input_pipeline.annotations import video_path
 from input_pipeline.datasets import open_dataset
-from input_pipeline.datasets.common import video_path
 from input_pipeline.video import VideoDecodeError, load_clip, normalize_frames
 
 __all__ = [
@@ -80,7 +80,6 @@ _ALLOWED = {
     "instruct": ("ego_it",),
     "eval": ("ego_bench",),
 }
-MCQ_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 _MAX_REASONS = 32  # skip messages kept by the iterator
 
 
@@ -112,7 +111,7 @@ class PipelineOptions:
       video_root: where the relative video paths point; None = the data root the dataset
         was built from (its metadata ``source_root``).
       eval_prompt: ``"question"`` (the question alone; score options by likelihood) or
-        ``"mcq"`` (lettered options + an answer-with-a-letter instruction).
+        ``"mcq"`` (evaluation's lettered prompt, ``templates.letter_prompt``).
     """
 
     batch_size: int = 4
@@ -290,9 +289,8 @@ class _ExampleFn:
         r, c = unit["record"], unit["clip_index"]
         question = _str(r["question"])
         options = [_str(o) for o in r["options"]]
-        if self.opts.eval_prompt == "mcq" and 0 < len(options) <= 26:
-            letters = "".join(f"\n({chr(65 + i)}) {o}" for i, o in enumerate(options))
-            question = f"{question}\nOptions:{letters}\n{MCQ_INSTRUCTION}"
+        if self.opts.eval_prompt == "mcq" and 0 < len(options) <= len(templates.LETTERS):
+            question = templates.letter_prompt(question, options)
         try:
             enc = templates.build_prompt(
                 self.tokenizer,

@@ -21,7 +21,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from input_pipeline.datasets import BUILDERS, TASKS, AnnotationError, build, open_dataset
+from input_pipeline.datasets import BUILDERS, AnnotationError, build, open_dataset
+from input_pipeline.egobench import BENCHMARKS
 
 __all__ = ["corpus_text", "prepare", "main"]
 
@@ -47,8 +48,8 @@ def corpus_text(data_dir: str | os.PathLike) -> Iterator[str]:
     source, _ = open_dataset("ego_it", data_dir)
     for i in range(len(source)):
         yield from map(_s, source[i]["conversations"]["value"])
-    for task in TASKS:
-        source, _ = open_dataset("ego_bench", data_dir, task)
+    for split in BENCHMARKS:
+        source, _ = open_dataset("ego_bench", data_dir, split)
         for i in range(len(source)):
             r = source[i]
             yield _s(r["question"])

@@ -29,10 +29,16 @@ legacy Llama-style tokenizers), yet equal it where that arithmetic holds.
 
 Every sequence is ``int32[L]``; unsupervised positions (BOS, prompt, sentinel, padding) have
 label ``IGNORE_INDEX``.
+
+The evaluation prompts live here too, one text each, for the EgoBench scorers
+(``exo2ego_jax.eval.scoring``) and the ``eval`` batches of ``input_pipeline.pipeline``:
+:data:`DESCRIBE_QUESTION`, :data:`CLASS_QUESTION` and VideoLLaMA2's lettered multiple-choice
+prompt (:func:`letter_prompt`, ending with :data:`LETTER_INSTRUCTION`).
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -48,6 +54,15 @@ DEFAULT_SYSTEM_PROMPT = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 FIRST_PERSON_CUE = "You are the camera wearer."
+
+# Evaluation prompts: what a scored EgoBench item is asked.
+DESCRIBE_QUESTION = "Describe what the camera wearer is doing in this video."  # EgoMCQ, EPIC
+CLASS_QUESTION = "Which action does the camera wearer perform in this video?"  # Charades-Ego
+LETTER_INSTRUCTION = (
+    "Answer with the option's letter from the given choices directly and only give the best "
+    "option."
+)  # VideoLLaMA2's MCQA instruction
+LETTERS = string.ascii_uppercase  # option letters: (A), (B), ...
 
 Truncation = Literal["turns", "tail"]
 Span = tuple[int, int]  # [start, end) character offsets of supervised text
@@ -89,6 +104,20 @@ def build_system_prompt(
     """
     parts = (base, task_detail, first_person_cue)
     return " ".join(p.strip() for p in parts if p and p.strip())
+
+
+def letter_prompt(question: str, options: Sequence[str]) -> str:
+    """VideoLLaMA2's MCQA prompt: the question, the lettered options, :data:`LETTER_INSTRUCTION`.
+
+    ``"Question: {question}\nOptions:\n(A) {option}\n...\n{LETTER_INSTRUCTION}"``.
+    """
+    if len(options) > len(LETTERS):
+        raise ValueError(
+            f"{len(options)} options, but letters run to {LETTERS[-1]} ({len(LETTERS)} options)"
+        )
+    lines = [f"Question: {question}", "Options:"]
+    lines += [f"({LETTERS[i]}) {opt}" for i, opt in enumerate(options)]
+    return "\n".join(lines + [LETTER_INSTRUCTION])
 
 
 def template_text(system: str = DEFAULT_SYSTEM_PROMPT) -> list[str]:

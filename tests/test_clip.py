@@ -13,10 +13,10 @@ import pytest
 import torch
 import transformers
 
-from exo2ego_jax.weights.hf_clip import load_clip_vision, save_clip_vision, tensor_map
-from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
 from exo2ego_jax.models import clip
 from exo2ego_jax.sharding import rules_for
+from exo2ego_jax.weights.hf_clip import load_clip_vision, save_clip_vision, tensor_map
+from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
 
 TOL = 1e-4
 

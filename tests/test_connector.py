@@ -13,6 +13,8 @@ import safetensors.torch
 import torch
 from reference.stc_connector_torch import STCConnector as TorchSTC
 
+from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
+from exo2ego_jax.sharding import make_mesh, rules_for
 from exo2ego_jax.weights.mm_projector import (
     convert_state_dict,
     load_mm_projector,
@@ -20,8 +22,6 @@ from exo2ego_jax.weights.mm_projector import (
     save_mm_projector,
 )
 from exo2ego_jax.weights.safetensors_io import CheckpointError
-from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
-from exo2ego_jax.sharding import make_mesh, rules_for
 
 TP_RULES = rules_for("fsdp_tp")
 

@@ -24,15 +24,15 @@ import transformers
 from flax import traverse_util
 
 from exo2ego_jax import sharding as sh
-from exo2ego_jax.weights import converted, hf
-from exo2ego_jax.weights.mm_projector import load_mm_projector, mm_projector_keys
-from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
 from exo2ego_jax.models import exo2ego
 from exo2ego_jax.models.clip import CLIPVisionConfig
 from exo2ego_jax.models.connector import STCConnectorConfig
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mistral import from_hf_config
 from exo2ego_jax.tools import convert
+from exo2ego_jax.weights import converted, hf
+from exo2ego_jax.weights.mm_projector import load_mm_projector, mm_projector_keys
+from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
 
 # Sizes differ from each other everywhere, so a wrong transpose or reshape cannot pass.
 TINY_CLIP = dict(
@@ -188,11 +188,11 @@ def test_bfloat16_conversion_and_donation(sources, tmp_path):
 
 
 def test_build_params_restores_init_converted(tmp_path):
-    """The trainer's path: ``config.init.converted`` -> ``train.build_params``."""
+    """The trainer's path: ``config.init.converted`` -> ``runtime.build_params``."""
     import flax.linen as nn
 
     from configs import stage0
-    from exo2ego_jax import config_lib, train
+    from exo2ego_jax import config_lib, runtime
     from exo2ego_jax.weights.hf_clip import save_clip_vision
     from exo2ego_jax.weights.hf_mistral import save_mistral
 
@@ -210,7 +210,8 @@ def test_build_params_restores_init_converted(tmp_path):
 
     mesh, rules = sh.make_mesh((1, 8, 1)), sh.rules_for(c.mesh.rules)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        params, shardings = train.build_params(c, model, mesh, rules, pretrained={})
+        resolved = config_lib.resolve(c)
+        params, shardings = runtime.build_params(resolved, model, mesh, pretrained={})
     values["ego_encoder"]["clip"] = values["exo_encoder"]["clip"]  # one tower, both encoders
     want = flat(values)
     n = 0

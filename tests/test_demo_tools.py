@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from exo2ego_jax.weights import hf
-from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.demo import chat_check, pretrain_clip, pretrain_lm
+from exo2ego_jax.models import clip as clip_lib
+from exo2ego_jax.weights import hf
 from input_pipeline import clip_corpus, synthetic_world
 
 
@@ -240,7 +240,8 @@ def test_demo_lm_has_the_configured_shape_and_loads_into_the_stages(prepared, tm
     import jax
 
     from configs import stage0
-    from exo2ego_jax import config_lib, demo, train
+    from exo2ego_jax import config_lib, runtime
+    from exo2ego_jax.demo import runner
     from exo2ego_jax.models.exo2ego import Exo2Ego
 
     c = stage0.get_config("demo")
@@ -274,17 +275,17 @@ def test_demo_lm_has_the_configured_shape_and_loads_into_the_stages(prepared, tm
     model = Exo2Ego(cfg)
     params = _zeros(model.abstract_params())
     shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]), params)
-    placed = train.place_pretrained(params, shardings, train.read_pretrained(c.init))
+    placed = runtime.place_pretrained(params, shardings, runtime.read_pretrained(c.init))
     _, loaded = hf.load_mistral(tmp_path / "llm")
     np.testing.assert_array_equal(
         placed["llm"]["embed_tokens"]["embedding"], loaded["embed_tokens"]["embedding"]
     )
-    demo._check_demo_lm(tmp_path / "llm", cfg.llm)  # the shape it was made at: accepted
+    runner.check_demo_lm(tmp_path / "llm", cfg.llm)  # the shape it was made at: accepted
     # A checkpoint of another shape is refused by name, not silently broadcast.
     c.model.llm.num_layers = 2
     with pytest.raises(ValueError, match=r"'num_layers': 3.*'num_layers': 2.*delete"):
-        demo._check_demo_lm(tmp_path / "llm", config_lib.build_model_config(c.model).llm)
+        runner.check_demo_lm(tmp_path / "llm", config_lib.build_model_config(c.model).llm)
     small = Exo2Ego(config_lib.build_model_config(c.model))
     params = _zeros(small.abstract_params())
     with pytest.raises(ValueError, match="make config.model match the checkpoint"):
-        train.place_pretrained(params, shardings, train.read_pretrained(c.init))
+        runtime.place_pretrained(params, shardings, runtime.read_pretrained(c.init))

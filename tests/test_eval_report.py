@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from exo2ego_jax.eval import report as R
-from exo2ego_jax.eval import tasks as T
+from input_pipeline import egobench as T
 
 FIX = Path(__file__).parent / "fixtures" / "egobench"
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from exo2ego_jax.eval import scoring as S
-from exo2ego_jax.eval.tasks import Clip, EvalItem
 from exo2ego_jax.models import exo2ego, mistral
+from input_pipeline.egobench import Clip, EvalItem
 from input_pipeline.templates import (
     DEFAULT_SYSTEM_PROMPT,
     FIRST_PERSON_CUE,

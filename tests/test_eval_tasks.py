@@ -1,4 +1,4 @@
-"""EgoBench loaders: hand-written fixtures in the official formats and a tiny demo world."""
+"""The EgoBench reader: hand-written fixtures in the official formats and a tiny demo world."""
 
 import json
 import shutil
@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from exo2ego_jax.eval import tasks as T
+from input_pipeline import egobench as T
 from input_pipeline import synthetic_world as sw
+from input_pipeline.annotations import video_path
 from input_pipeline.video import load_clip
 
 FIX = Path(__file__).parent / "fixtures" / "egobench"
@@ -163,8 +164,10 @@ def test_escaping_video_path_is_refused(fix_copy):
     with pytest.raises(T.AnnotationError, match=r"egotaskqa_test\.json: id 'q0002': field 'video'"):
         T.load_egotaskqa(fix_copy, "egotaskqa/egotaskqa_test.json")
     with pytest.raises(T.AnnotationError, match="outside the data root"):
-        T.resolve_video(fix_copy, "/etc/passwd", "f.json", "record 0", "video")
-    assert T.resolve_video(fix_copy, "a/../b.mp4", "f", "r", "video") == fix_copy / "b.mp4"
+        video_path(fix_copy, "/etc/passwd", file="f.json", where="record 0", field="video")
+    assert (
+        video_path(fix_copy, "a/../b.mp4", file="f", where="r", field="video") == fix_copy / "b.mp4"
+    )
 
 
 def test_missing_and_unknown_fields_are_named(fix_copy):

@@ -11,8 +11,12 @@ import pytest
 
 from configs import common
 from configs import eval as eval_config
-from exo2ego_jax import chat, checkpointing, config_lib, evaluate, stages, train
-from exo2ego_jax.eval import report, tasks
+from exo2ego_jax import chat, config_lib, runtime, stages
+from exo2ego_jax import sharding as sharding_lib
+from exo2ego_jax.eval import evaluate, report
+from exo2ego_jax.models.exo2ego import Exo2Ego
+from exo2ego_jax.training import checkpoints
+from input_pipeline import egobench as tasks
 from input_pipeline.prepare import prepare
 from input_pipeline.synthetic_world import generate_world
 
@@ -29,8 +33,8 @@ def _save_stage(workdir, stage: int, model, params) -> None:
     trainable = jax.tree.map(
         lambda x: np.asarray(x) + 0.01 * rng.standard_normal(x.shape, np.float32), trainable
     )
-    ckpt = checkpointing.StageCheckpointer(workdir, async_save=False)
-    meta = {"stage": stage, **checkpointing.param_meta(trainable)}
+    ckpt = checkpoints.StageCheckpointer(workdir, async_save=False)
+    meta = {"stage": stage, **checkpoints.param_meta(trainable)}
     ckpt.save(1, trainable, {"count": np.zeros((), np.int32)}, meta, {}, force=True)
     ckpt.close()
 
@@ -63,10 +67,11 @@ def setup(tmp_path_factory):
     config.eval.out_dir = str(root / "eval")
     config.chat.max_new_tokens = 6
 
-    model = evaluate.Exo2Ego(config_lib.build_model_config(config.model))
-    mesh, rules = evaluate.mesh_and_rules(config)
-    with evaluate.sharding_lib.sharding_context(mesh, rules):
-        params, _ = train.init_params(model, mesh, rules, config.seed)
+    resolved = runtime.resolve_for_inference(config)
+    model = Exo2Ego(resolved.model)
+    mesh, rules = runtime.make_mesh_and_rules(resolved)
+    with sharding_lib.sharding_context(mesh, rules):
+        params, _ = runtime.init_params(model, mesh, rules, config.seed)
         for i, wd in enumerate(config.init.stages):
             _save_stage(wd, i, model, params)
     return config, world

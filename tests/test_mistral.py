@@ -12,10 +12,10 @@ import pytest
 import torch
 import transformers
 
-from exo2ego_jax.weights.hf_mistral import load_mistral, param_mappings, save_mistral
-from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
 from exo2ego_jax.models import mistral as M
 from exo2ego_jax.models.lora import LoRAConfig, lora_param_filter
+from exo2ego_jax.weights.hf_mistral import load_mistral, param_mappings, save_mistral
+from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
 
 TINY_HF = dict(
     vocab_size=128,

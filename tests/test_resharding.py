@@ -18,11 +18,11 @@ import optax
 import pytest
 from flax import traverse_util
 
-from exo2ego_jax import stages
-from exo2ego_jax.training import checkpoints
 from exo2ego_jax import sharding as sh
+from exo2ego_jax import stages
 from exo2ego_jax.models import exo2ego
 from exo2ego_jax.models.lora import LoRAConfig
+from exo2ego_jax.training import checkpoints
 
 MODEL = exo2ego.Exo2Ego(
     exo2ego.with_lora(exo2ego.tiny_config(), LoRAConfig(rank=8, alpha=16.0, dropout=0.0))

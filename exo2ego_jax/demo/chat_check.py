@@ -29,7 +29,7 @@ import numpy as np
 from configs import demo as demo_configs
 from exo2ego_jax.chat import ChatSession
 from exo2ego_jax.eval.scoring import clip_frames_fn
-from exo2ego_jax.eval.tasks import Clip
+from input_pipeline.egobench import Clip
 
 QUESTION = "What is C doing in this video?"
 

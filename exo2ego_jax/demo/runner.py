@@ -87,7 +87,7 @@ def prepare_data(
             f"[demo] demo LLM pretrained: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} "
             f"({s['seconds']:.0f}s)"
         )
-    _check_demo_lm(prepared / "llm", shapes.llm)
+    check_demo_lm(prepared / "llm", shapes.llm)
     if not (prepared / "clip" / "config.json").exists():
         tower = shapes.clip
         sizes = {"steps": clip_steps} if clip_steps > 0 else {}
@@ -103,7 +103,7 @@ def prepare_data(
         )
 
 
-def _check_demo_lm(path: Path, llm) -> None:
+def check_demo_lm(path: Path, llm) -> None:
     """An existing demo LM must have the shape ``config.model.llm`` asks for (the stages would
     refuse it later, after minutes of work)."""
     saved = from_hf_config(json.loads((path / "config.json").read_text()))

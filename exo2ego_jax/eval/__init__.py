@@ -1,6 +1,8 @@
-"""EgoBench evaluation: task loaders, metrics, model scoring and the results report.
+"""EgoBench evaluation: metrics, model scoring and the results report.
 
-* :mod:`exo2ego_jax.eval.tasks` — official annotation formats -> :class:`EvalItem` lists;
+The items come from the EgoBench reader, :mod:`input_pipeline.egobench` (official annotation
+formats -> :class:`~input_pipeline.egobench.EvalItem` lists).
+
 * :mod:`exo2ego_jax.eval.metrics` — accuracy, Charades mAP, EPIC MIR mAP / nDCG, ROUGE-L
   (pure numpy);
 * :mod:`exo2ego_jax.eval.scoring` — multiple choice by length-normalised log-likelihood

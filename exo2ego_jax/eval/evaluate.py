@@ -39,10 +39,11 @@ from tqdm.auto import tqdm
 from exo2ego_jax import config_lib, runtime
 from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax.config_lib import ResolvedConfig
-from exo2ego_jax.eval import report, scoring, tasks
-from exo2ego_jax.eval.tasks import EvalItem, RetrievalBenchmark
+from exo2ego_jax.eval import report, scoring
 from exo2ego_jax.runtime import Log, Trained
 from exo2ego_jax.training import checkpoints
+from input_pipeline import egobench
+from input_pipeline.egobench import EvalItem, RetrievalBenchmark
 
 Benchmark = list[EvalItem] | RetrievalBenchmark
 MODES = ("loglik", "letters")
@@ -58,10 +59,10 @@ def check_eval_config(config: ml_collections.ConfigDict) -> ResolvedConfig:
     """Fails fast, naming the field, on anything evaluation cannot run with; returns the
     resolved config."""
     e = config.eval
-    unknown = [t for t in e.tasks if t not in tasks.TASKS]
+    unknown = [t for t in e.tasks if t not in egobench.TASKS]
     if unknown or not e.tasks:
         raise config_lib.ConfigError(
-            f"config.eval.tasks={tuple(e.tasks)}: give some of {', '.join(tasks.TASKS)}"
+            f"config.eval.tasks={tuple(e.tasks)}: give some of {', '.join(egobench.TASKS)}"
         )
     if e.mode not in MODES:
         raise config_lib.ConfigError(f"config.eval.mode={e.mode!r}: use one of {MODES}")
@@ -138,7 +139,7 @@ def load_benchmark(config: ml_collections.ConfigDict, task: str) -> Benchmark:
     """A task's items (``max_items`` of them) or EPIC MIR's (sub)benchmark."""
     e = config.eval
     kwargs = e.loader_kwargs[task].to_dict() if task in e.loader_kwargs else {}
-    bench = tasks.load_task(task, e.data_root, **kwargs)
+    bench = egobench.load_task(task, e.data_root, **kwargs)
     if isinstance(bench, RetrievalBenchmark):
         return bench.subset(e.retrieval_max_clips or None)
     return list(bench[: e.max_items] if e.max_items else bench)

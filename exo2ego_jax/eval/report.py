@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from exo2ego_jax.eval import metrics as M
-from exo2ego_jax.eval.tasks import EvalItem, RetrievalBenchmark
+from input_pipeline.egobench import EvalItem, RetrievalBenchmark
 
 PathLike = str | os.PathLike
 Metrics = dict[str, float]

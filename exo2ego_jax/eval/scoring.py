@@ -41,26 +41,24 @@ import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from exo2ego_jax.eval.tasks import LETTERS, Clip, EvalItem
 from exo2ego_jax.models import decode
 from exo2ego_jax.models.mistral import KVCache
+from input_pipeline.egobench import Clip, EvalItem
 from input_pipeline.templates import (
+    CLASS_QUESTION,
     DEFAULT_SYSTEM_PROMPT,
     DEFAULT_VIDEO_TOKEN,
+    DESCRIBE_QUESTION,
     FIRST_PERSON_CUE,
+    LETTERS,
     build_prompt,
     build_system_prompt,
     encode_conversation,
+    letter_prompt,
 )
 from input_pipeline.video import load_clip, normalize_frames
 
 FramesFn = Callable[[Clip], np.ndarray]  # -> CLIP-normalised float32[T, H, W, 3]
-LETTER_INSTRUCTION = (
-    "Answer with the option's letter from the given choices directly and only give the best "
-    "option."
-)  # VideoLLaMA2's MCQA instruction
-CLASS_QUESTION = "Which action does the camera wearer perform in this video?"
-DESCRIBE_QUESTION = "Describe what the camera wearer is doing in this video."
 TASK_DETAILS = {
     "egoschema": "The video is a long first-person recording; questions ask about the whole "
     "activity.",
@@ -153,13 +151,6 @@ def extract_letter(text: str, num_options: int) -> int:
         if m:
             return upper.index(m.group("l").upper())
     return -1
-
-
-def letter_prompt(question: str, options: Sequence[str]) -> str:
-    """VideoLLaMA2's MCQA prompt: question, lettered options, the letter instruction."""
-    lines = [f"Question: {question}", "Options:"]
-    lines += [f"({LETTERS[i]}) {opt}" for i, opt in enumerate(options)]
-    return "\n".join(lines + [LETTER_INSTRUCTION])
 
 
 # ----------------------------------------------------------------------------- tokens

@@ -7,7 +7,7 @@ name               source files (under the data root)                     used b
 ``ego_clip``       egoclip/egoclip.csv                                    stage 0 (ego)
 ``exo_clip_text``  exo_web/exo_captions.json                              stage 0/1 (exo)
 ``ego_it``         egoit/egoit_instructions.json                          stage 3
-``ego_bench``      egobench/** (eight task families, one split each)      evaluation
+``ego_bench``      egobench/** (eight benchmarks, one split each)         evaluation
 =================  =====================================================  ==================
 
 Build: :func:`build` (or ``python -m input_pipeline.prepare``). Read:
@@ -22,8 +22,9 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from input_pipeline.datasets.common import AnnotationError, build_dataset, resolve_in_root
-from input_pipeline.datasets.ego_bench import TASKS, EgoBench
+from input_pipeline.annotations import AnnotationError, resolve_in_root
+from input_pipeline.datasets.common import build_dataset
+from input_pipeline.datasets.ego_bench import EgoBench
 from input_pipeline.datasets.ego_clip import EgoClip
 from input_pipeline.datasets.ego_exo_clip import EgoExoClip, window_config
 from input_pipeline.datasets.ego_it import EgoIt
@@ -31,7 +32,6 @@ from input_pipeline.datasets.exo_clip_text import ExoClipText
 
 __all__ = [
     "BUILDERS",
-    "TASKS",
     "AnnotationError",
     "build",
     "open_dataset",

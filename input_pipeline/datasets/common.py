@@ -1,5 +1,6 @@
-"""Shared pieces of the dataset builders: annotation errors, safe paths, field access, the
-TFDS base builder and atomic builds.
+"""Shared pieces of the dataset builders: field access, file reading, the TFDS base builder
+and atomic builds. The error type and the path rule every builder uses are
+:mod:`input_pipeline.annotations`.
 
 Every builder reads annotation files of a *data root* (the demo world, or a real download
 laid out the same way) and writes an ArrayRecord TFDS dataset that stores **relative video
@@ -16,7 +17,6 @@ import json
 import logging
 import math
 import os
-import posixpath
 import secrets
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
@@ -26,15 +26,15 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from input_pipeline.annotations import AnnotationError
+
 __all__ = [
-    "AnnotationError",
     "WorldBuilder",
     "build_dataset",
     "field",
     "opt_time",
     "read_csv",
     "read_json",
-    "resolve_in_root",
     "time_feature",
     "times_feature",
 ]
@@ -42,11 +42,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 VERSION = "1.0.0"
-
-
-class AnnotationError(ValueError):
-    """An annotation file is malformed: a field is missing or has the wrong type, or a path
-    escapes the data root. The message names the file, the record and the field."""
 
 
 # ----------------------------------------------------------------------------- fields
@@ -115,44 +110,6 @@ def opt_time(record: Any, name: str, *, file: str, where: str) -> float:
     """An optional time in seconds; NaN when absent (= the start / end of the video)."""
     value = number(record, name, file=file, where=where, default=None)
     return math.nan if value is None else value
-
-
-# ----------------------------------------------------------------------------- paths
-
-
-def resolve_in_root(root: str | os.PathLike, rel: Any, *, file: str, field_name: str) -> str:
-    """Check that the annotation path ``rel`` stays inside the data root; return it normalised.
-
-    Paths are checked lexically: absolute paths and ``..`` components that leave the root
-    are rejected with an :class:`AnnotationError` naming the file and field. Symlinks inside
-    the root are followed when reading (a root may link to a video disk on purpose).
-
-    Returns:
-      The normalised POSIX path relative to ``root`` (e.g. ``"takes/t0/cam01.mp4"``).
-    """
-    if not isinstance(rel, str) or not rel.strip():
-        raise AnnotationError(
-            f"{file}: field {field_name!r} must be a non-empty relative path, got {rel!r}"
-        )
-    posix = rel.replace("\\", "/")
-    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":") or "\x00" in posix:
-        raise AnnotationError(
-            f"{file}: field {field_name!r} is the absolute path {rel!r}; annotation paths "
-            f"must be relative to the data root {os.fspath(root)!r}"
-        )
-    norm = posixpath.normpath(posix)
-    if norm == ".." or norm.startswith("../") or norm == ".":
-        raise AnnotationError(
-            f"{file}: field {field_name!r} = {rel!r} escapes the data root "
-            f"{os.fspath(root)!r}; annotation paths must stay inside it"
-        )
-    return norm
-
-
-def video_path(root: str | os.PathLike, rel: str) -> str:
-    """Absolute path of a stored relative video path (re-checked: datasets may be edited)."""
-    norm = resolve_in_root(root, rel, file="<prepared dataset>", field_name="video")
-    return os.path.join(os.fspath(root), norm)
 
 
 # ----------------------------------------------------------------------------- files

@@ -15,15 +15,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from input_pipeline.datasets.common import (
-    AnnotationError,
-    WorldBuilder,
-    field,
-    number,
-    read_csv,
-    resolve_in_root,
-    time_feature,
-)
+from input_pipeline.annotations import AnnotationError, resolve_in_root
+from input_pipeline.datasets.common import WorldBuilder, field, number, read_csv, time_feature
 
 __all__ = ["EgoClip", "clean_narration"]
 
@@ -84,7 +77,7 @@ class EgoClip(WorldBuilder):
             w = f"row {i + 2}"  # 1-based, after the header
             uid = field(row, "video_uid", file=CSV_FILE, where=w, types=str)
             video = resolve_in_root(
-                root, VIDEO_RULE.format(video_uid=uid), file=CSV_FILE, field_name="video_uid"
+                root, VIDEO_RULE.format(video_uid=uid), file=CSV_FILE, where=w, field="video_uid"
             )
             raw = field(row, "clip_text", file=CSV_FILE, where=w, types=str)
             text = clean_narration(raw)

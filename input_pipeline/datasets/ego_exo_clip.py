@@ -19,15 +19,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
-from input_pipeline.datasets.common import (
-    AnnotationError,
-    WorldBuilder,
-    field,
-    number,
-    read_json,
-    resolve_in_root,
-    time_feature,
-)
+from input_pipeline.annotations import AnnotationError, resolve_in_root
+from input_pipeline.datasets.common import WorldBuilder, field, number, read_json, time_feature
 
 __all__ = ["EgoExoClip", "EgoExoClipConfig", "window_config"]
 
@@ -175,13 +168,20 @@ def _read_takes(root: Path) -> dict[str, dict]:
                         "for its ego camera"
                     )
                 continue  # an exo camera without a frame-aligned video is not usable
-            wv = f"{w}.frame_aligned_videos[{cam_id!r}][{stream!r}]"
-            rel = field(fav[cam_id][stream], "relative_path", file=TAKES_FILE, where=wv, types=str)
+            video = f"frame_aligned_videos[{cam_id!r}][{stream!r}]"
+            rel = field(
+                fav[cam_id][stream],
+                "relative_path",
+                file=TAKES_FILE,
+                where=f"{w}.{video}",
+                types=str,
+            )
             path = resolve_in_root(
                 root,
                 f"{root_dir}/{rel}",
                 file=TAKES_FILE,
-                field_name=f"{w}.root_dir + {wv}.relative_path",
+                where=w,
+                field=f"root_dir + {video}.relative_path",
             )
             if is_ego:
                 ego = path

@@ -9,13 +9,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from input_pipeline.datasets.common import (
-    AnnotationError,
-    field,
-    opt_time,
-    read_json,
-    resolve_in_root,
-)
+from input_pipeline.annotations import AnnotationError, resolve_in_root
+from input_pipeline.datasets.common import field, opt_time, read_json
 
 __all__ = ["read_conversation_file"]
 
@@ -37,7 +32,7 @@ def read_conversation_file(root: Path, rel: str) -> list[dict]:
             raise AnnotationError(f"{rel}: {w} repeats an id; ids must be unique")
         seen.add(sid)
         video = resolve_in_root(
-            root, field(rec, "video", file=rel, where=w), file=rel, field_name=f"{w}.video"
+            root, field(rec, "video", file=rel, where=w), file=rel, where=w, field="video"
         )
         start = opt_time(rec, "start", file=rel, where=w)
         end = opt_time(rec, "end", file=rel, where=w)
