@@ -67,9 +67,8 @@ def setup(tmp_path_factory):
     config.eval.out_dir = str(root / "eval")
     config.chat.max_new_tokens = 6
 
-    resolved = runtime.resolve_for_inference(config)
-    model = Exo2Ego(resolved.model)
-    mesh, rules = runtime.make_mesh_and_rules(resolved)
+    model = Exo2Ego(config_lib.build_model_config(config.model))
+    mesh, rules = sharding_lib.make_mesh(config.mesh.shape), sharding_lib.rules_for(config.mesh.rules)
     with sharding_lib.sharding_context(mesh, rules):
         params, _ = runtime.init_params(model, mesh, rules, config.seed)
         for i, wd in enumerate(config.init.stages):

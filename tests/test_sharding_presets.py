@@ -38,7 +38,7 @@ from exo2ego_jax.models.connector import STCConnectorConfig
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapping import MappingConfig
 
-PRESETS = tuple(sh.RULE_PRESETS)
+PRESETS = tuple(sh.PRESET_OVERRIDES)
 LORA = LoRAConfig(rank=4, alpha=8, dropout=0.0)
 SENTINEL = -201
 BATCH = 8  # divisible by every preset's batch shards on a 2×2×2 mesh (4 or 8)
@@ -81,8 +81,14 @@ def test_unknown_preset_is_named():
         sh.rules_for("zero3")
     with pytest.raises(ValueError, match="unknown sharding preset"):
         sh.batch_sharding(sh.make_mesh((1, 1, 1), jax.devices()[:1]), "tp")
-    assert sh.rules_for() is sh.RULE_PRESETS["fsdp"]
-    assert sh.resolve_rules(None) == tuple(sh.RULE_PRESETS["fsdp"])
+    assert sh.rules_for() == sh.rules_for("fsdp") == tuple(sh.RULES)
+    assert sh.resolve_rules(None) == tuple(sh.RULES)
+    with pytest.raises(ValueError, match=r"overrides \['vocabulary'\]: not logical axis names"):
+        sh.rules_for("fsdp", {"vocabulary": "tensor"})
+    # A run overrides single rows of a preset; the rest and the order stay.
+    tp_vocab = sh.rules_for("fsdp", {"vocab": "tensor", "act_vocab": ["tensor"]})
+    assert [n for n, _ in tp_vocab] == [n for n, _ in sh.RULES]
+    assert dict(tp_vocab) == {**dict(sh.RULES), "vocab": "tensor", "act_vocab": ("tensor",)}
 
 
 def _param_axis_names(model: exo2ego.Exo2Ego) -> set[str]:
@@ -146,7 +152,7 @@ def test_every_logical_name_is_covered_by_every_preset(monkeypatch):
         assert sh.uncovered_axes(rules, sorted(params | acts)) == [], name
         used_mesh_axes = {a for _, axes in rules if axes for a in sh._as_tuple(axes)}
         assert used_mesh_axes <= set(sh.MESH_AXES), name
-    assert sh.uncovered_axes(sh.DEFAULT_RULES, sorted(params | acts)) == []
+    assert sh.uncovered_axes(sh.RULES, sorted(params | acts)) == []
 
 
 # ----------------------------------------------------------------------------- layouts
@@ -232,10 +238,11 @@ def test_every_tiny_parameter_gets_its_table_spec(preset):
         assert sharding.spec == _expected_spec(path, preset, shapes[path].ndim), path
 
 
-def test_fsdp_tp_is_default_rules_plus_lora_rank_fallback():
+def test_fsdp_tp_lora_rank_fallback_only_touches_lora_factors():
     mesh = sh.make_mesh((2, 2, 2))
     ours = traverse_util.flatten_dict(sh.param_shardings(MODEL, mesh, "fsdp_tp"), sep="/")
-    default = traverse_util.flatten_dict(sh.param_shardings(MODEL, mesh, sh.DEFAULT_RULES), sep="/")
+    no_fallback = sh.rules_for("fsdp_tp", {"lora_rank": None})
+    default = traverse_util.flatten_dict(sh.param_shardings(MODEL, mesh, no_fallback), sep="/")
     differ = sorted(p for p in ours if ours[p].spec != default[p].spec)
     assert differ and all(re.search(r"/(lora_a|lora_b)$", p) for p in differ), differ
     assert default["llm/layers/self_attn/q_proj/lora_b"].spec == P(None, None, "tensor")
