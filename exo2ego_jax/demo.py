@@ -75,7 +75,7 @@ def prepare_data(
     from exo2ego_jax.tools.pretrain_clip import pretrain as pretrain_clip  # noqa: PLC0415
     from exo2ego_jax.tools.pretrain_lm import pretrain as pretrain_lm  # noqa: PLC0415
     from input_pipeline.prepare import prepare  # noqa: PLC0415
-    from input_pipeline.synthetic_world import generate_world  # noqa: PLC0415
+    from input_pipeline.synthetic import generate_world  # noqa: PLC0415
 
     world, prepared = data_dir / "world", data_dir / "prepared"
     model = stage_config(0, data_dir, data_dir).model  # vocabulary, tower and LM of the stages

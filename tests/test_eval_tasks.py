@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from exo2ego_jax.eval import tasks as T
-from input_pipeline import synthetic_world as sw
+from input_pipeline import synthetic as sw
 from input_pipeline.video import load_clip
 
 FIX = Path(__file__).parent / "fixtures" / "egobench"

@@ -14,7 +14,7 @@ from configs import eval as eval_config
 from exo2ego_jax import chat, checkpointing, config_lib, evaluate, stages, train
 from exo2ego_jax.eval import report, tasks
 from input_pipeline.prepare import prepare
-from input_pipeline.synthetic_world import generate_world
+from input_pipeline.synthetic import generate_world
 
 MAX_ITEMS = 2  # per task: enough for every metric, small enough for CPU
 MIR_CLIPS = 3

@@ -3,10 +3,10 @@ r"""Pretrain the demo world's tiny CLIP vision tower on a labelled, freshly rend
 The paper's two encoders start from a pretrained CLIP ViT-L/14-336, which already knows
 colours, objects and hands from hundreds of millions of web images seen from every kind of
 viewpoint. Nothing can be downloaded here, so the demo makes its own small "pretrained
-CLIP" first: the tiny tower is trained on :mod:`input_pipeline.clip_corpus`, clips of new
-takes (never a take of the world, so never a training or EgoBench clip) from the world's
-head-mounted and fixed cameras, each labelled by the simulator with its verb, the acted-on
-object's colour and shape, the target's colour and the direction. It is then saved as a
+CLIP" first: the tiny tower is trained on :mod:`input_pipeline.synthetic.clip_corpus`,
+clips of new takes (never a take of the world, so never a training or EgoBench clip) from the
+world's head-mounted and fixed cameras, each labelled by the simulator with its verb, the
+acted-on object's colour and shape, the target's colour and the direction. It is then saved as a
 Hugging Face ``CLIPVisionModel`` directory that the stages load exactly as they load the
 real one (``config.init.clip``); the stages keep it frozen, as VideoLLaMA2 does.
 ``--views exo`` pretrains on third-person clips only (ego video then lies outside the
@@ -105,7 +105,7 @@ def dense_targets(
     """Patch targets of :class:`DenseHead` on a ``grid`` × ``grid`` patch grid.
 
     ``object_xy float[B, T, K, 2]``, ``object_labels int[B, K, 2]``, ``acted int[B]`` (as in
-    :class:`input_pipeline.clip_corpus.Corpus`) -> ``(color int32[B, T, N], shape
+    :class:`input_pipeline.synthetic.clip_corpus.Corpus`) -> ``(color int32[B, T, N], shape
     int32[B, T, N], where int32[B, T])`` with ``N = grid²``: the colour / shape index of the
     object whose centre falls in each patch (0 = none; of two, either), and the patch of the
     acted-on object (``N`` when it is off the image or the step acts on none).
@@ -155,13 +155,13 @@ def pretrain(
     the held-out takes' clips (evenly spaced frames), ``"all"`` to the share of clips with
     every field right; ``accuracy_by_view`` gives the same per camera kind (``"ego"`` /
     ``"exo"``). ``dense_weight`` scales the per-patch loss of :class:`DenseHead` (0 = off).
-    ``corpus`` (an :class:`input_pipeline.clip_corpus.Corpus`) is used instead of rendering
-    one (``num_takes`` / ``views`` / ``frames_per_clip`` are then the corpus's).
+    ``corpus`` (an :class:`input_pipeline.synthetic.clip_corpus.Corpus`) is used instead of
+    rendering one (``num_takes`` / ``views`` / ``frames_per_clip`` are then the corpus's).
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     from exo2ego_jax.checkpoints.hf import save_clip_vision  # noqa: PLC0415
-    from input_pipeline.clip_corpus import LABELS, render_corpus  # noqa: PLC0415
+    from input_pipeline.synthetic.clip_corpus import LABELS, render_corpus  # noqa: PLC0415
 
     cfg = config or clip_lib.tiny(image_size=64, patch_size=8)
     if not 0.0 <= val_fraction < 1.0:
@@ -298,7 +298,7 @@ def _right(forward, params, frames, labels, idx, num_frames, sizes) -> np.ndarra
 
 def _accuracy(right: np.ndarray) -> dict[str, float]:
     """Per-field accuracy (and all-fields-right) from a :func:`_right` matrix."""
-    from input_pipeline.clip_corpus import LABELS  # noqa: PLC0415
+    from input_pipeline.synthetic.clip_corpus import LABELS  # noqa: PLC0415
 
     if len(right) == 0:
         return {}

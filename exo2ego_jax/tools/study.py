@@ -311,7 +311,7 @@ def plan_json(plan: Plan) -> dict:
 
 def expected_world_sizes(w: ml_collections.ConfigDict) -> dict[str, int]:
     """The per-split take counts ``generate_world`` makes from ``config.world``."""
-    from input_pipeline.synthetic_world import split_sizes  # noqa: PLC0415
+    from input_pipeline.synthetic import split_sizes  # noqa: PLC0415
 
     sizes = split_sizes(w.num_takes)
     for split, field in (
@@ -328,7 +328,7 @@ def expected_world_sizes(w: ml_collections.ConfigDict) -> dict[str, int]:
 def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path:
     """World (``config.world``'s regime), datasets, tokenizer and demo LM, each if missing."""
     from exo2ego_jax import config_lib, demo  # noqa: PLC0415
-    from input_pipeline.synthetic_world import generate_world  # noqa: PLC0415
+    from input_pipeline.synthetic import generate_world  # noqa: PLC0415
 
     data_dir, w = data_dir_of(config), config.world
     world = data_dir / "world"
