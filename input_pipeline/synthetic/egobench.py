@@ -22,7 +22,7 @@ from input_pipeline.synthetic.egobench_qa import (
 )
 from input_pipeline.synthetic.file_formats import json_bytes, tsv_bytes
 from input_pipeline.synthetic.language import action_class, imperative, narration, step_nouns
-from input_pipeline.synthetic.takes import EGO_CAMERA, TakeSpec
+from input_pipeline.synthetic.takes import EGO_CAMERA, Step, TakeSpec
 from input_pipeline.synthetic.vocabulary import ACTION_CLASSES, SHAPES, VERBS
 
 __all__ = ["egobench_files"]
@@ -121,56 +121,76 @@ def _hms(t: float, digits: int) -> str:
     return f"{int(h):02d}:{int(m):02d}:{sec:0{3 + digits}.{digits}f}"
 
 
+_EPIC_HEADER = [
+    "uid",
+    "narration_id",
+    "participant_id",
+    "video_id",
+    "narration_timestamp",
+    "start_timestamp",
+    "stop_timestamp",
+    "start_frame",
+    "stop_frame",
+    "narration",
+    "verb",
+    "verb_class",
+    "noun",
+    "noun_class",
+    "all_nouns",
+    "all_noun_classes",
+]
+
+
 def _epic_mir(takes) -> dict[str, bytes]:
     """EPIC-KITCHENS-100 multi-instance retrieval: clips, unique sentences and the
-    clip x sentence relevance matrix (verb match and noun IoU)."""
-    header = [
-        "uid",
-        "narration_id",
-        "participant_id",
-        "video_id",
-        "narration_timestamp",
-        "start_timestamp",
-        "stop_timestamp",
-        "start_frame",
-        "stop_frame",
-        "narration",
-        "verb",
-        "verb_class",
-        "noun",
-        "noun_class",
-        "all_nouns",
-        "all_noun_classes",
-    ]
+    clip x sentence relevance matrix."""
     rows, clips = [], []
     for tk in takes:
         for k, s in enumerate(tk.steps):
             nouns = step_nouns(tk, s) or [s.direction]
-            shapes = [n.split()[-1] for n in nouns]
-            noun_cls = [SHAPES.index(n) if n in SHAPES else len(SHAPES) for n in shapes]
-            text = imperative(tk, s)
-            rows.append(
-                [
-                    len(rows),
-                    f"{tk.uid}_{k}",
-                    "P01",
-                    tk.uid,
-                    _hms(s.timestamp, 3),
-                    _hms(s.t0, 2),
-                    _hms(min(s.t1, tk.duration), 2),
-                    int(round(s.t0 * tk.fps)),
-                    int(round(min(s.t1, tk.duration) * tk.fps)),
-                    text,
-                    s.verb.replace(" ", "-"),
-                    VERBS.index(s.verb),
-                    nouns[0],
-                    noun_cls[0],
-                    str(nouns),
-                    str(noun_cls),
-                ]
-            )
-            clips.append((f"{tk.uid}_{k}", text, VERBS.index(s.verb), set(nouns)))
-    # sentences: the unique narrations, indexed by the first clip that has them (as EPIC)
+            rows.append(_epic_row(tk, k, s, nouns, uid=len(rows)))
+            clips.append((f"{tk.uid}_{k}", imperative(tk, s), VERBS.index(s.verb), set(nouns)))
+    sent_rows, rel = _epic_sentences(clips)
+    buf = io.BytesIO()
+    np.save(buf, rel, allow_pickle=False)
+    return {
+        "egobench/epic_mir/EPIC_100_retrieval_test.csv": tsv_bytes(_EPIC_HEADER, rows, ","),
+        "egobench/epic_mir/EPIC_100_retrieval_test_sentence.csv": tsv_bytes(
+            ["index", "sentence"], sent_rows, ","
+        ),
+        "egobench/epic_mir/caption_relevancy_EPIC_100_retrieval_test.npy": buf.getvalue(),
+    }
+
+
+def _epic_row(tk: TakeSpec, k: int, s: Step, nouns: list[str], uid: int) -> list:
+    """The retrieval-test CSV row of step ``k`` of a take; ``nouns`` are the objects it
+    involves (its direction for a head motion)."""
+    shapes = [n.split()[-1] for n in nouns]
+    noun_cls = [SHAPES.index(n) if n in SHAPES else len(SHAPES) for n in shapes]
+    return [
+        uid,
+        f"{tk.uid}_{k}",
+        "P01",
+        tk.uid,
+        _hms(s.timestamp, 3),
+        _hms(s.t0, 2),
+        _hms(min(s.t1, tk.duration), 2),
+        int(round(s.t0 * tk.fps)),
+        int(round(min(s.t1, tk.duration) * tk.fps)),
+        imperative(tk, s),
+        s.verb.replace(" ", "-"),
+        VERBS.index(s.verb),
+        nouns[0],
+        noun_cls[0],
+        str(nouns),
+        str(noun_cls),
+    ]
+
+
+def _epic_sentences(clips: list[tuple[str, str, int, set]]) -> tuple[list[list], np.ndarray]:
+    """From ``(narration_id, text, verb class, nouns)`` per clip: the sentence CSV rows (the
+    unique narrations, each indexed by the first clip that has it, as EPIC) and the relevance
+    ``float32[clips, sentences]``, half verb match and half noun IoU."""
     sentences: dict[str, tuple[str, int, set]] = {}
     for nid, text, verb, nouns in clips:
         sentences.setdefault(text, (nid, verb, nouns))
@@ -181,12 +201,4 @@ def _epic_mir(takes) -> dict[str, bytes]:
             union = nouns | snouns
             iou = len(nouns & snouns) / len(union) if union else 1.0
             rel[i, j] = 0.5 * (v == sv) + 0.5 * iou
-    buf = io.BytesIO()
-    np.save(buf, rel, allow_pickle=False)
-    return {
-        "egobench/epic_mir/EPIC_100_retrieval_test.csv": tsv_bytes(header, rows, ","),
-        "egobench/epic_mir/EPIC_100_retrieval_test_sentence.csv": tsv_bytes(
-            ["index", "sentence"], sent_rows, ","
-        ),
-        "egobench/epic_mir/caption_relevancy_EPIC_100_retrieval_test.npy": buf.getvalue(),
-    }
+    return sent_rows, rel

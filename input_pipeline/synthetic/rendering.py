@@ -39,6 +39,7 @@ DEFAULT_PIX_FMT = "yuv444p"
 
 
 def _exo_camera(rig: dict, size: int) -> Camera:
+    """The fixed pinhole camera of an exo rig (position, look-at target, horizontal fov)."""
     pos = np.asarray(rig["position"], np.float32)
     f = (size / 2) / np.tan(np.deg2rad(rig["fov"] / 2))
     return Camera(pos, look_rotation(np.asarray(rig["target"]) - pos), f, size, "pinhole")
@@ -73,6 +74,7 @@ def _ego_cameras(take: TakeSpec, tl: Timeline) -> list[Camera]:
 
 
 def _scene(take: TakeSpec, tl: Timeline, i: int) -> SceneState:
+    """Everything visible in frame ``i``: objects, pour streams, arms and body."""
     dyv = float(tl.actor_dy[i])
     objs = []
     for k, o in enumerate(take.objects):

@@ -180,6 +180,8 @@ def _sample_cameras(rng, split: str, exo_cameras: tuple[str, ...] | None) -> dic
 
 
 def _video_paths(split: str, name: str, uid: str, cams: dict) -> dict[str, str]:
+    """Camera name -> video path relative to the world root, in the layout of the dataset
+    the split stands in for."""
     out = {}
     for cam in cams:
         if split == "pairs":

@@ -143,6 +143,7 @@ def _annotation_files(
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty directory unless ``overwrite``."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory; choose another --out")
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -153,6 +154,7 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``, replacing an old world there."""
     if out.exists():
         old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
         out.rename(old)
@@ -172,6 +174,7 @@ def _render_all(
     workers: int | None,
     progress: bool,
 ) -> None:
+    """Render and encode every take's videos under ``root`` (one job per take)."""
     jobs = [(s, str(root), crf, ss, pix_fmt) for s in specs]
     map_in_processes(
         _render_job,
