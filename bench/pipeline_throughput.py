@@ -250,7 +250,7 @@ def main(argv=None) -> None:
     import tensorflow_datasets as tfds
 
     from input_pipeline.prepare import prepare
-    from input_pipeline.synthetic_world import generate_world
+    from input_pipeline.synthetic import generate_world
     from input_pipeline.tokenizer import load_tokenizer
 
     tfds.disable_progress_bar()

@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.arms = ("baseline", "full", "no_kl", "no_g_ccl", "forward_cycle", "fc_mapping", "no_lora")
     c.arm_defs = arm_defs()
 
-    # The synthetic world's data regime (input_pipeline.synthetic_world.generate_world): few
+    # The synthetic world's data regime (input_pipeline.synthetic.generate_world): few
     # ego clip-text takes, many exo clip-text takes, synchronized ego-exo pairs, and the
     # held-out takes EgoBench is built from. The default is the demo world's split.
     w = c.world = ml_collections.ConfigDict()

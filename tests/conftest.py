@@ -31,7 +31,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """A tiny demo world (8 takes), generated once per test session (per xdist worker)."""
-    from input_pipeline.synthetic_world import generate_world  # noqa: PLC0415
+    from input_pipeline.synthetic import generate_world  # noqa: PLC0415
 
     root = tmp_path_factory.getbasetemp() / "demo_world_8"
     if not (root / "world.json").is_file():

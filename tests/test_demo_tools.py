@@ -11,15 +11,16 @@ import pytest
 from exo2ego_jax.demo import chat_check, pretrain_clip, pretrain_lm
 from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.weights import hf
-from input_pipeline import clip_corpus, synthetic_world
+from input_pipeline import synthetic
+from input_pipeline.synthetic import clip_corpus
 
 
 def test_corpus_labels_name_what_the_narration_says():
-    take = synthetic_world.sample_take_spec(7, "pairs", 0, size=64)
+    take = synthetic.sample_take_spec(7, "pairs", 0, size=64)
     for step in take.steps:
         words = dict(zip(clip_corpus.LABELS, clip_corpus.clip_labels(take, step), strict=True))
         named = {k: clip_corpus.LABELS[k][i] for k, i in words.items()}
-        text = synthetic_world.narration(take, step)
+        text = synthetic.narration(take, step)
         assert named["verb"] == step.verb
         if step.is_nav:
             assert named["color"] == named["shape"] == named["target"] == "none"
@@ -35,10 +36,10 @@ def test_corpus_labels_name_what_the_narration_says():
 
 
 def test_render_take_renders_chosen_frames_exactly_as_the_full_video():
-    take = synthetic_world.sample_take_spec(11, "pairs", 0, size=32)
+    take = synthetic.sample_take_spec(11, "pairs", 0, size=32)
     for camera in ("ego", "cam01"):
-        full = synthetic_world.render_take(take, camera, ss=1)
-        some = synthetic_world.render_take(take, camera, ss=1, indices=[3, 0, 17, 17])
+        full = synthetic.render_take(take, camera, ss=1)
+        some = synthetic.render_take(take, camera, ss=1, indices=[3, 0, 17, 17])
         np.testing.assert_array_equal(some, full[[3, 0, 17, 17]])
 
 
@@ -56,12 +57,12 @@ def test_render_corpus_is_deterministic_and_never_a_world_take():
     assert a.views[:k] == ["ego"] * k and a.views[k : 2 * k] == ["exo"] * k
     np.testing.assert_array_equal(a.labels[:k], a.labels[k : 2 * k])
     assert not np.array_equal(a.frames[0], a.frames[k])  # the same step, seen differently
-    world_uids = {t.uid for t in synthetic_world.build_specs(3, dict(pairs=9, ego=9, exo=9))}
+    world_uids = {t.uid for t in synthetic.build_specs(3, dict(pairs=9, ego=9, exo=9))}
     seeds = [
         int(np.random.SeedSequence([3, clip_corpus._SPLIT_KEY, i]).generate_state(1)[0])
         for i in range(2)
     ]
-    assert not {synthetic_world.sample_take_spec(s).uid for s in seeds} & world_uids
+    assert not {synthetic.sample_take_spec(s).uid for s in seeds} & world_uids
     with pytest.raises(ValueError, match="views"):
         clip_corpus.render_corpus(1, views=("top",), progress=False)
     # Geometry for dense supervision: the acted-on object carries the clip's colour / shape.
@@ -79,13 +80,13 @@ def test_render_corpus_is_deterministic_and_never_a_world_take():
 
 
 def test_object_screen_positions_land_on_the_objects():
-    take = synthetic_world.sample_take_spec(
-        123, "pairs", 0, size=128, exo_cameras=(sorted(synthetic_world.EXO_RIGS)[0],)
+    take = synthetic.sample_take_spec(
+        123, "pairs", 0, size=128, exo_cameras=(sorted(synthetic.EXO_RIGS)[0],)
     )
-    palette = {k: np.asarray(v) / np.linalg.norm(v) for k, v in synthetic_world.COLORS.items()}
-    for camera in ("ego", sorted(synthetic_world.EXO_RIGS)[0]):
-        frame = synthetic_world.render_take(take, camera, ss=1, indices=[0])[0]
-        xy = synthetic_world.object_screen_positions(take, camera, indices=[0])[0]
+    palette = {k: np.asarray(v) / np.linalg.norm(v) for k, v in synthetic.COLORS.items()}
+    for camera in ("ego", sorted(synthetic.EXO_RIGS)[0]):
+        frame = synthetic.render_take(take, camera, ss=1, indices=[0])[0]
+        xy = synthetic.object_screen_positions(take, camera, indices=[0])[0]
         checked = 0
         for o, (x, y) in zip(take.objects, xy, strict=True):
             if o.shape == "knife" or np.isnan(x):  # a knife's centre is its grey blade
@@ -95,11 +96,11 @@ def test_object_screen_positions_land_on_the_objects():
             assert nearest == o.color, (camera, o.name, rgb)
             checked += 1
         assert checked >= 3
-    ego = synthetic_world.object_screen_positions(take, "ego")
+    ego = synthetic.object_screen_positions(take, "ego")
     assert ego.shape == (take.num_frames, len(take.objects), 2)
     assert np.isnan(ego).any()  # the head turns: objects leave the ego view
     with pytest.raises(KeyError, match="no camera"):
-        synthetic_world.object_screen_positions(take, "cam99")
+        synthetic.object_screen_positions(take, "cam99")
 
 
 def test_dense_targets_put_each_object_in_its_patch():

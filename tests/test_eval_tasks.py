@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from input_pipeline import egobench as T
-from input_pipeline import synthetic_world as sw
+from input_pipeline import synthetic as sw
 from input_pipeline.annotations import video_path
 from input_pipeline.video import load_clip
 

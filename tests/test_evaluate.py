@@ -18,7 +18,7 @@ from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.training import checkpoints
 from input_pipeline import egobench as tasks
 from input_pipeline.prepare import prepare
-from input_pipeline.synthetic_world import generate_world
+from input_pipeline.synthetic import generate_world
 
 MAX_ITEMS = 2  # per task: enough for every metric, small enough for CPU
 MIR_CLIPS = 3
@@ -68,7 +68,10 @@ def setup(tmp_path_factory):
     config.chat.max_new_tokens = 6
 
     model = Exo2Ego(config_lib.build_model_config(config.model))
-    mesh, rules = sharding_lib.make_mesh(config.mesh.shape), sharding_lib.rules_for(config.mesh.rules)
+    mesh, rules = (
+        sharding_lib.make_mesh(config.mesh.shape),
+        sharding_lib.rules_for(config.mesh.rules),
+    )
     with sharding_lib.sharding_context(mesh, rules):
         params, _ = runtime.init_params(model, mesh, rules, config.seed)
         for i, wd in enumerate(config.init.stages):

@@ -8,7 +8,7 @@ import av
 import numpy as np
 import pytest
 
-from input_pipeline import synthetic_world as sw
+from input_pipeline import synthetic as sw
 from input_pipeline.video import load_clip, probe, sample_frame_indices
 
 TINY = dict(num_takes=5, heldout_takes=2, size=64, fps=6, workers=1, progress=False)
@@ -371,7 +371,7 @@ def test_refuses_to_overwrite_and_leaves_nothing_half_written(tmp_path, monkeypa
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(sw, "_render_all", boom)
+    monkeypatch.setattr("input_pipeline.synthetic.world._render_all", boom)
     fresh = tmp_path / "fresh"
     with pytest.raises(KeyboardInterrupt):
         sw.generate_world(fresh, seed=0, num_takes=4, size=32, fps=4, workers=1, progress=False)

@@ -52,9 +52,7 @@ def test_resume_continues_with_identical_losses(tmp_path):
     type(it).__next__ = failing_next
     try:
         with pytest.raises(KeyboardInterrupt):
-            train(
-                _config(0, tmp_path, steps=6), tmp_path / "cut", streams=streams, progress=False
-            )
+            train(_config(0, tmp_path, steps=6), tmp_path / "cut", streams=streams, progress=False)
     finally:
         type(it).__next__ = original_next
     resumed = train(

@@ -3,10 +3,10 @@ r"""Pretrain the demo world's tiny CLIP vision tower on a labelled, freshly rend
 The paper's two encoders start from a pretrained CLIP ViT-L/14-336, which already knows
 colours, objects and hands from hundreds of millions of web images seen from every kind of
 viewpoint. Nothing can be downloaded here, so the demo makes its own small "pretrained
-CLIP" first: the tiny tower is trained on :mod:`input_pipeline.clip_corpus`, clips of new
-takes (never a take of the world, so never a training or EgoBench clip) from the world's
-head-mounted and fixed cameras, each labelled by the simulator with its verb, the acted-on
-object's colour and shape, the target's colour and the direction. It is then saved as a
+CLIP" first: the tiny tower is trained on :mod:`input_pipeline.synthetic.clip_corpus`,
+clips of new takes (never a take of the world, so never a training or EgoBench clip) from the
+world's head-mounted and fixed cameras, each labelled by the simulator with its verb, the
+acted-on object's colour and shape, the target's colour and the direction. It is then saved as a
 Hugging Face ``CLIPVisionModel`` directory that the stages load exactly as they load the
 real one (``config.init.clip``); the stages keep it frozen, as VideoLLaMA2 does.
 ``--views exo`` pretrains on third-person clips only (ego video then lies outside the
@@ -46,7 +46,7 @@ import optax
 from exo2ego_jax.demo.fit import fit
 from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.weights.hf import save_clip_vision
-from input_pipeline.clip_corpus import LABELS, render_corpus
+from input_pipeline.synthetic.clip_corpus import LABELS, render_corpus
 from input_pipeline.video import CLIP_MEAN, CLIP_STD
 
 _MEAN, _STD = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
@@ -108,7 +108,7 @@ def dense_targets(
     """Patch targets of :class:`DenseHead` on a ``grid`` × ``grid`` patch grid.
 
     ``object_xy float[B, T, K, 2]``, ``object_labels int[B, K, 2]``, ``acted int[B]`` (as in
-    :class:`input_pipeline.clip_corpus.Corpus`) -> ``(color int32[B, T, N], shape
+    :class:`input_pipeline.synthetic.clip_corpus.Corpus`) -> ``(color int32[B, T, N], shape
     int32[B, T, N], where int32[B, T])`` with ``N = grid²``: the colour / shape index of the
     object whose centre falls in each patch (0 = none; of two, either), and the patch of the
     acted-on object (``N`` when it is off the image or the step acts on none).
@@ -158,8 +158,8 @@ def pretrain(
     the held-out takes' clips (evenly spaced frames), ``"all"`` to the share of clips with
     every field right; ``accuracy_by_view`` gives the same per camera kind (``"ego"`` /
     ``"exo"``). ``dense_weight`` scales the per-patch loss of :class:`DenseHead` (0 = off).
-    ``corpus`` (an :class:`input_pipeline.clip_corpus.Corpus`) is used instead of rendering
-    one (``num_takes`` / ``views`` / ``frames_per_clip`` are then the corpus's).
+    ``corpus`` (an :class:`input_pipeline.synthetic.clip_corpus.Corpus`) is used instead of
+    rendering one (``num_takes`` / ``views`` / ``frames_per_clip`` are then the corpus's).
     """
     cfg = config or clip_lib.tiny(image_size=64, patch_size=8)
     if not 0.0 <= val_fraction < 1.0:

@@ -35,7 +35,7 @@ from exo2ego_jax.models.mistral import from_hf_config
 from exo2ego_jax.training import checkpoints
 from exo2ego_jax.training.loop import train
 from input_pipeline.prepare import prepare
-from input_pipeline.synthetic_world import generate_world
+from input_pipeline.synthetic import generate_world
 
 # Takes in the demo's world. The stage-3 model's held-out answers keep improving with the
 # world's size (docs/egobench.md: 64 / 160 / 320 takes); 320 takes is about 5 min to render.

@@ -75,7 +75,7 @@ from exo2ego_jax.training import checkpoints
 from exo2ego_jax.training.loop import TrainingDivergedError, train
 from exo2ego_jax.training.streams import dataset_for
 from input_pipeline.pipeline import PipelineOptions, record_dataset
-from input_pipeline.synthetic_world import generate_world, split_sizes
+from input_pipeline.synthetic import generate_world, split_sizes
 
 Log = Callable[[str], None]
 

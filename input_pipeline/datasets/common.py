@@ -165,7 +165,7 @@ class WorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     VERSION = tfds.core.Version(VERSION)
     RELEASE_NOTES = {str(VERSION): "First release."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
-        "Pass the data root (the demo world from `python -m input_pipeline.synthetic_world`, "
+        "Pass the data root (the demo world from `python -m input_pipeline.synthetic`, "
         "or a real download in the same layout) as manual_dir; see docs/data.md."
     )
     DESCRIPTION = ""

@@ -1,0 +1,578 @@
+"""Pure-numpy ray-cast renderer for the synthetic tabletop world.
+
+World coordinates are metres: ``x`` to the actor's right, ``y`` away from the actor across the
+table, ``z`` up, with ``z = 0`` the table top. Every primitive (room, table, boxes, vertical
+cylinders, capsules) is intersected analytically with one ray per (super-sampled) pixel and
+composited through a depth buffer, so occlusion is exact and the cost of a primitive is bounded
+by its on-screen bounding box. Frames are rendered at ``ss x`` resolution and box-filtered down
+(anti-aliasing keeps edges codec-friendly, which matters for the PSNR of the encoded videos).
+
+Two camera models: ``pinhole`` (fixed third-person "GoPro" cameras) and ``fisheye``
+(equidistant, like the head-mounted Aria glasses), so ego and exo views differ in geometry as
+well as in pose.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = [
+    "Camera",
+    "ObjectState",
+    "SceneState",
+    "look_rotation",
+    "object_size",
+    "render_background",
+    "render_scene",
+    "OBJECT_SIZES",
+]
+
+# Directional light (unit vector towards the light): from above, slightly front-left.
+_LIGHT = np.array([-0.35, -0.45, 1.0], np.float32) / np.linalg.norm([-0.35, -0.45, 1.0])
+_AMBIENT, _DIFFUSE = 0.55, 0.5
+
+# Room and table extents (metres).
+ROOM_MIN = np.array([-2.5, -2.5, -0.75], np.float32)
+ROOM_MAX = np.array([2.5, 3.0, 1.9], np.float32)
+TABLE_MIN = np.array([-0.55, 0.0, -0.04], np.float32)
+TABLE_MAX = np.array([0.55, 0.75, 0.0], np.float32)
+_WOOD = np.array([0.62, 0.45, 0.30], np.float32)
+
+# Footprint radius and height of each object shape (metres): used by the renderer and by the
+# world generator for placement, grasp points and collisions.
+OBJECT_SIZES: dict[str, tuple[float, float]] = {
+    "cup": (0.055, 0.11),
+    "bowl": (0.11, 0.06),
+    "box": (0.07, 0.10),
+    "bottle": (0.042, 0.23),
+    "knife": (0.11, 0.025),
+}
+
+
+def object_size(shape: str) -> tuple[float, float]:
+    """(radius, height) of a shape in metres."""
+    return OBJECT_SIZES[shape]
+
+
+def _vecmat(v: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """``v @ m`` for ``v: float[..., 3]``, ``m: float[3, 3]``, without BLAS: multi-threaded
+    BLAS kernels may round differently from run to run, and frames must be reproducible."""
+    v = np.asarray(v, np.float32)
+    m = np.asarray(m, np.float32)
+    out = np.empty(v.shape, np.float32)
+    for k in range(3):
+        out[..., k] = v[..., 0] * m[0, k] + v[..., 1] * m[1, k] + v[..., 2] * m[2, k]
+    return out
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def look_rotation(forward: np.ndarray, roll: float = 0.0) -> np.ndarray:
+    """Rotation ``float[3, 3]`` whose rows are the camera right, down, forward axes in world.
+
+    ``roll`` (radians) turns the image clockwise around the viewing direction.
+    """
+    f = _unit(np.asarray(forward, np.float64))
+    right = np.cross(f, [0.0, 0.0, 1.0])
+    if np.linalg.norm(right) < 1e-6:  # looking straight down/up: pick any right vector
+        right = np.array([1.0, 0.0, 0.0])
+    right = _unit(right)
+    down = np.cross(f, right)
+    c, s = np.cos(roll), np.sin(roll)
+    right, down = c * right + s * down, -s * right + c * down
+    return np.stack([right, down, f]).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A camera: position ``float[3]``, rotation ``float[3, 3]`` (rows right/down/forward),
+    focal length in output pixels, square output ``size`` and lens ``model``."""
+
+    position: np.ndarray
+    rotation: np.ndarray
+    focal: float
+    size: int
+    model: str = "pinhole"  # "pinhole" | "fisheye" (equidistant)
+
+    def rays(self, ss: int) -> np.ndarray:
+        """Unit ray directions in world coordinates, ``float32[S, S, 3]`` with S = size * ss."""
+        local = _camera_dirs(self.model, self.size, float(self.focal), ss)
+        return _vecmat(local, self.rotation)
+
+    def project(self, points: np.ndarray, ss: int) -> tuple[np.ndarray, np.ndarray]:
+        """Project world points ``float[N, 3]`` to super-sampled pixel coords ``float[N, 2]``
+        (x, y); the second output flags points in front of the camera."""
+        p = _vecmat(np.asarray(points, np.float32) - self.position, self.rotation.T)
+        c = self.size * ss / 2.0
+        f = self.focal * ss
+        if self.model == "pinhole":
+            z = np.maximum(p[:, 2], 1e-4)
+            uv = c + f * p[:, :2] / z[:, None]
+            return uv, p[:, 2] > 1e-3
+        rho = np.linalg.norm(p[:, :2], axis=1)
+        theta = np.arctan2(rho, p[:, 2])
+        scale = np.where(rho > 1e-9, theta / np.maximum(rho, 1e-9), 1.0 / np.maximum(p[:, 2], 1e-9))
+        uv = c + f * p[:, :2] * scale[:, None]
+        return uv, theta < np.deg2rad(100.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _camera_dirs(model: str, size: int, focal: float, ss: int) -> np.ndarray:
+    """Unit ray directions in camera coordinates, ``float32[S, S, 3]`` (read-only, cached)."""
+    s = size * ss
+    coords = (np.arange(s, dtype=np.float64) + 0.5 - s / 2.0) / (focal * ss)
+    x, y = np.meshgrid(coords, coords)
+    if model == "pinhole":
+        d = np.stack([x, y, np.ones_like(x)], -1)
+    elif model == "fisheye":
+        theta = np.sqrt(x * x + y * y)
+        sin_over = np.where(theta > 1e-9, np.sin(theta) / np.maximum(theta, 1e-9), 1.0)
+        d = np.stack([x * sin_over, y * sin_over, np.cos(theta)], -1)
+    else:
+        raise ValueError(f"unknown camera model {model!r}; expected 'pinhole' or 'fisheye'")
+    d /= np.linalg.norm(d, axis=-1, keepdims=True)
+    out = d.astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+@dataclass
+class ObjectState:
+    """One object at one instant: ``pos`` is the centre of its base (``float[3]``)."""
+
+    shape: str
+    rgb: tuple[float, float, float]
+    pos: np.ndarray
+    yaw: float = 0.0
+
+
+@dataclass
+class SceneState:
+    """Everything visible at one instant. Hands are palm centres; shoulders are joint centres."""
+
+    objects: list[ObjectState]
+    hands: np.ndarray  # float[2, 3] (left, right)
+    shoulders: np.ndarray  # float[2, 3]
+    head: np.ndarray  # float[3] head centre
+    head_yaw: float  # radians, 0 = facing +y, positive = turned left
+    hip: np.ndarray  # float[3]
+    shirt: tuple[float, float, float]
+    pants: tuple[float, float, float]
+    skin: tuple[float, float, float] = (0.93, 0.72, 0.60)
+    hair: tuple[float, float, float] = (0.22, 0.14, 0.08)
+    streams: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+class _Canvas:
+    """Super-sampled colour + depth buffers and the rays of one camera."""
+
+    def __init__(self, cam: Camera, ss: int, background: tuple[np.ndarray, np.ndarray] | None):
+        self.cam, self.ss = cam, ss
+        self.s = cam.size * ss
+        self.origin = cam.position.astype(np.float32)
+        self.rays = cam.rays(ss)
+        if background is None:
+            self.color = np.zeros((self.s, self.s, 3), np.float32)
+            self.depth = np.full((self.s, self.s), np.inf, np.float32)
+        else:
+            self.color, self.depth = background[0].copy(), background[1].copy()
+
+    def window(self, corners: np.ndarray, pad: int = 2) -> tuple[slice, slice] | None:
+        """Screen-space box (rows, cols) that contains the projection of ``corners``."""
+        uv, ok = self.cam.project(corners, self.ss)
+        if not ok.all():
+            return slice(0, self.s), slice(0, self.s)
+        lo, hi = uv.min(0), uv.max(0)
+        if self.cam.model == "fisheye":  # straight edges bulge under the fisheye: pad more
+            pad += int(0.15 * float((hi - lo).max())) + 2
+        x0, y0 = (np.floor(lo) - pad).astype(int)
+        x1, y1 = (np.ceil(hi) + pad).astype(int)
+        x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, self.s), min(y1, self.s)
+        if x0 >= x1 or y0 >= y1:
+            return None
+        return slice(y0, y1), slice(x0, x1)
+
+    def put(
+        self, win, t: np.ndarray, hit: np.ndarray, rgb: np.ndarray, mask: np.ndarray | None = None
+    ) -> None:
+        """Depth-test and write ``rgb`` (``float[..., 3]`` or ``float[3]``) where ``hit``.
+
+        Arrays are shaped like the window, or like ``window[mask]`` when a boolean ``mask`` of
+        the window's shape selects a subset of its pixels.
+        """
+        dep_view, col_view = self.depth[win], self.color[win]
+        dep = dep_view if mask is None else dep_view[mask]
+        upd = hit & (t < dep)
+        if not upd.any():
+            return
+        col = col_view if mask is None else col_view[mask]
+        dep[upd] = t[upd]
+        col[upd] = rgb[upd] if rgb.ndim > 1 else rgb
+        if mask is not None:  # fancy indexing copied: write the subset back
+            dep_view[mask] = dep
+            col_view[mask] = col
+
+    def empty(self, win) -> np.ndarray:
+        """Boolean mask of the window's pixels that nothing has been drawn on yet."""
+        return np.isinf(self.depth[win])
+
+
+def _max3(a: np.ndarray) -> np.ndarray:
+    # component-wise: numpy reductions over a trailing axis of length 3 are ~50x slower
+    return np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
+
+
+def _min3(a: np.ndarray) -> np.ndarray:
+    return np.minimum(np.minimum(a[..., 0], a[..., 1]), a[..., 2])
+
+
+def _argmax3(a: np.ndarray) -> np.ndarray:
+    idx = np.where(a[..., 1] > a[..., 0], 1, 0)
+    return np.where(a[..., 2] > np.maximum(a[..., 0], a[..., 1]), 2, idx)
+
+
+def _dot3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
+
+
+def _slab(o: np.ndarray, d: np.ndarray, half: np.ndarray):
+    """Ray/axis-aligned-box (centred at 0) test: (t_near, hit, axis of the entry face)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inv = 1.0 / d
+        t1 = (-half - o) * inv
+        t2 = (half - o) * inv
+    tn = np.minimum(t1, t2)
+    t_near, t_far = _max3(tn), _min3(np.maximum(t1, t2))
+    hit = (t_far >= t_near) & (t_near > 0)
+    return np.nan_to_num(t_near, nan=np.inf), hit, _argmax3(tn)
+
+
+def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    idx = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    return np.where(idx == 0, lo, hi).astype(np.float32)
+
+
+def _shade(normal: np.ndarray) -> np.ndarray:
+    return _AMBIENT + _DIFFUSE * np.maximum(_dot3(normal, _LIGHT), 0.0)
+
+
+def _draw_box(cv: _Canvas, center, half, yaw: float, rgb) -> None:
+    """Box with vertical axis, rotated by ``yaw`` around z; ``half`` = half extents."""
+    center = np.asarray(center, np.float32)
+    half = np.asarray(half, np.float32)
+    c, s = np.cos(yaw), np.sin(yaw)
+    rot = np.array([[c, s, 0.0], [-s, c, 0.0], [0.0, 0.0, 1.0]], np.float32)  # world -> local
+    r = float(np.hypot(half[0], half[1]))
+    win = cv.window(_box_corners(center - [r, r, half[2]], center + [r, r, half[2]]))
+    if win is None:
+        return
+    d = _vecmat(cv.rays[win], rot.T)
+    t, hit, axis = _slab(_vecmat(cv.origin - center, rot.T), d, half)
+    # outward normal of the entry face, back in world coordinates, for Lambert shading
+    n_local = [np.where(axis == k, -np.sign(d[..., k]), 0.0) for k in range(3)]
+    n_world = [sum(n_local[k] * rot[k, j] for k in range(3)) for j in range(3)]
+    shade = _AMBIENT + _DIFFUSE * np.maximum(sum(n_world[j] * _LIGHT[j] for j in range(3)), 0.0)
+    cv.put(win, t, hit, np.asarray(rgb, np.float32) * shade[..., None].astype(np.float32))
+
+
+def _draw_cylinder(
+    cv: _Canvas,
+    center_xy,
+    radius: float,
+    z0: float,
+    z1: float,
+    rgb,
+    inner: tuple[float, tuple] | None = None,
+) -> None:
+    """Vertical cylinder; ``inner = (fraction, rgb)`` paints the top disc's centre (a rim)."""
+    cx, cy = float(center_xy[0]), float(center_xy[1])
+    lo = np.array([cx - radius, cy - radius, z0], np.float32)
+    hi = np.array([cx + radius, cy + radius, z1], np.float32)
+    win = cv.window(_box_corners(lo, hi))
+    if win is None:
+        return
+    d = cv.rays[win]
+    ox, oy, oz = cv.origin[0] - cx, cv.origin[1] - cy, cv.origin[2]
+    dx, dy, dz = d[..., 0], d[..., 1], d[..., 2]
+    a = np.maximum(dx * dx + dy * dy, 1e-12)
+    b = 2.0 * (dx * ox + dy * oy)
+    c = ox * ox + oy * oy - radius * radius
+    disc = b * b - 4.0 * a * c
+    sq = np.sqrt(np.maximum(disc, 0.0))
+    t_side = (-b - sq) / (2.0 * a)
+    z_side = oz + t_side * dz
+    side_hit = (disc >= 0) & (t_side > 0) & (z_side >= z0) & (z_side <= z1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_top = (z1 - oz) / dz
+    px, py = ox + t_top * dx, oy + t_top * dy
+    rho2 = px * px + py * py
+    top_hit = (t_top > 0) & (rho2 <= radius * radius)
+    use_top = top_hit & (~side_hit | (t_top < t_side))
+    t = np.where(use_top, t_top, np.where(side_hit, t_side, np.inf))
+    hit = side_hit | top_hit
+    nx = (ox + t_side * dx) / radius
+    ny = (oy + t_side * dy) / radius
+    side_shade = _AMBIENT + _DIFFUSE * np.maximum(nx * _LIGHT[0] + ny * _LIGHT[1], 0.0)
+    top_shade = _AMBIENT + _DIFFUSE * _LIGHT[2]
+    base = np.asarray(rgb, np.float32)
+    col = base * np.where(use_top, top_shade, side_shade)[..., None]
+    if inner is not None:
+        frac, inner_rgb = inner
+        in_mask = use_top & (rho2 <= (frac * radius) ** 2)
+        col = np.where(in_mask[..., None], np.asarray(inner_rgb, np.float32) * top_shade, col)
+    cv.put(win, np.nan_to_num(t, nan=np.inf), hit, col)
+
+
+def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = False) -> None:
+    """Capsule (segment ``a``-``b`` swept by a sphere); a sphere when ``a == b``.
+
+    ``only_empty`` restricts the work to pixels nothing has been drawn on (for large shapes
+    that are known to lie behind what is already there, like the table legs).
+    """
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    win = cv.window(_box_corners(np.minimum(a, b) - radius, np.maximum(a, b) + radius))
+    if win is None:
+        return
+    mask = cv.empty(win) if only_empty else None
+    d = cv.rays[win] if mask is None else cv.rays[win][mask]
+    if d.size == 0:
+        return
+    u = b - a
+    w0 = cv.origin - a
+    cc = float(u @ u)
+    dx, dy, dz = d[..., 0], d[..., 1], d[..., 2]
+    bb = dx * u[0] + dy * u[1] + dz * u[2]
+    dd = dx * w0[0] + dy * w0[1] + dz * w0[2]
+    if cc < 1e-12:
+        s = np.zeros_like(dd)
+    else:
+        s = np.clip((float(u @ w0) - bb * dd) / np.maximum(cc - bb * bb, 1e-9), 0.0, 1.0)
+    t = np.maximum(s * bb - dd, 0.0)  # closest point on the ray to the axis point a + s u
+    # offset from the axis point to the ray point, per component (w0 = o - a)
+    ex, ey, ez = w0[0] + t * dx - s * u[0], w0[1] + t * dy - s * u[1], w0[2] + t * dz - s * u[2]
+    dist2 = ex * ex + ey * ey + ez * ez
+    hit = dist2 < radius * radius
+    back = np.sqrt(np.maximum(radius * radius - dist2, 0.0))
+    t_hit = t - back
+    # surface normal at the entry point, dotted with the light
+    ndl = (
+        (ex - back * dx) * _LIGHT[0] + (ey - back * dy) * _LIGHT[1] + (ez - back * dz) * _LIGHT[2]
+    ) / radius
+    col = np.asarray(rgb, np.float32) * (_AMBIENT + _DIFFUSE * np.maximum(ndl, 0.0))[..., None]
+    cv.put(win, t_hit, hit & (t_hit > 0), col, mask)
+
+
+def _draw_shadow(cv: _Canvas, center_xy, radius: float) -> None:
+    """Soft-looking blob shadow on the table top under a lifted object or hand."""
+    cx, cy = float(center_xy[0]), float(center_xy[1])
+    if not (TABLE_MIN[0] < cx < TABLE_MAX[0] and TABLE_MIN[1] < cy < TABLE_MAX[1]):
+        return
+    z = 0.0015
+    lo = np.array([cx - radius, cy - radius, z], np.float32)
+    win = cv.window(_box_corners(lo, lo + [2 * radius, 2 * radius, 0.0]))
+    if win is None:
+        return
+    d = cv.rays[win]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = (z - cv.origin[2]) / d[..., 2]
+    px = cv.origin[0] + t * d[..., 0] - cx
+    py = cv.origin[1] + t * d[..., 1] - cy
+    r2 = (px * px + py * py) / (radius * radius)
+    hit = (t > 0) & (r2 < 1.0)
+    col = _WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]) * (0.55 + 0.3 * r2[..., None])
+    cv.put(win, np.nan_to_num(t, nan=np.inf), hit, col)
+
+
+def _draw_room(cv: _Canvas) -> None:
+    """Floor, walls and ceiling (the ray leaves an axis-aligned box), on empty pixels only."""
+    mask = cv.empty((slice(None), slice(None)))
+    d = cv.rays[mask]
+    if d.size == 0:
+        return
+    o = cv.origin
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ts = (np.where(d > 0, ROOM_MAX, ROOM_MIN) - o) / d
+    ts = np.where(np.isfinite(ts) & (ts > 0), ts, np.inf)
+    axis = _argmax3(-ts)
+    t = _min3(ts)
+    x, y, z = (o[k] + t * d[:, k] for k in range(3))
+    dir_on_axis = np.where(axis == 0, d[:, 0], np.where(axis == 1, d[:, 1], d[:, 2]))
+    pos = dir_on_axis > 0
+    col = np.empty(d.shape, np.float32)
+    # floor: grey checker tiles; ceiling: white
+    floor = (axis == 2) & ~pos
+    tiles = (np.floor(x[floor] / 0.5) + np.floor(y[floor] / 0.5)) % 2
+    col[floor] = np.where(tiles[:, None] > 0, [0.50, 0.50, 0.52], [0.38, 0.38, 0.40])
+    col[(axis == 2) & pos] = [0.90, 0.90, 0.88]
+    # walls: each its own tint with a landmark (window, door, shelf, poster) for orientation
+    walls = {
+        (1, True): ([0.72, 0.78, 0.86], x, (-0.9, 0.9, 0.3, 1.3), [0.85, 0.95, 1.0]),
+        (1, False): ([0.84, 0.78, 0.66], x, (-0.5, 0.4, -0.75, 1.2), [0.35, 0.22, 0.12]),
+        (0, True): ([0.70, 0.80, 0.70], y, (0.0, 1.0, 0.2, 0.3), [0.30, 0.20, 0.10]),
+        (0, False): ([0.86, 0.72, 0.74], y, (-0.5, 0.5, 0.2, 1.0), [0.15, 0.45, 0.55]),
+    }
+    for (ax, positive), (wall_rgb, hcoord, rect, mark_rgb) in walls.items():
+        m = (axis == ax) & (pos == positive)
+        if not m.any():
+            continue
+        h0, h1, v0, v1 = rect
+        hm, zm = hcoord[m], z[m]
+        sub = np.empty((hm.size, 3), np.float32)
+        sub[:] = wall_rgb
+        sub[(hm > h0) & (hm < h1) & (zm > v0) & (zm < v1)] = mark_rgb
+        sub[zm < -0.65] = [0.3, 0.3, 0.3]  # skirting board
+        col[m] = sub
+    cv.color[mask] = col
+    cv.depth[mask] = t
+
+
+def _draw_table(cv: _Canvas) -> None:
+    """Wooden table top (striped grain) on four legs."""
+    win = cv.window(_box_corners(TABLE_MIN, TABLE_MAX))
+    if win is not None:
+        # cameras are above the table: a ray hits the top plane inside the rectangle, or else
+        # enters through a side face if it is inside the rectangle at the bottom plane
+        d = cv.rays[win]
+        o = cv.origin
+        with np.errstate(divide="ignore", invalid="ignore"):
+            inv_dz = 1.0 / d[..., 2]
+        hits, ts = [], []
+        for z in (TABLE_MAX[2], TABLE_MIN[2]):
+            t = (z - o[2]) * inv_dz
+            px, py = o[0] + t * d[..., 0], o[1] + t * d[..., 1]
+            hits.append(
+                (t > 0)
+                & (px >= TABLE_MIN[0])
+                & (px <= TABLE_MAX[0])
+                & (py >= TABLE_MIN[1])
+                & (py <= TABLE_MAX[1])
+            )
+            ts.append((t, py))
+        top = hits[0]
+        t = np.where(top, ts[0][0], ts[1][0])
+        grain = 0.93 + 0.07 * np.sin(ts[0][1] * np.float32(2 * np.pi / 0.06))
+        top_col = _WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]) * grain[..., None]
+        col = np.where(top[..., None], top_col, _WOOD * 0.6)
+        cv.put(win, np.nan_to_num(t, nan=np.inf), top | hits[1], col)
+    for lx in (TABLE_MIN[0] + 0.05, TABLE_MAX[0] - 0.05):
+        for ly in (TABLE_MIN[1] + 0.05, TABLE_MAX[1] - 0.05):
+            _draw_capsule(
+                cv, (lx, ly, -0.05), (lx, ly, ROOM_MIN[2]), 0.025, _WOOD * 0.55, only_empty=True
+            )
+
+
+def _draw_object(cv: _Canvas, ob: ObjectState) -> None:
+    rgb = np.asarray(ob.rgb, np.float32)
+    x, y, z = (float(v) for v in ob.pos)
+    r, h = OBJECT_SIZES[ob.shape]
+    if ob.shape == "cup":
+        _draw_cylinder(cv, (x, y), r, z, z + h, rgb, inner=(0.8, rgb * 0.3))
+        c, s = np.cos(ob.yaw), np.sin(ob.yaw)
+        hx, hy = x + c * (r + 0.015), y + s * (r + 0.015)
+        _draw_capsule(cv, (hx, hy, z + 0.03), (hx, hy, z + 0.08), 0.013, rgb * 0.85)
+    elif ob.shape == "bowl":
+        _draw_cylinder(cv, (x, y), r, z, z + h, rgb, inner=(0.85, rgb * 0.55 + 0.25))
+    elif ob.shape == "bottle":
+        body = 0.15
+        _draw_cylinder(cv, (x, y), r, z, z + body, rgb)
+        _draw_cylinder(cv, (x, y), 0.018, z + body, z + h - 0.025, rgb * 0.9)
+        _draw_cylinder(cv, (x, y), 0.021, z + h - 0.025, z + h, (0.92, 0.92, 0.92))
+    elif ob.shape == "box":
+        _draw_box(cv, (x, y, z + h / 2), (r, r, h / 2), ob.yaw, rgb)
+    elif ob.shape == "knife":
+        c, s = np.cos(ob.yaw), np.sin(ob.yaw)
+        hc = (x - c * 0.055, y - s * 0.055, z + 0.0125)
+        _draw_box(cv, hc, (0.05, 0.017, 0.0125), ob.yaw, rgb)
+        bc = (x + c * 0.06, y + s * 0.06, z + 0.005)
+        _draw_box(cv, bc, (0.065, 0.015, 0.005), ob.yaw, (0.80, 0.82, 0.85))
+    else:
+        raise ValueError(f"unknown object shape {ob.shape!r}")
+
+
+def _draw_arm(cv: _Canvas, shoulder, hand, side: float, sleeve, skin) -> None:
+    """Upper arm and forearm (sleeve colour) and a palm (skin) ending at ``hand``."""
+    shoulder = np.asarray(shoulder, np.float32)
+    hand = np.asarray(hand, np.float32)
+    elbow = 0.5 * (shoulder + hand) + np.array([0.07 * side, -0.02, -0.12], np.float32)
+    reach = hand - elbow
+    reach /= max(float(np.linalg.norm(reach)), 1e-6)
+    wrist = hand - 0.045 * reach
+    _draw_capsule(cv, shoulder, elbow, 0.042, sleeve)
+    _draw_capsule(cv, elbow, wrist, 0.036, sleeve)
+    _draw_capsule(cv, wrist, hand + 0.02 * reach, 0.036, skin)
+
+
+def _draw_body(cv: _Canvas, sc: SceneState) -> None:
+    """Torso, legs, neck and head of the actor (exo views only)."""
+    hip, head = np.asarray(sc.hip, np.float32), np.asarray(sc.head, np.float32)
+    neck = head - [0.0, 0.0, 0.13]
+    _draw_capsule(cv, hip + [0, 0, 0.08], neck - [0, 0, 0.04], 0.15, sc.shirt)
+    for side in (-1.0, 1.0):
+        _draw_capsule(
+            cv, hip + [0.08 * side, 0, -0.02], hip + [0.08 * side, 0.0, -0.68], 0.065, sc.pants
+        )
+    _draw_capsule(cv, neck, neck + [0, 0, 0.05], 0.05, sc.skin)
+    fwd = np.array([-np.sin(sc.head_yaw), np.cos(sc.head_yaw), 0.0], np.float32)
+    _draw_capsule(cv, head, head, 0.095, sc.skin)
+    _draw_capsule(
+        cv, head - 0.03 * fwd + [0, 0, 0.025], head - 0.03 * fwd + [0, 0, 0.025], 0.092, sc.hair
+    )
+    _draw_capsule(cv, head + 0.095 * fwd, head + 0.095 * fwd, 0.022, np.asarray(sc.skin) * 0.85)
+
+
+def render_background(cam: Camera, ss: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Static room + table for a fixed camera: (``float32[S, S, 3]`` colour, depth)."""
+    cv = _Canvas(cam, ss, None)
+    _draw_table(cv)
+    _draw_room(cv)
+    return cv.color, cv.depth
+
+
+def render_scene(
+    sc: SceneState,
+    cam: Camera,
+    *,
+    ss: int = 2,
+    body: bool = True,
+    background: tuple[np.ndarray, np.ndarray] | None = None,
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0),
+    vignette: float = 0.0,
+) -> np.ndarray:
+    """Render one frame, ``uint8[size, size, 3]``.
+
+    ``body=False`` omits torso, legs and head (the head-mounted view never sees them).
+    ``background`` is a cached :func:`render_background` for the same camera and ``ss``.
+    ``tint`` multiplies the channels and ``vignette`` darkens the corners (sensor look).
+    """
+    cv = _Canvas(cam, ss, background)
+    if background is None:
+        _draw_table(cv)
+    for ob in sc.objects:
+        r, _ = OBJECT_SIZES[ob.shape]
+        if ob.pos[2] > 0.02:
+            _draw_shadow(cv, ob.pos[:2], min(r, 0.08) * 1.1)
+        _draw_object(cv, ob)
+    for a, b in sc.streams:
+        _draw_capsule(cv, a, b, 0.02, (0.45, 0.85, 1.0))
+    for side, hand, shoulder in zip((-1.0, 1.0), sc.hands, sc.shoulders, strict=True):
+        if hand[2] > 0.02:
+            _draw_shadow(cv, hand[:2], 0.045)
+        _draw_arm(cv, shoulder, hand, side, sc.shirt, sc.skin)
+    if body:
+        _draw_body(cv, sc)
+    if background is None:
+        _draw_room(cv)  # last: it only fills what nothing else covers
+    s = cam.size
+    img = sum(cv.color[i::ss, j::ss] for i in range(ss) for j in range(ss)) / (ss * ss)
+    img *= np.asarray(tint, np.float32)
+    if vignette:
+        g = (np.arange(s, dtype=np.float32) + 0.5) / s * 2 - 1
+        r2 = g[None, :] ** 2 + g[:, None] ** 2
+        img *= (1.0 - vignette * r2 / 2.0)[..., None]
+    return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
