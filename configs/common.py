@@ -2,16 +2,20 @@
 
 Every stage config is ``get_config(arg)`` with ``arg`` a preset name:
 
-* ``demo`` (default): tiny model, the built-in synthetic world, CPU-friendly sizes.
 * ``paper``: method.md's sizes and per-stage hyper-parameters (CLIP-L/14-336 ×2, STC
   connectors, ResNet F/G with ngf 256, Mistral-7B-Instruct, LoRA r128/α256/dropout 0.1 in
-  stage 3, 16 frames at 336 px, bfloat16 compute).
+  stage 3, 16 frames at 336 px, bfloat16 compute). The fields below are written with these
+  values.
+* ``demo`` (default): the paper config with one override block (:func:`demo_overrides`):
+  tiny model, the built-in synthetic world, CPU-friendly sizes.
 
 Every decision listed in method.md is a field below; override any of them on the command
 line, e.g. ``--config.stage.lambda_kl=0.5`` or ``--config.model.fusion=x_only``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import ml_collections
 
@@ -25,6 +29,14 @@ PAPER_SCHEDULE = {
     3: dict(batch_size=64, lr=2e-5, warmup_ratio=0.03, num_epochs=1),
 }
 
+# Demo epochs per stage (the demo datasets differ a lot in size). On the 320-take demo
+# world: 16 / 2 / 5 / 15 min on 2 cores. Stage 0 (captioning, where the ego connector learns
+# to read the frames) still lost ~8 % per tenth of its run at 8 epochs and ~5 % at 16 (last
+# tenth 0.49); 32 end at 0.26. Stage 3 at 5 epochs answered only 6 of 20 of its own
+# *training* "What is C doing?" clips exactly (loss still falling; `chat_check --clips
+# train`); 10 epochs answer 15 of 20. docs/egobench.md has what each change did.
+DEMO_EPOCHS = {0: 32, 1: 15, 2: 20, 3: 10}
+
 
 def parse_preset(arg: str | None) -> str:
     preset = (arg or "demo").strip() or "demo"
@@ -33,61 +45,97 @@ def parse_preset(arg: str | None) -> str:
     return preset
 
 
-def model_config(preset: str) -> ml_collections.ConfigDict:
-    """Architecture fields (see ``exo2ego_jax.config_lib.build_model_config``)."""
+def model_config() -> ml_collections.ConfigDict:
+    """Architecture fields at paper size (see ``exo2ego_jax.config_lib.build_model_config``)."""
     m = ml_collections.ConfigDict()
-    m.size = "tiny" if preset == "demo" else "paper"  # architecture preset of every component
-    m.num_frames = 4 if preset == "demo" else 16
-    m.image_size = 64 if preset == "demo" else 336
-    m.patch_size = 8 if preset == "demo" else 0  # CLIP patch; 0 = the size preset's (14)
+    m.size = "paper"  # architecture preset of every component: tiny | paper
+    m.num_frames = 16
+    m.image_size = 336
+    m.patch_size = 0  # CLIP patch; 0 = the size preset's (14)
     m.select_layer = -2  # VideoLLaMA2: penultimate CLIP layer, CLS dropped
     m.fusion = "concat_seq"  # concat_seq | x_only | fx_only  (what replaces <video>)
     m.with_exo = True
     m.with_mapping = True
     m.video_token_index = -201
-    m.vocab_size = 1024 if preset == "demo" else 32000  # must match the tokenizer
+    m.vocab_size = 32000  # must match the tokenizer
     # LLM shape over the size preset's (0 = the preset's value). The demo LM is pretrained
-    # by ``tools.pretrain_lm`` at exactly this shape; a real checkpoint must match it.
+    # by ``exo2ego_jax.demo.pretrain_lm`` at exactly this shape; a real checkpoint must
+    # match it.
     m.llm = ml_collections.ConfigDict(
         dict(hidden_size=0, intermediate_size=0, num_layers=0, num_heads=0, num_kv_heads=0)
     )
-    m.dtype = "float32" if preset == "demo" else "bfloat16"  # compute dtype
+    m.dtype = "bfloat16"  # compute dtype
     m.param_dtype = "float32"
-    m.remat_policy = "none" if preset == "demo" else "full"  # none | full | dots | dots_no_batch
-    m.mapping = ml_collections.ConfigDict(
-        dict(
-            kind="resnet",
-            ngf=8 if preset == "demo" else 256,
-            n_blocks=2 if preset == "demo" else 9,
-            norm="layer" if preset == "demo" else "instance",
-        )
-    )
+    m.remat_policy = "full"  # none | full | dots | dots_no_batch
+    m.mapping = ml_collections.ConfigDict(dict(kind="resnet", ngf=256, n_blocks=9, norm="instance"))
     m.lora = ml_collections.ConfigDict(
         dict(
             enabled=False,
-            rank=8 if preset == "demo" else 128,
-            alpha=16 if preset == "demo" else 256,
-            dropout=0.0 if preset == "demo" else 0.1,
+            rank=128,
+            alpha=256,
+            dropout=0.1,
             targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
         )
     )
     return m
 
 
+def demo_overrides(stage: int) -> dict[str, Any]:
+    """The ``demo`` preset: what differs from the paper config (dotted field paths)."""
+    return {
+        "workdir": f"workdirs/demo/stage{stage}",
+        "model.size": "tiny",
+        "model.num_frames": 4,
+        "model.image_size": 64,
+        "model.patch_size": 8,
+        "model.vocab_size": 1024,
+        "model.dtype": "float32",
+        "model.remat_policy": "none",
+        "model.mapping.ngf": 8,
+        "model.mapping.n_blocks": 2,
+        "model.mapping.norm": "layer",
+        "model.lora.rank": 8,
+        "model.lora.alpha": 16,
+        "model.lora.dropout": 0.0,
+        "data.world_dir": "demo_data/world",
+        "data.prepared_dir": "demo_data/prepared",
+        "data.tokenizer": "demo_data/prepared/tokenizer",
+        # The mistral template's system prompt alone is ~40 demo tokens: instructions need room.
+        "data.max_text_len": 48 if stage < 3 else 192,
+        "data.workers": 0,
+        "optim.batch_size": 8,
+        "optim.lr": 3e-3,
+        "optim.num_epochs": DEMO_EPOCHS[stage],
+        # The demo is data parallel (its model fits anywhere).
+        "mesh.shape": (-1, 1, 1),
+        "checkpoint.every_steps": 100,
+        "log_every": 10,
+        # The demo's own pretrained stand-ins (``python main.py --demo`` makes them).
+        "init.clip": "demo_data/prepared/clip",
+        "init.llm": "demo_data/prepared/llm",
+        "init.stages": _stage_workdirs("demo", stage),
+    }
+
+
+def _stage_workdirs(preset: str, stage: int) -> tuple[str, ...]:
+    # Stage 3 starts from stages 0, 1 and 2 (stage 1 reached it through stage 2).
+    return tuple(f"workdirs/{preset}/stage{i}" for i in range(stage))
+
+
 def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     """The full config of ``stage`` (0-3) for the preset named by ``arg``."""
     preset = parse_preset(arg)
-    demo = preset == "demo"
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.seed = 0
-    c.workdir = f"workdirs/{preset}/stage{stage}"
-    c.model = model_config(preset)
+    c.workdir = f"workdirs/paper/stage{stage}"
+    c.model = model_config()
+    c.model.lora.enabled = stage == 3
 
     s = c.stage = ml_collections.ConfigDict()
     s.stage = stage
     # A randomly initialised tower must train; a pretrained CLIP stays frozen (VideoLLaMA2).
-    # The demo loads its own exo-pretrained CLIP (init.clip), so it is frozen there too.
+    # The demo loads its own pretrained CLIP (init.clip), so it is frozen there too.
     s.train_clip = False
     s.stage0_encoders = ("ego", "exo")
     s.lambda_vtg = 1.0
@@ -101,58 +149,52 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     s.fusion = ""  # "" = the model's fusion
 
     d = c.data = ml_collections.ConfigDict()
-    d.world_dir = "demo_data/world" if demo else ""
-    d.prepared_dir = "demo_data/prepared" if demo else ""
-    d.tokenizer = "demo_data/prepared/tokenizer" if demo else ""
-    # The mistral template's system prompt alone is ~40 demo tokens: instructions need room.
-    d.max_text_len = (48 if stage < 3 else 192) if demo else 2048
-    d.workers = 0 if demo else 8
+    d.world_dir = ""
+    d.prepared_dir = ""
+    d.tokenizer = ""
+    d.max_text_len = 2048
+    d.workers = 8
     d.on_bad_video = "skip"  # skip | raise
     d.template = "plain" if stage < 3 else "mistral"
+    # Which prepared dataset feeds each input stream ("" = the stage's default, see
+    # exo2ego_jax/training/streams.py), e.g. --config.data.datasets.pair=my_pairs.
+    d.datasets = ml_collections.ConfigDict(
+        dict(ego_caption="", exo_caption="", pair="", instruct="")
+    )
 
     sched = PAPER_SCHEDULE[stage]
     o = c.optim = ml_collections.ConfigDict()
-    o.batch_size = 8 if demo else sched["batch_size"]  # global batch
-    o.lr = 3e-3 if demo else sched["lr"]
+    o.batch_size = sched["batch_size"]  # global batch
+    o.lr = sched["lr"]
     o.warmup_ratio = sched["warmup_ratio"]
-    # Demo epochs per stage (the demo datasets differ a lot in size). On the 320-take demo
-    # world: 16 / 2 / 5 / 15 min on 2 cores. Stage 0 (captioning, where the ego connector
-    # learns to read the frames) still lost ~8 % per tenth of its run at 8 epochs and ~5 % at
-    # 16 (last tenth 0.49); 32 end at 0.26. Stage 3 at 5 epochs answered only 6 of 20 of its
-    # own *training* "What is C doing?" clips exactly (loss still falling; `chat_check --clips
-    # train`); 10 epochs answer 15 of 20. docs/egobench.md has what each change did.
-    o.num_epochs = {0: 32, 1: 15, 2: 20, 3: 10}[stage] if demo else sched["num_epochs"]
+    o.num_epochs = sched["num_epochs"]
     o.num_steps = -1  # > 0 overrides num_epochs
     o.weight_decay = 0.0  # VideoLLaMA2 default
     o.b1, o.b2, o.eps = 0.9, 0.999, 1e-8
     o.grad_clip = 1.0
     o.grad_accum = 1  # micro-batches per update (each step of the loop is one micro-batch)
 
-    # ('data', 'fsdp', 'tensor'); -1 = every remaining device. The demo is data parallel (its
-    # model fits anywhere); the paper model is sharded over all devices (ZeRO-3 style).
-    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1) if demo else (1, -1, 1), rules="fsdp"))
-    c.checkpoint = ml_collections.ConfigDict(
-        dict(every_steps=100 if demo else 1000, keep=2, async_save=True)
+    # ('data', 'fsdp', 'tensor'); -1 = every remaining device. The paper model is sharded
+    # over all devices (ZeRO-3 style). rules: a preset of exo2ego_jax/sharding.py;
+    # rule_overrides: single rows over it, e.g. --config.mesh.rule_overrides.vocab=tensor.
+    c.mesh = ml_collections.ConfigDict(
+        dict(shape=(1, -1, 1), rules="fsdp", rule_overrides=ml_collections.ConfigDict())
     )
-    c.log_every = 10 if demo else 50
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
+    c.log_every = 50
 
     # Where this stage's inputs come from. Earlier stages' workdirs (params only, restored in
     # order, later stages overriding earlier ones) and pretrained Hugging Face / VideoLLaMA2
     # weights (empty = random init).
     c.init = ml_collections.ConfigDict()
-    c.init.stages = tuple(f"workdirs/{preset}/stage{i}" for i in range(stage))
-    if stage == 3:  # stage 3 starts from stages 0 and 2; stage 1 reached it through stage 2
-        c.init.stages = tuple(f"workdirs/{preset}/stage{i}" for i in (0, 1, 2))
-    # HF CLIPVisionModel / CLIPModel dir for both towers (the demo's: pretrained on exo clips)
-    c.init.clip = "demo_data/prepared/clip" if demo else ""
-    c.init.llm = (
-        "demo_data/prepared/llm" if demo else ""
-    )  # HF Mistral dir (or our pretrained demo LM)
+    c.init.stages = _stage_workdirs("paper", stage)
+    c.init.clip = ""  # HF CLIPVisionModel / CLIPModel dir for both towers
+    c.init.llm = ""  # HF Mistral dir
     c.init.mm_projector = ""  # VideoLLaMA2 mm_projector.bin / .safetensors for E_exo
     # Output dir of `python -m exo2ego_jax.tools.convert` (CLIP x2 / Mistral / projector at
     # the Exo2Ego paths), restored straight into the sharded params after the loaders above
     # (overriding them) and before the stage hand-offs; set clip / llm to "" when using it.
     c.init.converted = ""
-    if stage == 3:
-        c.model.lora.enabled = True
+    if preset == "demo":
+        c.update_from_flattened_dict(demo_overrides(stage))
     return c

@@ -10,6 +10,7 @@ names the field and the fix. Entry points (``main.py``, ``training.loop.train``,
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from pathlib import Path
 
@@ -28,6 +29,58 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 class ConfigError(ValueError):
     """A config field is invalid; the message names the field and what to do."""
+
+
+def field_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted field path of ``config`` (``["seed", "optim.lr", ...]``)."""
+    out = []
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        out.append(path)
+        if isinstance(value, ml_collections.ConfigDict):
+            out += field_paths(value, f"{path}.")
+    return out
+
+
+def _is_abbreviation(short: str, long: str) -> bool:
+    """``lr`` of ``learning_rate``: the same first letter, the rest in order."""
+    short, long = short.replace("_", ""), long.replace("_", "")
+    if len(short) < 2 or short[0] != long[0] or len(short) >= len(long):
+        return False
+    rest = iter(long)
+    return all(ch in rest for ch in short)
+
+
+def closest_fields(paths: list[str], path: str, n: int = 3) -> list[str]:
+    """The valid field paths most like the misspelled ``path``: siblings first (by spelling
+    or as an abbreviation of the leaf), then any path spelled alike."""
+    parent, _, leaf = path.rpartition(".")
+    scored = []
+    for p in paths:
+        p_parent, _, p_leaf = p.rpartition(".")
+        score = difflib.SequenceMatcher(None, leaf, p_leaf).ratio()
+        if _is_abbreviation(p_leaf, leaf) or _is_abbreviation(leaf, p_leaf):
+            score = max(score, 0.9)
+        if p_parent != parent:
+            score = min(score, difflib.SequenceMatcher(None, path, p).ratio()) - 0.05
+        if score >= 0.6:
+            scored.append((score, p))
+    return [p for _, p in sorted(scored, key=lambda t: -t[0])[:n]]
+
+
+def check_override_paths(config: ml_collections.ConfigDict, argv: list[str], flag: str = "config"):
+    """Refuses ``--config.<path>=...`` arguments naming no field of ``config``, naming the
+    closest valid fields (ml_collections itself raises a bare ``AttributeError``)."""
+    paths = field_paths(config)
+    for arg in argv:
+        if not arg.startswith(f"--{flag}."):
+            continue
+        path = arg[len(flag) + 3 :].split("=", 1)[0]
+        if path in paths:
+            continue
+        close = closest_fields(paths, path)
+        hint = f"; did you mean {', '.join(f'--{flag}.{c}' for c in close)}?" if close else ""
+        raise ConfigError(f"--{flag}.{path}: the config has no field {path!r}{hint}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ def demo_rows(tmp_path_factory):
     """Stage 1 of the demo on 8 devices with remat none and full (two small compiles)."""
     out = tmp_path_factory.mktemp("plan") / "table.md"
     rows = mp.main(
-        ["--config", STAGE1, "--devices=8", "--remat=none,full", f"--out={out}"], log=lambda _: None
+        [f"--config={STAGE1}", "--devices=8", "--remat=none,full", f"--out={out}"], log=lambda _: None
     )
     return rows, out
 
@@ -88,24 +88,27 @@ def test_batch_per_device_keeps_the_global_batch():
         (["--devices=8", "--rules=zero3"], "unknown sharding preset 'zero3'"),
         (["--devices=8", "--remat=some"], "remat policy 'some'"),
         (["--devices=8", "--batch_per_device=3"], "not a multiple of 3 x 8"),
-        (["--devices=8", "--set=model.no_such_field=1"], "no field 'model.no_such_field'"),
-        (["--devices=8", "--set=model.dtype=float8"], "config.model.dtype='float8'"),
+        (["--devices=8", "--config.model.no_such_field=1"], "no field 'model.no_such_field'"),
+        (["--devices=8", "--config.optim.learning_rate=1"], "did you mean --config.optim.lr"),
+        (["--devices=8", "--config.model.dtype=float8"], "config.model.dtype='float8'"),
+        (["--devices=8", "--stages=1,5"], "--stages=1,5: give stage numbers 0-3"),
+        (["--devices=eight"], "--devices=eight: use integers"),
     ],
 )
 def test_clear_errors(argv, message):
     # Everything is checked before compiling, so these are fast.
     with pytest.raises(mp.PlanError, match=re.escape(message)):
-        mp.main(["--config", STAGE1, *argv], log=lambda _: None)
+        mp.main([f"--config={STAGE1}", *argv], log=lambda _: None)
 
 
 def test_script_requests_enough_fake_devices(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --foo")
-    mp._request_devices(["--config", STAGE1, "--devices", "8,32", "16"])
+    mp._request_devices([f"--config={STAGE1}", "--devices=8,32,16"])
     flags = os.environ["XLA_FLAGS"].split()
     assert "--xla_force_host_platform_device_count=32" in flags and "--foo" in flags
     assert "--xla_force_host_platform_device_count=8" not in flags
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=64")
-    mp._request_devices(["--config", STAGE1, "--devices=16"])
+    mp._request_devices([f"--config={STAGE1}", "--devices=16"])
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=64"
 
 

@@ -11,13 +11,16 @@ per-device bytes: parameters (trainable + frozen), optimizer state, temporaries,
     python -m exo2ego_jax.tools.memory_plan --config=configs/stage3.py:paper --devices=16 \
         [--rules=fsdp|fsdp_tp|dp] [--remat=none|full|dots|dots_no_batch] \
         [--mesh=auto|config|D,F,T] [--batch_per_device=M] [--grad_accum=K] \
-        [--set=data.max_text_len=512 ...] [--hbm_gib=16] [--out=FILE]
+        [--config.data.max_text_len=512 ...] [--hbm_gib=16] [--out=FILE]
 
-``--config``, ``--devices``, ``--rules`` and ``--remat`` take several values (space- or
-comma-separated) and the tool plans every combination, e.g. the docs/scaling.md table::
+The config is loaded, and its fields overridden, by ml_collections (``config_flags``), as
+``main.py`` does. ``--stages``, ``--devices``, ``--rules`` and ``--remat`` take
+comma-separated lists and the tool plans every combination, e.g. the docs/scaling.md table::
 
-    python -m exo2ego_jax.tools.memory_plan --config configs/stage1.py:paper \
-        configs/stage2.py:paper configs/stage3.py:paper --devices=8,16,32 --remat=none,full
+    python -m exo2ego_jax.tools.memory_plan --config=configs/stage3.py:paper --stages=1,2,3 \
+        --devices=8,16,32 --remat=none,full
+
+(``--stages`` plans those stages of ``--config``'s preset, with the same overrides.)
 
 Batch: ``config.optim.batch_size`` is the global batch of one optimizer update and
 ``grad_accum`` splits it into micro-batches, so one step sees ``batch_size / grad_accum /
@@ -38,23 +41,23 @@ layouts and bf16 handling); read the numbers as estimates with a margin.
 
 from __future__ import annotations
 
-import argparse
-import ast
 import copy
 import dataclasses
-import importlib.util
 import math
 import os
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import flags
+from ml_collections import config_flags
 
+from configs import common
 from exo2ego_jax import config_lib, stages
 from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax.models.exo2ego import Exo2Ego
@@ -117,46 +120,22 @@ class PlanRow:
 # ----------------------------------------------------------------------------- config
 
 
-def load_config(spec: str):
-    """``path/to/stageN.py[:arg]`` -> ``get_config(arg)`` (the ml_collections convention)."""
-    path, _, arg = spec.partition(":")
-    file = Path(path)
-    if not file.is_file():
-        raise PlanError(f"--config={spec!r}: no such file {path!r}")
-    # The stage configs import their siblings as `configs.common`: put the repo root first.
-    root = str(file.resolve().parent.parent)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    module_spec = importlib.util.spec_from_file_location(f"_memory_plan_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    try:
-        return module.get_config(arg or None)
-    except ValueError as e:
-        raise PlanError(f"--config={spec!r}: {e}") from e
-
-
-def apply_override(config, assignment: str) -> None:
-    """``a.b.c=VALUE`` (a Python literal, else a string) set in place on ``config``."""
-    key, sep, raw = assignment.partition("=")
-    if not sep or not key:
-        raise PlanError(f"--set {assignment!r}: use FIELD=VALUE, e.g. data.max_text_len=512")
-    try:
-        value = ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        value = raw
-    *parents, leaf = key.split(".")
-    node = config
-    try:
-        for name in parents:
-            node = node[name]
-        if leaf not in node:
-            raise KeyError(leaf)
-        node[leaf] = value
-    except (KeyError, AttributeError):
-        raise PlanError(f"--set {assignment!r}: config has no field {key!r}") from None
-    except TypeError as e:
-        raise PlanError(f"--set {assignment!r}: {e}") from None
+def stage_configs(config, stages: Sequence[str], overrides: Mapping[str, Any]) -> list:
+    """``config`` itself (no ``stages``), or the same preset's config of each listed stage
+    with the command line's ``--config.*`` ``overrides`` applied again."""
+    if not stages:
+        return [config]
+    out = []
+    for k in stages:
+        if k not in ("0", "1", "2", "3"):
+            raise PlanError(f"--stages={','.join(stages)}: give stage numbers 0-3")
+        try:
+            c = common.base_config(int(k), config.get("preset", "paper"))
+            c.update_from_flattened_dict(dict(overrides))
+        except (ValueError, KeyError, TypeError) as e:
+            raise PlanError(f"--stages={k}: {e}") from None
+        out.append(c)
+    return out
 
 
 def auto_mesh(rules: str, devices: int) -> tuple[int, int, int]:
@@ -199,12 +178,9 @@ def prepare_config(
     mesh: str = "auto",
     batch_per_device: int | None = None,
     grad_accum: int | None = None,
-    overrides: Sequence[str] = (),
 ):
     """A copy of ``config`` with the plan's choices applied, validated like the trainer."""
     config = copy.deepcopy(config)
-    for assignment in overrides:
-        apply_override(config, assignment)
     if rules is not None:
         config.mesh.rules = rules
     try:
@@ -449,102 +425,121 @@ def markdown_table(rows: Sequence[PlanRow]) -> str:
 # ----------------------------------------------------------------------------- CLI
 
 
-def _split(values: Sequence[str] | None) -> list[str]:
-    return [v for value in values or () for v in re.split(r"[,\s]+", value) if v]
+def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
+    """The tool's flags, on a fresh ``FlagValues`` (so :func:`main` can run in-process);
+    ``argv`` names the ``--config.*`` overrides to define."""
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Stage config file, e.g. configs/stage3.py:paper; override fields with --config.a.b=v.",
+        flag_values=fv,
+        lock_config=False,
+        sys_argv=list(argv),
+    )
+    flags.DEFINE_list("stages", [], "Plan these stages of --config's preset.", flag_values=fv)
+    flags.DEFINE_list("devices", None, "Device counts, e.g. 8,16,32.", flag_values=fv)
+    flags.DEFINE_list(
+        "rules", [], "fsdp | fsdp_tp | dp (default: config.mesh.rules).", flag_values=fv
+    )
+    flags.DEFINE_list(
+        "remat", [], f"{' | '.join(REMAT_POLICIES)} (default: the config's).", flag_values=fv
+    )
+    flags.DEFINE_string("mesh", "auto", "auto | config | D,F,T (one may be -1).", flag_values=fv)
+    flags.DEFINE_integer("batch_per_device", None, "Micro-batch per device.", flag_values=fv)
+    flags.DEFINE_integer("grad_accum", None, "Micro-batches per optimizer update.", flag_values=fv)
+    flags.DEFINE_float("hbm_gib", 16.0, "Device memory for 'fits?'.", flag_values=fv)
+    flags.DEFINE_bool(
+        "fast_compile", False, "Compile with sharding.FAST_COMPILE_OPTIONS.", flag_values=fv
+    )
+    flags.DEFINE_string("out", None, "Also write the Markdown table to this file.", flag_values=fv)
+    return fv
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m exo2ego_jax.tools.memory_plan",
-        description="Per-device memory of a train step, compiled ahead of time from shapes.",
-    )
-    p.add_argument("--config", nargs="+", required=True, help="configs/stageN.py[:preset] ...")
-    p.add_argument("--devices", nargs="+", required=True, help="device counts, e.g. 8,16,32")
-    p.add_argument("--rules", nargs="+", help="fsdp | fsdp_tp | dp (default: config.mesh.rules)")
-    p.add_argument(
-        "--remat", nargs="+", help=f"{' | '.join(REMAT_POLICIES)} (default: the config's)"
-    )
-    p.add_argument("--mesh", default="auto", help="auto | config | D,F,T (one may be -1)")
-    p.add_argument("--batch_per_device", type=int, help="micro-batch per device")
-    p.add_argument("--grad_accum", type=int, help="micro-batches per optimizer update")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="config override, e.g. data.max_text_len=512 (repeatable)",
-    )
-    p.add_argument("--hbm_gib", type=float, default=16.0, help="device memory for 'fits?'")
-    p.add_argument(
-        "--fast_compile",
-        action="store_true",
-        help="compile with sharding.FAST_COMPILE_OPTIONS (less LLVM work on CPU)",
-    )
-    p.add_argument("--out", help="also write the Markdown table to this file")
-    return p
-
-
-def _device_counts(values: Sequence[str]) -> list[int]:
+def parse_flags(argv: Sequence[str], *, known_only: bool = False) -> flags.FlagValues:
+    """Parses ``argv`` (without the program name); a bad flag is a :class:`PlanError`."""
+    argv = ["memory_plan", *argv]
+    fv = _flag_values(argv)
     try:
-        counts = [int(v) for v in _split(values)]
+        config_only = [a for a in argv if a.startswith("--config=")]
+        bare = _flag_values(config_only)
+        bare(["memory_plan", *config_only], known_only=True)
+        if bare.config is not None:
+            config_lib.check_override_paths(bare.config, argv)
+        fv(argv, known_only=known_only)
+    except (flags.Error, OSError, config_lib.ConfigError) as e:
+        raise PlanError(str(e).splitlines()[0]) from None
+    if fv.config is None and not known_only:
+        raise PlanError("--config is required, e.g. --config=configs/stage3.py:paper")
+    return fv
+
+
+def load_config(spec: str):
+    """``path/to/stageN.py[:arg]`` loaded by ml_collections' own loader (``config_flags``)."""
+    return parse_flags([f"--config={spec}"]).config
+
+
+def _device_counts(values: Sequence[str] | None) -> list[int]:
+    try:
+        counts = [int(v) for v in values or ()]
     except ValueError:
-        raise PlanError(f"--devices={' '.join(values)}: use integers, e.g. 8,16,32") from None
+        raise PlanError(f"--devices={','.join(values)}: use integers, e.g. 8,16,32") from None
     if not counts or any(n < 1 for n in counts):
-        raise PlanError("--devices: give positive device counts")
+        raise PlanError("--devices: give positive device counts, e.g. --devices=8,16")
     return counts
 
 
 def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] = print) -> list[PlanRow]:
-    """Runs the planner for every (config, devices, rules, remat) combination of ``argv``;
+    """Runs the planner for every (stage, devices, rules, remat) combination of ``argv``;
     prints (and with ``--out`` writes) the Markdown table and returns the rows."""
-    args = _parser().parse_args(argv)
-    counts = _device_counts(args.devices)
+    fv = parse_flags(sys.argv[1:] if argv is None else argv)
+    counts = _device_counts(fv.devices)
+    overrides = config_flags.get_override_values(fv["config"])
+    name = fv["config"].config_filename
     rows = []
-    for spec in _split(args.config):
-        base = load_config(spec)
+    for base in stage_configs(fv.config, fv.stages, overrides):
         for devices in counts:
-            for rules in _split(args.rules) or [None]:
-                for remat in _split(args.remat) or [None]:
+            for rules in fv.rules or [None]:
+                for remat in fv.remat or [None]:
                     config = prepare_config(
                         base,
                         devices,
                         rules=rules,
                         remat=remat,
-                        mesh=args.mesh,
-                        batch_per_device=args.batch_per_device,
-                        grad_accum=args.grad_accum,
-                        overrides=args.overrides,
+                        mesh=fv.mesh,
+                        batch_per_device=fv.batch_per_device,
+                        grad_accum=fv.grad_accum,
                     )
+                    label = name if not fv.stages else f"stage{base.stage.stage}:{base.preset}"
                     rows.append(
                         plan(
                             config,
                             devices,
-                            name=spec,
-                            hbm_gib=args.hbm_gib,
-                            fast_compile=args.fast_compile,
+                            name=label,
+                            hbm_gib=fv.hbm_gib,
+                            fast_compile=fv.fast_compile,
                             log=log,
                         )
                     )
     table = markdown_table(rows)
     log(table)
-    if args.out:
-        Path(args.out).write_text(table)
+    if fv.out:
+        Path(fv.out).write_text(table)
     return rows
 
 
 def _request_devices(argv: Sequence[str]) -> None:
     """Sets the fake-CPU device count for the largest ``--devices`` (before JAX starts)."""
     try:
-        wanted = max(_device_counts(_parser().parse_known_args(argv)[0].devices))
-    except (PlanError, SystemExit, TypeError):
+        wanted = max(_device_counts(parse_flags(argv, known_only=True).devices))
+    except PlanError:
         return  # main() reports the bad flag
-    flags = os.environ.get("XLA_FLAGS", "")
-    have = re.search(rf"{_DEVICE_FLAG}=(\d+)", flags)
+    flag_text = os.environ.get("XLA_FLAGS", "")
+    have = re.search(rf"{_DEVICE_FLAG}=(\d+)", flag_text)
     if have and int(have.group(1)) >= wanted:
         return
-    flags = re.sub(rf"{_DEVICE_FLAG}=\d+", "", flags).strip()
-    os.environ["XLA_FLAGS"] = f"{flags} {_DEVICE_FLAG}={wanted}".strip()
+    flag_text = re.sub(rf"{_DEVICE_FLAG}=\d+", "", flag_text).strip()
+    os.environ["XLA_FLAGS"] = f"{flag_text} {_DEVICE_FLAG}={wanted}".strip()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
