@@ -19,7 +19,8 @@ def demo_rows(tmp_path_factory):
     """Stage 1 of the demo on 8 devices with remat none and full (two small compiles)."""
     out = tmp_path_factory.mktemp("plan") / "table.md"
     rows = mp.main(
-        [f"--config={STAGE1}", "--devices=8", "--remat=none,full", f"--out={out}"], log=lambda _: None
+        [f"--config={STAGE1}", "--devices=8", "--remat=none,full", f"--out={out}"],
+        log=lambda _: None,
     )
     return rows, out
 
