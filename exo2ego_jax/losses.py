@@ -33,8 +33,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100  # as Hugging Face / VideoLLaMA2 (also ``models.splice.IGNORE_INDEX``)
-
+from input_pipeline.templates import IGNORE_INDEX  # -100, as Hugging Face / VideoLLaMA2
 
 # ----------------------------------------------------------------------------- VTG
 

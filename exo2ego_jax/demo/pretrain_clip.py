@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +44,7 @@ import optax
 from exo2ego_jax.demo.fit import fit
 from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.weights.hf import save_clip_vision
+from input_pipeline import atomic
 from input_pipeline.synthetic.clip_corpus import LABELS, render_corpus
 from input_pipeline.video import CLIP_MEAN, CLIP_STD
 
@@ -250,14 +249,8 @@ def pretrain(
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:  # written aside and renamed: an interruption never leaves a half checkpoint
-        save_clip_vision(cfg, params["tower"], tmp / "model")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        (tmp / "model").rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic.staged_dir(out_dir) as stage:  # an interruption never leaves half a tower
+        save_clip_vision(cfg, params["tower"], stage)
     return {
         "first_loss": result.first_loss,
         "last_loss": result.last_loss,

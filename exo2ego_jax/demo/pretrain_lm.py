@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from exo2ego_jax import losses
 from exo2ego_jax.demo.fit import fit
 from exo2ego_jax.models import mistral as mistral_lib
 from exo2ego_jax.weights.hf import save_mistral
+from input_pipeline import atomic
 from input_pipeline.datasets import open_dataset
 from input_pipeline.tokenizer import load_tokenizer
 
@@ -124,17 +124,11 @@ def pretrain(
     params, first, last = result.params, result.first_loss, result.last_loss
 
     out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        save_mistral(cfg, params, tmp / "model")
+    with atomic.staged_dir(out_dir) as stage:  # an interruption never leaves half a model
+        save_mistral(cfg, params, stage)
         for f in tokenizer_dir.iterdir():
             if f.is_file():
-                shutil.copy2(f, tmp / "model" / f.name)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        (tmp / "model").rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                shutil.copy2(f, stage / f.name)
     return {
         "first_loss": first,
         "last_loss": last,

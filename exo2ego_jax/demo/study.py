@@ -41,7 +41,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -74,6 +73,7 @@ from exo2ego_jax.eval.evaluate import evaluate
 from exo2ego_jax.training import checkpoints
 from exo2ego_jax.training.loop import TrainingDivergedError, train
 from exo2ego_jax.training.streams import dataset_for
+from input_pipeline import atomic
 from input_pipeline.pipeline import PipelineOptions, record_dataset
 from input_pipeline.synthetic import generate_world, split_sizes
 
@@ -351,12 +351,6 @@ def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path
     return data_dir
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_results(
     config: ml_collections.ConfigDict,
     plan: Plan,
@@ -381,8 +375,8 @@ def write_results(
     arms = {a: aggregated[a] for a in config.arms if a in aggregated}  # config order
     curve = dict(sorted(aggregate(per_curve, ddof).items()))
     seeds = list(config.seeds)
-    _atomic_write(root / "results.md", results_tables(config, arms, curve, chance, seeds))
-    _atomic_write(root / "results.csv", results_csv(arms, curve))
+    atomic.write_text(root / "results.md", results_tables(config, arms, curve, chance, seeds))
+    atomic.write_text(root / "results.csv", results_csv(arms, curve))
     payload = {
         "seeds": seeds,
         "arms": arms,
@@ -399,7 +393,7 @@ def write_results(
         },
         "errors": dict(errors),
     }
-    _atomic_write(root / "results.json", json.dumps(payload, indent=2, default=str))
+    atomic.write_text(root / "results.json", json.dumps(payload, indent=2, default=str))
     if plots:
         try:
             write_plots(root, arms, curve, chance)
@@ -420,7 +414,7 @@ class Timings:
 
     def record(self, job_id: str, kind: str, seconds: float, **extra: Any) -> None:
         self.data[job_id] = {"kind": kind, "seconds": round(seconds, 1), **extra}
-        _atomic_write(self.path, json.dumps(self.data, indent=2, sort_keys=True))
+        atomic.write_text(self.path, json.dumps(self.data, indent=2, sort_keys=True))
 
     def kind_of(self, plan: Plan, job_id: str) -> str:
         return f"stage{plan.stages[job_id].stage}" if job_id in plan.stages else "eval"
@@ -486,7 +480,7 @@ def run_eval(job: EvalJob, *, log: Log, progress: bool) -> dict:
     _, metrics = evaluate(job.config, log=logging.info, progress=progress)
     scores = task_scores(metrics)
     record = {"labels": job.labels, "scores": scores, "metrics": metrics}
-    _atomic_write(job.out_dir / "study_metrics.json", json.dumps(record, indent=2))
+    atomic.write_text(job.out_dir / "study_metrics.json", json.dumps(record, indent=2))
     log(f"[study] {job.id}: average {format_score(scores[AVERAGE])}")
     return scores
 
@@ -515,7 +509,7 @@ def run(config: ml_collections.ConfigDict, *, log: Log = print, progress: bool =
     use_compilation_cache(config)
     prepare_data(config, log=log)
     plan = make_plan(config)
-    _atomic_write(root / "plan.json", json.dumps(plan_json(plan), indent=2))
+    atomic.write_text(root / "plan.json", json.dumps(plan_json(plan), indent=2))
     timings = Timings(root / "timings.json")
     log(
         f"[study] {len(plan.stages)} stage runs and {len(plan.evals)} evaluations for seeds "

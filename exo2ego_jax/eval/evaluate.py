@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +41,7 @@ from exo2ego_jax.config_lib import ResolvedConfig
 from exo2ego_jax.eval import report, scoring
 from exo2ego_jax.runtime import Log, Trained
 from exo2ego_jax.training import checkpoints
-from input_pipeline import egobench
+from input_pipeline import atomic, egobench
 from input_pipeline.egobench import EvalItem, RetrievalBenchmark
 
 Benchmark = list[EvalItem] | RetrievalBenchmark
@@ -127,9 +126,7 @@ def check_settings(out_dir: Path, current: dict) -> None:
     if jax.process_index() != 0:  # one writer; atomic, so no process reads half a file
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{SETTINGS_FILE}.tmp"
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(current, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------- tasks

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from exo2ego_jax.eval import metrics as M
+from input_pipeline import atomic
 from input_pipeline.egobench import EvalItem, RetrievalBenchmark
 
 PathLike = str | os.PathLike
@@ -322,10 +323,7 @@ def write_report(
         ("results.md", markdown_table(rows, paper=paper, chance=chance)),
         ("results.csv", csv_table(rows, paper=paper, chance=chance)),
     ):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
-        paths.append(out / name)
+        paths.append(atomic.write_text(out / name, text))
     return paths[0], paths[1]
 
 

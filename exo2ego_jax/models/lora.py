@@ -151,10 +151,6 @@ def lora_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: lora_param_filter(p), params)
 
 
-def _unbox(x: Any) -> Any:
-    return x.unbox() if isinstance(x, nn.meta.AxisMetadata) else x
-
-
 def merge_lora(params: Any, config: Any) -> Any:
     """Folds every adapter into its kernel, ``kernel + scale * A @ B``, and drops the adapters.
 
@@ -176,7 +172,7 @@ def merge_lora(params: Any, config: Any) -> Any:
         if "lora_a" in node or "lora_b" in node:
             if not {"kernel", "lora_a", "lora_b"} <= node.keys():
                 raise ValueError(f"incomplete LoRA layer with keys {sorted(node)}")
-            kernel, a, b = (_unbox(node[k]) for k in ("kernel", "lora_a", "lora_b"))
+            kernel, a, b = (nn.unbox(node[k]) for k in ("kernel", "lora_a", "lora_b"))
             delta = jnp.einsum(
                 "...ir,...ro->...io",
                 a.astype(jnp.float32),

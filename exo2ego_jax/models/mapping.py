@@ -237,7 +237,7 @@ class ConvTranspose2x(nn.Module):
         return y
 
 
-class ConvNormAct(nn.Module):
+class GeneratorConv(nn.Module):
     """(pad) · conv · norm · (ReLU) on ``[N, H, W, C]``: one CycleGAN generator stage.
 
     Attributes:
@@ -307,8 +307,8 @@ class ResnetBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        h = ConvNormAct(self.config, c, 3, relu=True, name="conv1")(x)
-        h = ConvNormAct(self.config, c, 3, relu=False, name="conv2")(h)
+        h = GeneratorConv(self.config, c, 3, relu=True, name="conv1")(x)
+        h = GeneratorConv(self.config, c, 3, relu=False, name="conv2")(h)
         return x + h
 
 
@@ -328,15 +328,15 @@ class ResnetGenerator(nn.Module):
         if x.shape[1] % 4 or x.shape[2] % 4:
             raise ValueError(f"ResnetGenerator needs H, W multiples of 4; got {x.shape[1:3]}")
         act_spec = ("batch", None, None, "act_mlp")
-        h = ConvNormAct(cfg, ngf, 7, name="stem")(x)
-        h = ConvNormAct(cfg, 2 * ngf, 3, stride=2, name="down_0")(h)
-        h = ConvNormAct(cfg, 4 * ngf, 3, stride=2, name="down_1")(h)
+        h = GeneratorConv(cfg, ngf, 7, name="stem")(x)
+        h = GeneratorConv(cfg, 2 * ngf, 3, stride=2, name="down_0")(h)
+        h = GeneratorConv(cfg, 4 * ngf, 3, stride=2, name="down_1")(h)
         for i in range(cfg.n_blocks):
             h = nn.with_logical_constraint(h, act_spec)
             h = ResnetBlock(cfg, name=f"block_{i}")(h)
         h = nn.with_logical_constraint(h, act_spec)
-        h = ConvNormAct(cfg, 2 * ngf, 3, stride=-2, name="up_0")(h)
-        h = ConvNormAct(cfg, ngf, 3, stride=-2, name="up_1")(h)
+        h = GeneratorConv(cfg, 2 * ngf, 3, stride=-2, name="up_0")(h)
+        h = GeneratorConv(cfg, ngf, 3, stride=-2, name="up_1")(h)
         h = _pad_hw(h, 3, cfg.padding)
         # Final conv: always biased (CycleGAN), not followed by a norm, no tanh.
         return nn.Conv(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-IGNORE_INDEX = -100
+from input_pipeline.templates import IGNORE_INDEX
 
 
 def placeholder_positions(input_ids: jnp.ndarray, sentinel: int) -> jnp.ndarray:

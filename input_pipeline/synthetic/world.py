@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from input_pipeline import atomic
 from input_pipeline.synthetic.corpora import (
     egoclip_file,
     egoexo_files,
@@ -107,7 +108,7 @@ def generate_world(
             f" (seed {seed}). Layout: docs/data.md of exo2ego-jax; manifest: world.json.\n"
         )
         (tmp / "world.json").write_bytes(json_bytes(manifest))
-        _swap_into_place(tmp, out)
+        atomic.swap_dir_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -151,17 +152,6 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
             f"{out} already exists and is not empty; pass --overwrite (overwrite=True) to "
             "replace it, or choose another --out"
         )
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``, replacing an old world there."""
-    if out.exists():
-        old = out.parent / f"{out.name}.old-{secrets.token_hex(4)}"
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def _render_all(
