@@ -77,8 +77,8 @@ def worker(side: str, rounds: int) -> dict:
         import jax
         import jax.numpy as jnp
 
-        from exo2ego_jax.checkpoints.hf_mistral import load_mistral
         from exo2ego_jax.models.generate import generate
+        from exo2ego_jax.weights.hf_mistral import load_mistral
 
         with tempfile.TemporaryDirectory() as d:
             hf.save_pretrained(d)

@@ -242,8 +242,8 @@ def worker_ours(workdir: Path, shape: Shape, args) -> dict:
     from flax import linen as nn
 
     from exo2ego_jax import stages
-    from exo2ego_jax.checkpoints.hf_mistral import save_mistral
     from exo2ego_jax.models.mistral import MistralLM
+    from exo2ego_jax.weights.hf_mistral import save_mistral
 
     cfg = _mistral_config(scan_layers=args.layout == "scan", remat_policy=args.remat)
     module = MistralLM(cfg)

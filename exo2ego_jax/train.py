@@ -130,8 +130,8 @@ def read_pretrained(init: ml_collections.ConfigDict) -> dict[str, tuple[Params, 
     VideoLLaMA2 projector (E_exo). Runs outside any mesh / rules context: the loaders build
     their own modules on the host.
     """
-    from exo2ego_jax.checkpoints import hf  # noqa: PLC0415
-    from exo2ego_jax.checkpoints.mm_projector import load_mm_projector  # noqa: PLC0415
+    from exo2ego_jax.weights import hf  # noqa: PLC0415
+    from exo2ego_jax.weights.mm_projector import load_mm_projector  # noqa: PLC0415
 
     out: dict[str, tuple[Params, str]] = {}
     if init.clip:
@@ -179,7 +179,7 @@ def build_params(
     params, shardings = init_params(model, mesh, rules, config.seed)
     params = place_pretrained(params, shardings, pretrained)
     if config.init.get("converted"):
-        from exo2ego_jax.checkpoints import converted  # noqa: PLC0415
+        from exo2ego_jax.weights import converted  # noqa: PLC0415
 
         # Read by each device straight into its shards; the replaced initial values are
         # freed first (donate) so no device holds two copies of the LLM.

@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
-from exo2ego_jax.checkpoints import hf
 from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.tools import chat_check, pretrain_clip, pretrain_lm
+from exo2ego_jax.weights import hf
 from input_pipeline import clip_corpus, synthetic_world
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import transformers
 
-from exo2ego_jax.checkpoints.hf_mistral import load_mistral
 from exo2ego_jax.models import mistral as M
 from exo2ego_jax.models.generate import generate, generate_jit, sample_token
+from exo2ego_jax.weights.hf_mistral import load_mistral
 
 LENGTHS = (9, 4, 13)  # right-padded prompts of different lengths
 N_NEW = 20

@@ -12,9 +12,9 @@ import pytest
 import torch
 import transformers
 
-from exo2ego_jax.checkpoints.hf_mistral import load_mistral
 from exo2ego_jax.models import mistral as M
 from exo2ego_jax.models.lora import LoRAConfig, LoRADense, lora_mask, lora_param_filter, merge_lora
+from exo2ego_jax.weights.hf_mistral import load_mistral
 
 LORA = LoRAConfig(rank=4, alpha=8.0, dropout=0.1)
 

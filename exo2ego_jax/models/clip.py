@@ -4,7 +4,7 @@ The tower VideoLLaMA2 (and so Exo2Ego) uses: patch conv without bias, a class to
 learned position embeddings, ``pre_layrnorm``, pre-LN transformer layers (biased
 self-attention, quick-GELU MLP) and ``post_layernorm`` on the class token for the pooled
 output. Parameter names follow the HF module names so checkpoint mapping stays readable
-(:mod:`exo2ego_jax.checkpoints.hf_clip`).
+(:mod:`exo2ego_jax.weights.hf_clip`).
 
 Layout conventions: images are NHWC ``float[B, H, W, 3]`` already CLIP-normalised; tokens are
 ``float[B, S, W]`` with ``S = 1 + N`` (class token first, then ``N = (H/p)²`` patches in

@@ -17,7 +17,7 @@ instantiates it, i.e. with the ``Bottleneck`` defaults ``bottle_ratio=1``, ``gro
 Everything is channels-last (NHWC / NDHWC). Submodule names mirror the PyTorch state-dict
 keys (``s1.b1.conv1.conv.weight`` ↔ ``s1/b1/conv1/conv/kernel``, ``sampler.0`` ↔
 ``sampler_0``, ``readout.2`` ↔ ``readout_2``) so that
-:mod:`exo2ego_jax.checkpoints.mm_projector` maps ``mm_projector.bin`` one to one.
+:mod:`exo2ego_jax.weights.mm_projector` maps ``mm_projector.bin`` one to one.
 """
 
 from __future__ import annotations

@@ -160,7 +160,7 @@ def pretrain(
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from exo2ego_jax.checkpoints.hf import save_clip_vision  # noqa: PLC0415
+    from exo2ego_jax.weights.hf import save_clip_vision  # noqa: PLC0415
     from input_pipeline.clip_corpus import LABELS, render_corpus  # noqa: PLC0415
 
     cfg = config or clip_lib.tiny(image_size=64, patch_size=8)

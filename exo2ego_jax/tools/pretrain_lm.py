@@ -89,7 +89,7 @@ def pretrain(
     """
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from exo2ego_jax.checkpoints.hf import save_mistral  # noqa: PLC0415
+    from exo2ego_jax.weights.hf import save_mistral  # noqa: PLC0415
     from input_pipeline.tokenizer import load_tokenizer  # noqa: PLC0415
 
     data_dir = Path(data_dir)
