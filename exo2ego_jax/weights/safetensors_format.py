@@ -131,7 +131,13 @@ def read_header(file: str | os.PathLike) -> tuple[dict[str, TensorEntry], dict[s
     offset start at 0, follow each other without gap or overlap, and the last one ends
     at the end of the file (zero-size tensors may sit at any boundary).
     """
-    file = Path(file)
+    try:
+        return _read_header(Path(file))
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; re-download the file or re-save it with safetensors") from None
+
+
+def _read_header(file: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
     try:
         size = file.stat().st_size
         with open(file, "rb") as f:
