@@ -19,6 +19,7 @@ with a hint, since those are whole-model pickles.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -131,7 +132,7 @@ class TensorSource:
             raise ValueError(f"{self.describe(name)}: rows {start}:{stop} outside 0:{n}")
         if not isinstance(entry, TensorEntry):
             return _to_numpy(entry if not shape else entry[start:stop])
-        row = int(np.prod(shape[1:], dtype=np.int64))
+        row = math.prod(shape[1:])
         count = (stop - start) * row
         if count == 0:
             return np.zeros((stop - start, *shape[1:]) if shape else (), entry.dtype)
