@@ -15,8 +15,10 @@ import transformers
 
 from exo2ego_jax.models import clip
 from exo2ego_jax.sharding import rules_for
-from exo2ego_jax.weights.hf_clip import load_clip_vision, save_clip_vision, tensor_map
-from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
+from exo2ego_jax.weights.errors import CheckpointError
+from exo2ego_jax.weights.hf_clip import load_clip_vision, param_mappings, save_clip_vision
+from exo2ego_jax.weights.safetensors_format import write_safetensors
+from exo2ego_jax.weights.tensors import TensorSource
 
 TOL = 1e-4
 
@@ -152,7 +154,7 @@ def test_parity_with_transformers_clip_vision_model(hf_dirs, name):
 
 def test_parity_from_clip_model_directory(hf_dirs):
     full, path = hf_dirs["clip_model"]
-    assert any(n.startswith("text_model.") for n in TensorIndex(path).names())
+    assert any(n.startswith("text_model.") for n in TensorSource(path).names())
     module, params = load_clip_vision(path)
     assert module.config == clip.CLIPVisionConfig.from_hf_config(
         json.loads((path / "config.json").read_text())
@@ -268,7 +270,7 @@ def test_wrong_model_type_raises(hf_dirs, tmp_path):
 
 def test_wrong_tensor_shape_raises(hf_dirs, tmp_path):
     _, path = hf_dirs["a"]
-    index = TensorIndex(path)
+    index = TensorSource(path)
     victim = "encoder.layers.1.mlp.fc1.weight"  # [128, 64] in the config
     tensors = [
         (n, np.asarray(index.get(n))[:100] if n == victim else np.asarray(index.get(n)))
@@ -279,13 +281,13 @@ def test_wrong_tensor_shape_raises(hf_dirs, tmp_path):
     )
     with pytest.raises(CheckpointError, match=r"encoder\.layers\.1\.mlp\.fc1\.weight") as e:
         load_clip_vision(bad)
-    assert "(128, 64)" in str(e.value) and "(100, 64)" in str(e.value)
+    assert "[128, 64]" in str(e.value) and "[100, 64]" in str(e.value)
     print("shape error:", e.value)
 
 
 def test_missing_tensor_raises(hf_dirs, tmp_path):
     _, path = hf_dirs["a"]
-    index = TensorIndex(path)
+    index = TensorSource(path)
     victim = "encoder.layers.2.self_attn.v_proj.bias"
     tensors = [(n, np.asarray(index.get(n))) for n in index.names() if n != victim]
     bad = write_safetensors(
@@ -391,7 +393,7 @@ def test_paper_preset_param_count_matches_transformers():
     n_hf = sum(p.numel() for p in hf.parameters())
     print(f"CLIP ViT-L/14-336 vision tower params: jax {n_jax:,} / transformers {n_hf:,}")
     assert n_jax == n_hf == 303_507_456
-    assert len(tensor_map(cfg)) == 7 + 16  # every HF tensor has one mapping entry
+    assert len(param_mappings(cfg)) == 7 + 16  # every HF tensor has one mapping entry
     assert sum(1 for _ in hf.state_dict()) == 7 + 16 * cfg.num_layers
 
     # clip_features at paper size: [B, T, 576, 1024], shapes only.

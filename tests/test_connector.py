@@ -15,13 +15,13 @@ from reference.stc_connector_torch import STCConnector as TorchSTC
 
 from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
 from exo2ego_jax.sharding import make_mesh, rules_for
+from exo2ego_jax.weights.errors import CheckpointError
 from exo2ego_jax.weights.mm_projector import (
     convert_state_dict,
     load_mm_projector,
-    mm_projector_keys,
+    param_mappings,
     save_mm_projector,
 )
-from exo2ego_jax.weights.safetensors_io import CheckpointError
 
 TP_RULES = rules_for("fsdp_tp")
 
@@ -110,7 +110,7 @@ def test_inferred_config_and_tree_match_module_init():
 def test_timm_block_semantics():
     """Group size 1 (depthwise), SE width round(0.25 · block input), shortcut only in b1."""
     cfg = STCConnectorConfig.videollama2_paper()
-    keys = mm_projector_keys(cfg)
+    keys = {m.hf_names[0]: (m.hf_shape, m.path) for m in param_mappings(cfg)}
     assert keys["s1.b1.conv2.conv.weight"][0] == (4096, 1, 3, 3)
     assert keys["s1.b1.se.fc1.weight"][0] == (256, 4096, 1, 1)  # round(1024 · 0.25)
     assert keys["s1.b2.se.fc1.weight"][0] == (1024, 4096, 1, 1)  # round(4096 · 0.25)
@@ -214,7 +214,7 @@ def test_paper_shapes_and_param_count():
         n_torch = sum(p.numel() for p in TorchSTC(1024, 4096).parameters())
     print(f"paper STC connector parameters: flax {n_flax:,}  torch {n_torch:,}")
     assert n_flax == n_torch == PAPER_PARAMS
-    assert sum(math.prod(s) for s, _, _ in mm_projector_keys(cfg).values()) == PAPER_PARAMS
+    assert sum(math.prod(m.hf_shape) for m in param_mappings(cfg)) == PAPER_PARAMS
 
 
 def test_logical_axes_and_sharded_apply():

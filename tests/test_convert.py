@@ -1,4 +1,4 @@
-"""Streaming conversion (tools/convert.py) and the sharded loader (checkpoints/converted.py).
+"""Streaming conversion (tools/convert.py) and the sharded loader (weights/converted.py).
 
 Fast tests use tiny transformers checkpoints; ``test_peak_memory_of_a_multi_gib_conversion``
 (slow) measures the converter's peak RSS on a synthetic ~2.6 GiB sharded Mistral.
@@ -31,8 +31,10 @@ from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mistral import from_hf_config
 from exo2ego_jax.tools import convert
 from exo2ego_jax.weights import converted, hf
-from exo2ego_jax.weights.mm_projector import load_mm_projector, mm_projector_keys
-from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
+from exo2ego_jax.weights.errors import CheckpointError
+from exo2ego_jax.weights.mm_projector import load_mm_projector, param_mappings
+from exo2ego_jax.weights.safetensors_format import write_safetensors
+from exo2ego_jax.weights.tensors import TensorSource
 
 # Sizes differ from each other everywhere, so a wrong transpose or reshape cannot pass.
 TINY_CLIP = dict(
@@ -75,8 +77,8 @@ def sources(tmp_path_factory):
     cfg = STCConnectorConfig.tiny(in_channels=48, out_size=64)
     rng = np.random.default_rng(3)
     tensors = [
-        (k, rng.standard_normal(shape).astype(np.float32))
-        for k, (shape, _, _) in mm_projector_keys(cfg).items()
+        (m.hf_names[0], rng.standard_normal(m.hf_shape).astype(np.float32))
+        for m in param_mappings(cfg)
     ]
     write_safetensors(root / "proj", tensors)
     os.replace(root / "proj" / "model.safetensors", root / "mm_projector.safetensors")
@@ -226,8 +228,8 @@ def test_build_params_restores_init_converted(tmp_path):
 def test_projector_from_prefixed_torch_bin(sources, tmp_path):
     """A PyTorch ``mm_projector.bin`` (keys as in a full VideoLLaMA2 state dict) converts to
     the same values as the safetensors file."""
-    src = convert._SafetensorsSource.from_file(sources["projector"])
-    state = {f"model.mm_projector.{n}": torch.from_numpy(src.whole(n)) for n in src.names()}
+    src = TensorSource(sources["projector"])
+    state = {f"model.mm_projector.{n}": torch.from_numpy(src.read(n)) for n in src.names()}
     torch.save(state, tmp_path / "mm_projector.bin")
     out = tmp_path / "conv"
     convert.convert(out, projector=tmp_path / "mm_projector.bin", progress=False)
@@ -244,7 +246,7 @@ def test_projector_from_prefixed_torch_bin(sources, tmp_path):
 
 def _copy_without(src: Path, dst: Path, drop: str | None = None, reshape: str | None = None):
     """A copy of an HF dir with one tensor dropped or given a wrong shape."""
-    index = TensorIndex(src)
+    index = TensorSource(src)
     tensors = []
     for n in index.names():
         if n == drop:
@@ -264,7 +266,7 @@ def test_errors_name_file_and_tensor(sources, tmp_path):
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight.*not found"):
         convert.convert(tmp_path / "o1", llm=bad, progress=False)
     name = next(
-        n for n in TensorIndex(sources["clip"]).names() if n.endswith("post_layernorm.bias")
+        n for n in TensorSource(sources["clip"]).names() if n.endswith("post_layernorm.bias")
     )
     bad = _copy_without(sources["clip"], tmp_path / "shape", reshape=name)
     with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{name}' has shape"):
@@ -279,7 +281,7 @@ def test_errors_name_file_and_tensor(sources, tmp_path):
 
 def test_unknown_tensors_are_refused_by_loader_and_converter(sources, tmp_path):
     """``hf_mistral.unused_tensors``: one rule for the host loader and the streaming converter."""
-    index = TensorIndex(sources["llm"])
+    index = TensorSource(sources["llm"])
     config = json.loads((sources["llm"] / "config.json").read_text())
     tensors = [(n, np.array(index.get(n))) for n in index.names()]
     # A rotary inv_freq buffer (old HF checkpoints carry it) is recomputed, not a leftover.

@@ -14,8 +14,10 @@ import transformers
 
 from exo2ego_jax.models import mistral as M
 from exo2ego_jax.models.lora import LoRAConfig, lora_param_filter
+from exo2ego_jax.weights.errors import CheckpointError
 from exo2ego_jax.weights.hf_mistral import load_mistral, param_mappings, save_mistral
-from exo2ego_jax.weights.safetensors_io import CheckpointError, TensorIndex, write_safetensors
+from exo2ego_jax.weights.safetensors_format import write_safetensors
+from exo2ego_jax.weights.tensors import TensorSource
 
 TINY_HF = dict(
     vocab_size=128,
@@ -79,7 +81,7 @@ def test_parity_right_padded(tmp_path, case):
         assert (tmp_path / "model.safetensors.index.json").is_file()
         assert len(list(tmp_path.glob("*.safetensors"))) > 1
     if case == "tied":
-        assert "lm_head.weight" not in TensorIndex(tmp_path)
+        assert "lm_head.weight" not in TensorSource(tmp_path)
     module, params = load_mistral(tmp_path)
     ids, mask = right_padded_batch([16, 11, 3], 16, TINY_HF["vocab_size"])
     ref = hf_logits(hf, ids, mask)
@@ -241,7 +243,7 @@ def test_load_errors(tmp_path):
         load_mistral(bad_arch)
 
     # A checkpoint whose k_proj of layer 1 has the wrong shape.
-    index = TensorIndex(tmp_path / "good")
+    index = TensorSource(tmp_path / "good")
     name = "model.layers.1.self_attn.k_proj.weight"
     tensors = [
         (n, np.zeros((8, 64), np.float32) if n == name else index.get(n)) for n in index.names()
@@ -264,7 +266,7 @@ def test_load_errors(tmp_path):
 
 def test_name_mapping_covers_every_hf_tensor(tmp_path):
     make_hf(tmp_path)
-    hf_names = set(TensorIndex(tmp_path).names())
+    hf_names = set(TensorSource(tmp_path).names())
     config = M.from_hf_config(json.loads((tmp_path / "config.json").read_text()))
     ours = {n for m in param_mappings(config) for n in m.hf_names}
     assert ours == hf_names

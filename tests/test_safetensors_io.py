@@ -8,12 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from exo2ego_jax.weights.safetensors_io import (
-    CheckpointError,
-    TensorIndex,
-    read_hf_config,
-    write_safetensors,
-)
+from exo2ego_jax.weights.errors import CheckpointError
+from exo2ego_jax.weights.hf_config import read_hf_config
+from exo2ego_jax.weights.safetensors_format import write_safetensors
+from exo2ego_jax.weights.tensors import TensorSource
 
 
 def _reference_tensors():
@@ -33,7 +31,7 @@ def _as_f32(a):
 def test_reads_reference_file_exactly(tmp_path):
     ref = _reference_tensors()
     save_file(ref, tmp_path / "model.safetensors")
-    index = TensorIndex(tmp_path)
+    index = TensorSource(tmp_path)
     assert sorted(index.names()) == sorted(ref)
     assert index.dtype("b16") == np.dtype(ml_dtypes.bfloat16)
     assert index.shape("ids") == (2, 3)
@@ -44,7 +42,7 @@ def test_reads_reference_file_exactly(tmp_path):
 def test_sharded_write_loads_with_reference_reader(tmp_path):
     ref = _reference_tensors()
     save_file(ref, tmp_path / "src.safetensors")
-    src = TensorIndex(tmp_path)
+    src = TensorSource(tmp_path)
     out = write_safetensors(
         tmp_path / "out",
         ((n, src.get(n)) for n in src.names()),
@@ -63,7 +61,7 @@ def test_sharded_write_loads_with_reference_reader(tmp_path):
         assert merged[name].dtype == t.dtype
         torch.testing.assert_close(merged[name], t, rtol=0, atol=0)
     # and back through our reader
-    again = TensorIndex(out)
+    again = TensorSource(out)
     for name, t in ref.items():
         np.testing.assert_array_equal(_as_f32(again.get(name)), t.float().numpy())
 
@@ -78,18 +76,18 @@ def test_single_shard_uses_plain_file_name(tmp_path):
 
 def test_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
-        TensorIndex(tmp_path / "missing")
+        TensorSource(tmp_path / "missing")
     with pytest.raises(CheckpointError, match="config.json"):
         read_hf_config(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(CheckpointError, match="pickled .bin files are not loaded"):
-        TensorIndex(tmp_path)
+        TensorSource(tmp_path)
     save_file({"w": torch.ones(64)}, tmp_path / "model.safetensors")
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:-16])
     with pytest.raises(CheckpointError, match="truncated"):
-        TensorIndex(tmp_path)
-    index = TensorIndex.__new__(TensorIndex)
-    index.path, index._entries = tmp_path, {}
+        TensorSource(tmp_path)
+    save_file({"w": torch.ones(64)}, tmp_path / "ok.safetensors")
+    index = TensorSource(tmp_path / "ok.safetensors")
     with pytest.raises(CheckpointError, match="'nope' not found"):
         index.get("nope")

@@ -30,8 +30,14 @@ written chunk). Chunks are uncompressed unless ``--compress`` (zstd makes Tensor
 several compressed copies of a block). Peak host memory above the import baseline is about
 2-3 blocks (``--block_mib``, default 32 MiB): measured +78 MiB for a 2.8 GiB model whose
 largest tensor is 640 MiB (``tests/test_convert.py``, ``docs/checkpoints.md``). CLIP
-tensors (≤ 16 MiB at ViT-L) are converted whole. A PyTorch ``mm_projector.bin`` is loaded
-whole by ``torch.load(weights_only=True)``; convert it to safetensors to stream it too.
+attention tensors, whose layout change includes a reshape (≤ 4 MiB at ViT-L), are converted
+whole. A PyTorch ``mm_projector.bin`` is loaded whole by ``torch.load(weights_only=True)``;
+convert it to safetensors to stream it too.
+
+Sources, checks and layouts are the loaders' own: each ``open_checkpoint`` (``hf_clip``,
+``hf_mistral``, ``mm_projector``) reads through one
+:class:`~exo2ego_jax.weights.tensors.TensorSource` and returns the
+:class:`~exo2ego_jax.weights.param_map.ParamMapping` table this module turns into leaves.
 
 Atomicity: Orbax writes into a hidden ``.<out>.tmp-*`` directory beside ``--out`` that is
 renamed to ``--out`` only when every tensor and the metadata are written; an interrupted
@@ -63,144 +69,17 @@ import tensorstore as ts
 from flax import traverse_util
 from orbax.checkpoint import future as ocp_future
 
-# Orbax builds the TensorStore spec of a numpy leaf with these (not re-exported publicly);
-# using them keeps the on-disk layout exactly what Orbax itself writes and reads.
-from orbax.checkpoint._src.serialization import ocdbt_utils
-from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-
-from exo2ego_jax.models.clip import CLIPVisionConfig
-from exo2ego_jax.models.mistral import MistralLM, from_hf_config
 from exo2ego_jax.weights import hf_clip, hf_mistral, mm_projector
 from exo2ego_jax.weights.converted import FORMAT, FORMAT_VERSION
-from exo2ego_jax.weights.safetensors_io import (
-    CheckpointError,
-    TensorIndex,
-    _read_header,
-    read_hf_config,
-)
+from exo2ego_jax.weights.errors import CheckpointError
+from exo2ego_jax.weights.param_map import MappedCheckpoint, ParamMapping
+from exo2ego_jax.weights.tensors import TensorSource
 
 CLIP_SUBTREES = ("ego_encoder/clip", "exo_encoder/clip")
 LLM_SUBTREE = "llm"
 PROJECTOR_SUBTREE = "exo_encoder/connector"
-_FLOAT_TYPES = ("F64", "F32", "F16", "BF16")
 #: Bytes written at once (and zarr chunk size) in MiB.
 DEFAULT_BLOCK_MIB = 32
-
-# ----------------------------------------------------------------------------- sources
-
-
-class _SafetensorsSource:
-    """Tensors of safetensors files, read as row ranges straight from disk.
-
-    ``entries``: name -> (file, byte offset of the file's data section, header entry).
-    """
-
-    def __init__(self, entries: dict[str, tuple[Path, int, dict]], where: str):
-        self.entries = entries
-        self.where = where
-
-    @classmethod
-    def from_dir(cls, path: str | os.PathLike) -> _SafetensorsSource:
-        index = TensorIndex(path)  # single file or sharded + index.json; headers checked
-        return cls(dict(index._entries), str(path))
-
-    @classmethod
-    def from_file(cls, file: Path) -> _SafetensorsSource:
-        header, data_start = _read_header(file)
-        return cls({n: (file, data_start, info) for n, info in header.items()}, str(file))
-
-    def names(self) -> list[str]:
-        return list(self.entries)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._entry(name)[2]["shape"])
-
-    def describe(self, name: str) -> str:
-        return f"{self._entry(name)[0]}: tensor {name!r}"
-
-    def _entry(self, name: str) -> tuple[Path, int, dict]:
-        try:
-            return self.entries[name]
-        except KeyError:
-            raise CheckpointError(f"{self.where}: tensor {name!r} not found") from None
-
-    def check(self, name: str, shape: Sequence[int]) -> None:
-        """Raises :class:`CheckpointError` naming file and tensor unless it fits ``shape``."""
-        file, _, info = self._entry(name)
-        if tuple(info["shape"]) != tuple(shape):
-            raise CheckpointError(
-                f"{file}: tensor {name!r} has shape {list(info['shape'])} but the config "
-                f"expects {list(shape)}"
-            )
-        if info["dtype"] not in _FLOAT_TYPES:
-            raise CheckpointError(
-                f"{file}: tensor {name!r} has dtype {info['dtype']}, expected a float type"
-            )
-        dtype = jnp.dtype(_numpy_dtype(info["dtype"]))
-        begin, end = info["data_offsets"]
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
-            raise CheckpointError(f"{file}: tensor {name!r} byte size does not match its shape")
-
-    def rows(self, name: str, r0: int, r1: int) -> np.ndarray:
-        """Rows ``r0:r1`` (leading axis) in the file's dtype; only those bytes are read."""
-        file, data_start, info = self._entry(name)
-        shape = tuple(info["shape"])
-        dtype = jnp.dtype(_numpy_dtype(info["dtype"]))
-        row = int(np.prod(shape[1:], dtype=np.int64))
-        offset = data_start + info["data_offsets"][0] + r0 * row * dtype.itemsize
-        count = (r1 - r0) * row
-        # A plain read, not a memory map: mapped pages would count as this process's memory
-        # until unmapped, a whole tensor's worth for large ones.
-        a = np.fromfile(file, dtype=dtype, count=count, offset=offset)
-        if a.size != count:
-            raise CheckpointError(f"{file}: tensor {name!r} is truncated")
-        return a.reshape((r1 - r0, *shape[1:]))
-
-    def whole(self, name: str) -> np.ndarray:
-        shape = self.shape(name)
-        if not shape:
-            return self.rows(name, 0, 1).reshape(())
-        return self.rows(name, 0, shape[0])
-
-
-def _numpy_dtype(name: str) -> str:
-    """safetensors dtype tag -> numpy / ml_dtypes name."""
-    return {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}[name]
-
-
-class _TorchSource:
-    """A PyTorch state dict loaded by ``torch.load(weights_only=True)`` (held whole)."""
-
-    def __init__(self, state: dict, where: str):
-        self.state = state
-        self.where = where
-
-    def names(self) -> list[str]:
-        return list(self.state)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.state[name].shape)
-
-    def describe(self, name: str) -> str:
-        return f"{self.where}: tensor {name!r}"
-
-    def check(self, name: str, shape: Sequence[int]) -> None:
-        if name not in self.state:
-            raise CheckpointError(f"{self.where}: tensor {name!r} not found")
-        t = self.state[name]
-        if tuple(t.shape) != tuple(shape):
-            raise CheckpointError(
-                f"{self.where}: tensor {name!r} has shape {list(t.shape)}, expected {list(shape)}"
-            )
-        if not t.is_floating_point():
-            raise CheckpointError(f"{self.where}: tensor {name!r} has dtype {t.dtype}")
-
-    def rows(self, name: str, r0: int, r1: int) -> np.ndarray:
-        return mm_projector._torch_to_numpy(self.state[name][r0:r1])
-
-    def whole(self, name: str) -> np.ndarray:
-        return mm_projector._torch_to_numpy(self.state[name])
-
 
 # ----------------------------------------------------------------------------- plan
 
@@ -209,16 +88,15 @@ class _TorchSource:
 class Piece:
     """One source tensor -> one layer slice (``layer``) or the whole of an output leaf.
 
-    ``perm``: our layout is ``source.transpose(perm)`` and can be produced from a run of
-    the source's leading-axis rows (streamed); ``fn``: our layout is ``fn(source)``, made
-    from the whole tensor (small CLIP tensors with reshapes).
+    ``mapping.streamable``: our layout is ``tensor.transpose(mapping.perm)`` and is produced
+    from runs of the tensor's leading-axis rows; otherwise (a reshape too, e.g. CLIP
+    attention kernels) from the whole tensor by ``mapping.to_ours``.
     """
 
-    source: Any
+    source: TensorSource
     name: str
     layer: int | None
-    perm: tuple[int, ...] | None = None
-    fn: Callable[[np.ndarray], np.ndarray] | None = None
+    mapping: ParamMapping
 
 
 @dataclasses.dataclass(eq=False)
@@ -239,9 +117,9 @@ class Leaf:
     def __post_init__(self):
         stacked = self.pieces[0].layer is not None
         per = list(self.shape[1:] if stacked else self.shape)
-        perm = self.pieces[0].perm
-        if perm is not None and per:
-            axis = perm.index(0)
+        mapping = self.pieces[0].mapping
+        if mapping.streamable and per:
+            axis = mapping.perm.index(0)
             row_bytes = int(np.prod(per, dtype=np.int64)) // max(per[axis], 1)
             row_bytes *= self.dtype.itemsize
             per[axis] = int(min(max(self.block_bytes // max(row_bytes, 1), 1), per[axis]))
@@ -266,111 +144,52 @@ class Leaf:
         per_chunks = self.chunks[1:] if stacked else self.chunks
         for p in self.pieces:
             lead = (p.layer,) if stacked else ()
-            if p.perm is None:
-                yield (*lead, Ellipsis), np.asarray(p.fn(p.source.whole(p.name)), self.dtype)
+            m = p.mapping
+            if not m.streamable or not m.hf_shape:
+                whole = m.to_ours(p.source.read(p.name))
+                yield (*lead, Ellipsis), np.asarray(whole, self.dtype)
                 continue
-            axis = p.perm.index(0)
-            n, step = p.source.shape(p.name)[0], per_chunks[axis]
+            axis = m.perm.index(0)
+            n, step = m.hf_shape[0], per_chunks[axis]
             for r0 in range(0, n, step):
                 r1 = min(n, r0 + step)
-                src = p.source.rows(p.name, r0, r1)
-                block = np.ascontiguousarray(src.transpose(p.perm), dtype=self.dtype)
+                src = p.source.read(p.name, r0, r1)
+                block = np.ascontiguousarray(src.transpose(m.perm), dtype=self.dtype)
                 del src  # before the write: only the block in our layout stays alive
                 idx = tuple(slice(r0, r1) if i == axis else slice(None) for i in range(block.ndim))
                 yield (*lead, *idx), block
                 del block
 
 
-def _leaf(path: str, source: Any, names: list[str], hf_shape, ours, dtype, block, **kw) -> Leaf:
-    """A leaf from one tensor (``names`` of length 1, not stacked) or one per layer."""
-    for n in names:
-        source.check(n, hf_shape)
-    stacked = kw.pop("stacked", False)
-    pieces = [Piece(source, n, i if stacked else None, **kw) for i, n in enumerate(names)]
-    shape = (len(names), *ours) if stacked else tuple(ours)
-    return Leaf(path, shape, dtype, pieces, block)
+def leaves_of(
+    subtree: str, ckpt: MappedCheckpoint, dtype: np.dtype, block_bytes: int
+) -> list[Leaf]:
+    """One output leaf per mapping of a checked checkpoint, under ``subtree``."""
+    return [
+        Leaf(
+            f"{subtree}/{'/'.join(m.path)}",
+            m.param_shape,
+            dtype,
+            [
+                Piece(ckpt.source, name, i if m.stacked else None, m)
+                for i, name in enumerate(m.hf_names)
+            ],
+            block_bytes,
+        )
+        for m in ckpt.mappings
+    ]
 
 
 def clip_leaves(path: str | os.PathLike, dtype: np.dtype, block_bytes: int) -> list[Leaf]:
     """Leaves of both CLIP towers (``CLIP_SUBTREES``) from a HF CLIP directory."""
-    hf = read_hf_config(path)
-    hf_clip._check_architecture(path, hf)
-    try:
-        config = CLIPVisionConfig.from_hf_config(
-            hf, dtype=dtype, param_dtype=dtype, scan_layers=True
-        )
-    except ValueError as e:
-        raise CheckpointError(f"{path}: unusable CLIP config ({e})") from e
-    index = TensorIndex(path)
-    source = _SafetensorsSource(dict(index._entries), str(path))
-    index_prefix = hf_clip.find_prefix(index)
-    extra = f"{index_prefix}encoder.layers.{config.num_layers}.layer_norm1.weight"
-    if extra in source.entries:
-        raise CheckpointError(
-            f"{source.describe(extra)} lies beyond the config's "
-            f"num_hidden_layers={config.num_layers}"
-        )
-    leaves = []
-    for spec in hf_clip.tensor_map(config):
-        ours = jax.eval_shape(spec.to_flax, jax.ShapeDtypeStruct(spec.hf_shape, jnp.float32)).shape
-        if spec.per_layer:
-            names = [index_prefix + spec.hf_name.format(i=i) for i in range(config.num_layers)]
-        else:
-            names = [index_prefix + spec.hf_name]
-        for subtree in CLIP_SUBTREES:
-            leaves.append(
-                _leaf(
-                    f"{subtree}/{'/'.join(spec.flax_path)}",
-                    source,
-                    names,
-                    spec.hf_shape,
-                    ours,
-                    dtype,
-                    block_bytes,
-                    stacked=spec.per_layer,
-                    fn=spec.to_flax,
-                )
-            )
-    return leaves
+    ckpt = hf_clip.open_checkpoint(path, dtype=dtype, param_dtype=dtype, scan_layers=True)
+    return [leaf for sub in CLIP_SUBTREES for leaf in leaves_of(sub, ckpt, dtype, block_bytes)]
 
 
 def mistral_leaves(path: str | os.PathLike, dtype: np.dtype, block_bytes: int) -> list[Leaf]:
     """Leaves of ``llm`` (base weights, layer-stacked) from a HF Mistral directory."""
-    hf = read_hf_config(path)
-    hf_mistral._check_config(hf, path)
-    try:
-        config = from_hf_config(hf, dtype=dtype, param_dtype=dtype, scan_layers=True)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: unsupported or incomplete config.json ({e!r})") from e
-    expected = hf_mistral._abstract_params(MistralLM(config))
-    source = _SafetensorsSource.from_dir(path)
-    leaves, used = [], set()
-    for m in hf_mistral.param_mappings(config):
-        want = hf_mistral._get_path(expected, m.path)
-        per = tuple(want.shape[1:] if m.stacked else want.shape)
-        hf_shape = tuple(reversed(per)) if m.transpose else per
-        perm = (1, 0) if m.transpose else tuple(range(len(per)))
-        leaves.append(
-            _leaf(
-                f"{LLM_SUBTREE}/{'/'.join(m.path)}",
-                source,
-                list(m.hf_names),
-                hf_shape,
-                per,
-                dtype,
-                block_bytes,
-                stacked=m.stacked,
-                perm=perm,
-            )
-        )
-        used.update(m.hf_names)
-    leftover = hf_mistral.unused_tensors(source.names(), used, config)
-    if leftover:
-        raise CheckpointError(
-            f"{path}: {len(leftover)} tensors do not belong to a MistralForCausalLM with this "
-            f"config, e.g. {[source.describe(n) for n in leftover[:3]]}"
-        )
-    return leaves
+    ckpt = hf_mistral.open_checkpoint(path, dtype=dtype, param_dtype=dtype, scan_layers=True)
+    return leaves_of(LLM_SUBTREE, ckpt, dtype, block_bytes)
 
 
 def projector_leaves(
@@ -378,51 +197,8 @@ def projector_leaves(
 ) -> list[Leaf]:
     """Leaves of ``exo_encoder/connector`` from a VideoLLaMA2 ``mm_projector`` (see
     ``mm_projector.load_mm_projector`` for the accepted files); sizes inferred from shapes."""
-    file = mm_projector._resolve(Path(path))
-    if not file.exists():
-        raise CheckpointError(f"{file}: no such file or directory")
-    if file.is_dir():
-        source: Any = _SafetensorsSource.from_dir(file)
-    elif file.suffix == ".safetensors":
-        source = _SafetensorsSource.from_file(file)
-    else:
-        source = _TorchSource(dict(mm_projector._load_torch(file)), str(file))
-    shapes = {n: source.shape(n) for n in source.names()}
-    prefix, names = mm_projector._strip_prefix(list(shapes))
-    local = {k: tuple(shapes[v]) for k, v in names.items()}
-    try:
-        config = mm_projector.infer_config(local, dtype, prefix, sampler_padding)
-    except CheckpointError as e:
-        raise CheckpointError(f"{file}: {e}") from None
-    table = mm_projector.mm_projector_keys(config)
-    unknown = [names[k] for k in names if k not in table]
-    if unknown:
-        raise CheckpointError(
-            f"{file}: unexpected tensor {unknown[0]!r} for the STC connector inferred from the "
-            f"other tensors ({mm_projector._describe(config)})"
-        )
-    missing = [prefix + k for k in table if k not in names]
-    if missing:
-        raise CheckpointError(f"{file}: tensor {missing[0]!r} missing ({len(missing)} in all)")
-    leaves = []
-    for key, (hf_shape, flax_path, kind) in table.items():
-        n = len(hf_shape)
-        # mm_projector._to_flax as an axis permutation: conv OI* -> *IO, linear -> transpose.
-        perm = {"conv": (*range(2, n), 1, 0), "linear": (1, 0)}.get(kind, tuple(range(n)))
-        ours = tuple(hf_shape[i] for i in perm)
-        leaves.append(
-            _leaf(
-                f"{PROJECTOR_SUBTREE}/{'/'.join(flax_path)}",
-                source,
-                [names[key]],
-                hf_shape,
-                ours,
-                dtype,
-                block_bytes,
-                perm=perm,
-            )
-        )
-    return leaves
+    ckpt = mm_projector.open_checkpoint(path, dtype, sampler_padding=sampler_padding)
+    return leaves_of(PROJECTOR_SUBTREE, ckpt, dtype, block_bytes)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -451,18 +227,17 @@ class _StreamingHandler(ocp.type_handlers.NumpyHandler):
     async def _write_all(self, values: Sequence[Leaf], infos, args) -> None:
         for leaf, info, arg in zip(values, infos, args, strict=True):
             await info.await_path_creation()
-            spec = ts_utils.build_array_write_spec(
-                info=info,
-                arg=arg,
+            # The spec NumpyHandler builds for a numpy leaf (same call, same arguments).
+            use_ocdbt = bool(info.is_ocdbt_checkpoint)
+            tspec = ocp.type_handlers.get_json_tspec_write(
+                info,
+                use_ocdbt=use_ocdbt,
                 global_shape=leaf.shape,
                 local_shape=leaf.chunks,
                 dtype=leaf.dtype,
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(
-                    use_ocdbt=info.is_ocdbt_checkpoint
-                ),
+                process_index=ocp.multihost.process_index() if use_ocdbt else None,
+                arg=arg,
             )
-            tspec = spec.json
             if tspec.get("driver") != "zarr":  # zarr2: the handler is built with use_zarr3=False
                 raise RuntimeError(f"unexpected TensorStore spec for {leaf.path}: {tspec}")
             # Chunks = blocks: every write covers whole chunks, none is buffered half-filled.

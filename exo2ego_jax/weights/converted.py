@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from exo2ego_jax import sharding as sharding_lib
-from exo2ego_jax.weights.safetensors_io import CheckpointError
+from exo2ego_jax.weights.errors import CheckpointError
 
 Params = dict[str, Any]
 

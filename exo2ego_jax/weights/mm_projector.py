@@ -2,8 +2,8 @@
 
 VideoLLaMA2 ships the connector as ``mm_projector.bin``, a pickled PyTorch state dict with
 keys such as ``s1.b1.conv1.conv.weight`` (sometimes prefixed ``model.mm_projector.``, as in
-a full model checkpoint). This module maps those keys one to one onto the parameter tree of
-:class:`exo2ego_jax.models.connector.STCConnector`:
+a full model checkpoint). :func:`param_mappings` maps those keys one to one onto the
+parameter tree of :class:`exo2ego_jax.models.connector.STCConnector`:
 
     torch key                         flax path                       layout
     s1.b1.conv1.conv.weight  [O,I,kh,kw]  s1/b1/conv1/conv/kernel  [kh,kw,I,O]  OIHW -> HWIO
@@ -15,7 +15,9 @@ a full model checkpoint). This module maps those keys one to one onto the parame
 
 All sizes (channels, depth, MLP depth, bottleneck ratio, group size, SE ratio, sampler
 kernel) are inferred from the tensor shapes, then every tensor is checked against the
-shapes the inferred config implies.
+shapes the inferred config implies (:func:`open_checkpoint`, shared with the streaming
+converter). Files are read through :class:`~exo2ego_jax.weights.tensors.TensorSource`
+(a ``.bin`` with ``torch.load(weights_only=True)``).
 """
 
 from __future__ import annotations
@@ -23,41 +25,51 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
-from exo2ego_jax.weights.safetensors_io import (
-    _DTYPES,
-    CheckpointError,
-    TensorIndex,
-    _read_header,
-    write_safetensors,
+from exo2ego_jax.weights.errors import CheckpointError
+from exo2ego_jax.weights.param_map import (
+    MappedCheckpoint,
+    ParamMapping,
+    check_tensors,
+    iter_hf_tensors,
+    read_params,
 )
+from exo2ego_jax.weights.safetensors_format import SINGLE_FILE, write_safetensors
+from exo2ego_jax.weights.tensors import TensorSource
 
 Params = dict[str, Any]
 
-#: One projector tensor: torch key -> (torch shape, flax path, layout kind).
-KeySpec = tuple[tuple[int, ...], tuple[str, ...], str]
-
-_BIN_NAMES = ("mm_projector.bin", "mm_projector.pt", "mm_projector.pth")
+_FILE_NAMES = (
+    "mm_projector.safetensors",
+    "mm_projector.bin",
+    "mm_projector.pt",
+    "mm_projector.pth",
+)
 _MARKER = "mm_projector."
 
 
-# ----------------------------------------------------------------------------- key table
+# ----------------------------------------------------------------------------- mapping table
+
+
+def _mapping(key: str, hf_shape: tuple[int, ...], path: tuple[str, ...], kind: str, prefix: str):
+    """``kind``: ``conv`` (``[O, I, *k]`` -> ``[*k, I, O]``), ``linear`` (transpose), ``vector``."""
+    n = len(hf_shape)
+    perm = {"conv": (*range(2, n), 1, 0), "linear": (1, 0)}.get(kind, tuple(range(n)))
+    shape = tuple(hf_shape[p] for p in perm)
+    return ParamMapping(path, (prefix + key,), hf_shape, shape, perm)
 
 
 def _conv_norm(key: str, path: tuple[str, ...], c_in: int, c_out: int, k: int):
-    """Keys of a timm ``ConvNormAct`` (bias-free conv + LayerNorm named ``bn``)."""
-    yield f"{key}.conv.weight", ((c_out, c_in, k, k), (*path, "conv", "kernel"), "conv")
-    yield f"{key}.bn.weight", ((c_out,), (*path, "bn", "scale"), "vector")
-    yield f"{key}.bn.bias", ((c_out,), (*path, "bn", "bias"), "vector")
+    """Entries of a timm ``ConvNormAct`` (bias-free conv + LayerNorm named ``bn``)."""
+    yield f"{key}.conv.weight", (c_out, c_in, k, k), (*path, "conv", "kernel"), "conv"
+    yield f"{key}.bn.weight", (c_out,), (*path, "bn", "scale"), "vector"
+    yield f"{key}.bn.bias", (c_out,), (*path, "bn", "bias"), "vector"
 
 
 def _stage(name: str, cfg: STCConnectorConfig, c_in: int):
@@ -70,45 +82,31 @@ def _stage(name: str, cfg: STCConnectorConfig, c_in: int):
         if cfg.se_ratio:
             rd = cfg.se_channels(block_in)
             for fc, (a, b) in (("fc1", (mid, rd)), ("fc2", (rd, mid))):
-                yield f"{key}.se.{fc}.weight", ((b, a, 1, 1), (*path, "se", fc, "kernel"), "conv")
-                yield f"{key}.se.{fc}.bias", ((b,), (*path, "se", fc, "bias"), "vector")
+                yield f"{key}.se.{fc}.weight", (b, a, 1, 1), (*path, "se", fc, "kernel"), "conv"
+                yield f"{key}.se.{fc}.bias", (b,), (*path, "se", fc, "bias"), "vector"
         yield from _conv_norm(f"{key}.conv3", (*path, "conv3"), mid, out, 1)
         if block_in != out:
             yield from _conv_norm(f"{key}.downsample", (*path, "downsample"), block_in, out, 1)
 
 
-def mm_projector_keys(config: STCConnectorConfig) -> dict[str, KeySpec]:
-    """Every VideoLLaMA2 state-dict key of ``config`` (no prefix), in torch module order."""
+def param_mappings(config: STCConnectorConfig, prefix: str = "") -> list[ParamMapping]:
+    """Every connector param and its VideoLLaMA2 state-dict key (``prefix + key``), in torch
+    module order."""
     d = config.hidden_size
-    table = dict(_stage("s1", config, config.in_channels))
-    table["sampler.0.weight"] = ((d, d, *config.downsample), ("sampler_0", "kernel"), "conv")
-    table["sampler.0.bias"] = ((d,), ("sampler_0", "bias"), "vector")
-    table.update(_stage("s2", config, d))
+    entries = [
+        *_stage("s1", config, config.in_channels),
+        ("sampler.0.weight", (d, d, *config.downsample), ("sampler_0", "kernel"), "conv"),
+        ("sampler.0.bias", (d,), ("sampler_0", "bias"), "vector"),
+        *_stage("s2", config, d),
+    ]
     for i in range(config.mlp_depth):
         c_in = d if i == 0 else config.out_size
         name = f"readout_{2 * i}"
-        table[f"readout.{2 * i}.weight"] = ((config.out_size, c_in), (name, "kernel"), "linear")
-        table[f"readout.{2 * i}.bias"] = ((config.out_size,), (name, "bias"), "vector")
-    return table
-
-
-# ----------------------------------------------------------------------------- layouts
-
-
-def _to_flax(arr: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "conv":  # [O, I, *k] -> [*k, I, O]
-        return np.transpose(arr, (*range(2, arr.ndim), 1, 0))
-    if kind == "linear":  # [out, in] -> [in, out]
-        return arr.T
-    return arr
-
-
-def _to_torch(arr: np.ndarray, kind: str) -> np.ndarray:
-    if kind == "conv":  # [*k, I, O] -> [O, I, *k]
-        return np.transpose(arr, (arr.ndim - 1, arr.ndim - 2, *range(arr.ndim - 2)))
-    if kind == "linear":
-        return arr.T
-    return arr
+        entries.append(
+            (f"readout.{2 * i}.weight", (config.out_size, c_in), (name, "kernel"), "linear")
+        )
+        entries.append((f"readout.{2 * i}.bias", (config.out_size,), (name, "bias"), "vector"))
+    return [_mapping(*entry, prefix) for entry in entries]
 
 
 # ----------------------------------------------------------------------------- config inference
@@ -145,7 +143,7 @@ def infer_config(
             )
         return tuple(shapes[key])
 
-    blocks = _indices(shapes, r"^s1\.b(\d+)\.")
+    blocks = _indices(shapes, r"^s1\.b(\d{1,6})\.")
     if not blocks:
         hint = ""
         if any(re.match(r"^\d+\.weight$", n) for n in shapes):
@@ -159,12 +157,12 @@ def infer_config(
     conv2 = need("s1.b1.conv2.conv.weight")  # [mid, group_size, 3, 3]
     sampler = need("sampler.0.weight")  # [hidden, hidden, kt, kh, kw]
     # Linear layers sit at the even Sequential indices (GELUs in between); odd ones are stray.
-    readout = [i for i in _indices(shapes, r"^readout\.(\d+)\.weight$") if i % 2 == 0]
+    readout = [i for i in _indices(shapes, r"^readout\.(\d{1,6})\.weight$") if i % 2 == 0]
     if not readout:
         need("readout.0.weight")
-    mid, in_channels, hidden = conv1[0], conv1[1], conv3[0]
     se = shapes.get("s1.b1.se.fc1.weight")
     try:
+        mid, in_channels, hidden = conv1[0], conv1[1], conv3[0]
         return STCConnectorConfig(
             in_channels=in_channels,
             hidden_size=hidden,
@@ -179,14 +177,14 @@ def infer_config(
             dtype=dtype,
             param_dtype=dtype,
         )
-    except (ValueError, TypeError, IndexError) as e:
-        raise CheckpointError(f"inconsistent STC connector tensor shapes: {e}") from e
+    except (ValueError, TypeError, IndexError, ZeroDivisionError) as e:  # odd shapes
+        raise CheckpointError(f"inconsistent STC connector tensor shapes: {e!r}") from e
 
 
-# ----------------------------------------------------------------------------- conversion
+# ----------------------------------------------------------------------------- checking
 
 
-def _strip_prefix(names) -> tuple[str, dict[str, str]]:
+def _strip_prefix(names: list[str]) -> tuple[str, dict[str, str]]:
     """(prefix, un-prefixed name -> stored name) for the connector's tensors only.
 
     If any key contains ``mm_projector.`` (``model.mm_projector.``, a PEFT
@@ -211,58 +209,52 @@ def _describe(cfg: STCConnectorConfig) -> str:
     )
 
 
-def _convert(
-    shapes: Mapping[str, tuple[int, ...]],
-    get: Callable[[str], np.ndarray],
-    dtype: Any,
-    where: str,
-    sampler_padding: int,
-) -> tuple[STCConnector, Params]:
-    """Checks every tensor against the inferred config and builds the flax params tree."""
-    prefix, names = _strip_prefix(list(shapes))
-    local_shapes = {k: tuple(shapes[v]) for k, v in names.items()}
+def projector_source(path: str | os.PathLike) -> TensorSource:
+    """The tensors of ``path``: a ``mm_projector.{safetensors,bin,pt,pth}`` file, a
+    directory holding one, or a directory of (sharded) ``*.safetensors`` of a full model."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / n for n in _FILE_NAMES if (path / n).is_file()), path)
+    return TensorSource(path)
+
+
+def open_checkpoint(
+    source: TensorSource | str | os.PathLike,
+    dtype: Any = jnp.float32,
+    *,
+    sampler_padding: int = 1,
+) -> MappedCheckpoint:
+    """The connector in ``source`` (a :class:`TensorSource` or a path for
+    :func:`projector_source`): config inferred from the shapes, every tensor checked
+    against it; nothing read yet.
+
+    ``sampler_padding`` is not recorded in the weights: 1 for VideoLLaMA2's
+    ``STCConnector``. Raises :class:`CheckpointError` naming the tensor that is missing,
+    unexpected, of the wrong shape or not float.
+    """
+    if not isinstance(source, TensorSource):
+        source = projector_source(source)
+    where = source.where
+    prefix, names = _strip_prefix(source.names())
+    local_shapes = {k: source.shape(v) for k, v in names.items()}
     try:
         config = infer_config(local_shapes, dtype, prefix, sampler_padding)
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from None
-    table = mm_projector_keys(config)
-    unknown = [names[k] for k in names if k not in table]
+    mappings = param_mappings(config, prefix)
+    known = {n for m in mappings for n in m.hf_names}
+    unknown = [n for n in names.values() if n not in known]
     if unknown:
         raise CheckpointError(
             f"{where}: unexpected tensor {unknown[0]!r} for the STC connector inferred from "
             f"the other tensors ({_describe(config)})"
             + (f" (and {len(unknown) - 1} more: {unknown[1:4]})" if len(unknown) > 1 else "")
         )
-    missing = [prefix + k for k in table if k not in names]
-    if missing:
-        raise CheckpointError(
-            f"{where}: tensor {missing[0]!r} missing"
-            + (f" (and {len(missing) - 1} more: {missing[1:4]})" if len(missing) > 1 else "")
-        )
-    for key, (shape, _, _) in table.items():  # all shapes first: fail before converting
-        if local_shapes[key] != shape:
-            raise CheckpointError(
-                f"{where}: tensor {names[key]!r} has shape {list(local_shapes[key])}, "
-                f"expected {list(shape)} (inferred {_describe(config)})"
-            )
-    params: Params = {}
-    np_dtype = jnp.dtype(dtype)
-    for key, (_, path, kind) in table.items():
-        arr = _to_flax(np.asarray(get(names[key])), kind).astype(np_dtype)
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = jnp.asarray(arr)
-    return STCConnector(config), params
+    check_tensors(source, mappings, f" (inferred {_describe(config)})")
+    return MappedCheckpoint(config, source, mappings)
 
 
-def _torch_to_numpy(t) -> np.ndarray:
-    import torch  # only reached for torch tensors, so torch is already importable
-
-    t = t.detach().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; float32 holds it exactly
-        t = t.to(torch.float32)
-    return t.numpy()
+# ----------------------------------------------------------------------------- load / save
 
 
 def convert_state_dict(
@@ -272,81 +264,9 @@ def convert_state_dict(
 
     ``module.apply({"params": params}, x)`` runs the connector.
     """
-
-    def get(name: str) -> np.ndarray:
-        v = state_dict[name]
-        return v if isinstance(v, np.ndarray) else _torch_to_numpy(v)
-
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items()}
-    return _convert(shapes, get, dtype, "state dict", sampler_padding)
-
-
-# ----------------------------------------------------------------------------- file I/O
-
-
-def _load_torch(file: Path) -> Mapping[str, Any]:
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointError(
-            f"{file}: reading a PyTorch .bin checkpoint needs torch; `pip install torch` (CPU "
-            "build is enough) or convert the file to safetensors first"
-        ) from e
-    try:
-        # weights_only: never run arbitrary pickled code from a downloaded file.
-        state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several unrelated types for bad files
-        raise CheckpointError(f"{file}: cannot read as a PyTorch state dict ({e})") from e
-    if not isinstance(state, Mapping) or not all(
-        isinstance(v, torch.Tensor) for v in state.values()
-    ):
-        raise CheckpointError(
-            f"{file}: expected a state dict of tensors, got {type(state).__name__}"
-        )
-    return state
-
-
-class _SafetensorsFile:
-    """Lazy tensors of one ``.safetensors`` file (``TensorIndex`` reads whole directories)."""
-
-    def __init__(self, file: Path):
-        self.file = file
-        self.header, self.data_start = _read_header(file)
-
-    def names(self) -> list[str]:
-        return list(self.header)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self.header[name]["shape"])
-
-    def get(self, name: str) -> np.ndarray:
-        info = self.header[name]
-        begin, end = info["data_offsets"]
-        shape, dtype = tuple(info["shape"]), _DTYPES[info["dtype"]]
-        size = int(np.prod(shape, dtype=np.int64))
-        if end - begin != size * dtype.itemsize:
-            raise CheckpointError(
-                f"{self.file}: tensor {name!r} byte size does not match its shape"
-            )
-        if not size:
-            return np.zeros(shape, dtype)
-        return np.memmap(
-            self.file,
-            dtype=dtype,
-            mode="r",
-            offset=self.data_start + begin,
-            shape=shape,
-        )
-
-
-def _resolve(path: Path) -> Path:
-    """A directory resolves to its mm_projector file, or stays a directory of safetensors."""
-    if not path.is_dir():
-        return path
-    for name in ("mm_projector.safetensors", *_BIN_NAMES):
-        if (path / name).is_file():
-            return path / name
-    return path
+    source = TensorSource.from_state_dict(state_dict)
+    ckpt = open_checkpoint(source, dtype, sampler_padding=sampler_padding)
+    return STCConnector(ckpt.config), read_params(source, ckpt.mappings, dtype)
 
 
 def load_mm_projector(
@@ -369,47 +289,8 @@ def load_mm_projector(
       CheckpointError: file missing or unreadable; a tensor missing, unexpected, or of the
         wrong shape (the message names it).
     """
-    path = _resolve(Path(path))
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    if path.is_dir():
-        index = TensorIndex(path)
-        shapes = {n: index.shape(n) for n in index.names()}
-        return _convert(shapes, index.get, dtype, str(path), sampler_padding)
-    if path.suffix == ".safetensors":
-        reader = _SafetensorsFile(path)
-        shapes = {n: reader.shape(n) for n in reader.names()}
-        return _convert(shapes, reader.get, dtype, str(path), sampler_padding)
-    state = _load_torch(path)
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    get = lambda n: _torch_to_numpy(state[n])
-    return _convert(shapes, get, dtype, str(path), sampler_padding)
-
-
-def to_state_dict(
-    config: STCConnectorConfig, params: Params, prefix: str = ""
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields ``(VideoLLaMA2 key, torch-layout array)`` for every connector tensor.
-
-    ``params`` is the tree :class:`STCConnector` uses (``{"params": ...}`` and logical
-    partitioning boxes are accepted too).
-    """
-    params = nn.meta.unbox(params)
-    if set(params) == {"params"}:
-        params = params["params"]
-    for key, (shape, path, kind) in mm_projector_keys(config).items():
-        node = params
-        try:
-            for p in path:
-                node = node[p]
-        except (KeyError, TypeError):
-            raise CheckpointError(f"params have no {'/'.join(path)} (needed for {key!r})") from None
-        arr = _to_torch(np.asarray(jax.device_get(node)), kind)
-        if arr.shape != shape:
-            raise CheckpointError(
-                f"param {'/'.join(path)} has shape {list(node.shape)}; {key!r} needs {list(shape)}"
-            )
-        yield prefix + key, np.ascontiguousarray(arr)
+    ckpt = open_checkpoint(path, dtype, sampler_padding=sampler_padding)
+    return STCConnector(ckpt.config), read_params(ckpt.source, ckpt.mappings, dtype)
 
 
 def save_mm_projector(
@@ -419,13 +300,15 @@ def save_mm_projector(
 
     ``path`` ending in ``.safetensors`` is the file written; any other path is a directory
     that receives ``mm_projector.safetensors``. ``prefix`` (e.g. ``"model.mm_projector."``)
-    is prepended to every key. Returns the written file.
+    is prepended to every key; ``params`` may be ``{"params": ...}`` and boxed. Returns the
+    written file.
     """
     path = Path(path)
     file = path if path.suffix == ".safetensors" else path / "mm_projector.safetensors"
-    tensors = list(to_state_dict(config, params, prefix))  # validate before touching disk
+    # Validate every tensor before touching disk.
+    tensors = list(iter_hf_tensors(param_mappings(config, prefix), params))
     file.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{file.name}.tmp-", dir=file.parent) as tmp:
         out = write_safetensors(Path(tmp) / "out", tensors, max_shard_bytes=2**62)
-        os.replace(out / "model.safetensors", file)
+        os.replace(out / SINGLE_FILE, file)
     return file
