@@ -342,14 +342,14 @@ def worker_full(workdir: Path, shape: Shape, args) -> dict:
 
     from exo2ego_jax import stages
     from exo2ego_jax.models import clip as clip_lib
+    from exo2ego_jax.models import connector as connector_lib
     from exo2ego_jax.models import exo2ego
-    from exo2ego_jax.models.connector import STCConnectorConfig
 
     llm = _mistral_config(scan_layers=args.layout == "scan", remat_policy=args.remat)
     clip = clip_lib.tiny(image_size=32, patch_size=4)
-    cfg = exo2ego.tiny_config(
+    cfg = exo2ego.tiny(
         llm=llm,
-        connector=STCConnectorConfig.tiny(in_channels=clip.hidden_size, out_size=llm.hidden_size),
+        connector=connector_lib.tiny(in_channels=clip.hidden_size, out_size=llm.hidden_size),
     )
     assert cfg.visual_tokens_in_prompt == VISUAL, cfg.visual_tokens_in_prompt
     model = exo2ego.Exo2Ego(cfg)

@@ -119,9 +119,9 @@ def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
             targets=tuple(m.lora.targets),
         )
     if m.size == "paper":
-        base = exo2ego.paper_config()
+        base = exo2ego.paper()
     else:
-        base = exo2ego.tiny_config()
+        base = exo2ego.tiny()
     patch = m.get("patch_size", 0) or base.clip.patch_size
     if m.image_size % patch:
         raise ConfigError(

@@ -374,7 +374,7 @@ def test_every_param_has_logical_names(scan):
 
 
 def test_paper_preset_param_count_matches_transformers():
-    cfg = clip.clip_vit_l14_336()
+    cfg = clip.paper()
     assert clip.CLIPVisionConfig.from_hf_config(PAPER_VISION_CONFIG) == cfg
     assert (
         clip.CLIPVisionConfig.from_hf_config(

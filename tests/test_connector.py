@@ -13,7 +13,8 @@ import safetensors.torch
 import torch
 from reference.stc_connector_torch import STCConnector as TorchSTC
 
-from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
+from exo2ego_jax.models import connector as connector_lib
+from exo2ego_jax.models.connector import STCConnector
 from exo2ego_jax.sharding import make_mesh, rules_for
 from exo2ego_jax.weights.errors import CheckpointError
 from exo2ego_jax.weights.mm_projector import (
@@ -109,7 +110,7 @@ def test_inferred_config_and_tree_match_module_init():
 
 def test_timm_block_semantics():
     """Group size 1 (depthwise), SE width round(0.25 · block input), shortcut only in b1."""
-    cfg = STCConnectorConfig.videollama2_paper()
+    cfg = connector_lib.paper()
     keys = {m.hf_names[0]: (m.hf_shape, m.path) for m in param_mappings(cfg)}
     assert keys["s1.b1.conv2.conv.weight"][0] == (4096, 1, 3, 3)
     assert keys["s1.b1.se.fc1.weight"][0] == (256, 4096, 1, 1)  # round(1024 · 0.25)
@@ -178,7 +179,7 @@ def test_load_bf16_bin(reference, tmp_path):
 
 
 def test_save_roundtrip_into_torch(tmp_path):
-    cfg = STCConnectorConfig.tiny()
+    cfg = connector_lib.tiny()
     module = STCConnector(cfg)
     x = _input((1, 4, 36, 32), seed=7)
     params = jax.jit(module.init)(jax.random.key(0), x)["params"]  # boxed: saver must unbox
@@ -198,7 +199,7 @@ def test_save_roundtrip_into_torch(tmp_path):
 
 
 def test_paper_shapes_and_param_count():
-    cfg = STCConnectorConfig.videollama2_paper()
+    cfg = connector_lib.paper()
     module = STCConnector(cfg)
     x16 = jax.ShapeDtypeStruct((2, 16, 576, 1024), jnp.float32)
     variables = jax.eval_shape(module.init, jax.random.key(0), x16)
@@ -218,7 +219,7 @@ def test_paper_shapes_and_param_count():
 
 
 def test_logical_axes_and_sharded_apply():
-    cfg = STCConnectorConfig.tiny()
+    cfg = connector_lib.tiny()
     module = STCConnector(cfg)
     x = _input((4, 4, 36, 32), seed=5)
     boxed = jax.eval_shape(module.init, jax.random.key(0), x)["params"]
@@ -285,12 +286,12 @@ def test_other_load_errors(tmp_path):
     with pytest.raises(CheckpointError, match="junk.bin: cannot read"):
         load_mm_projector(tmp_path / "junk.bin")
     with pytest.raises(CheckpointError, match="params have no s1/b1/conv1/conv/kernel"):
-        save_mm_projector(STCConnectorConfig.tiny(), {"s1": {}}, tmp_path / "x.safetensors")
+        save_mm_projector(connector_lib.tiny(), {"s1": {}}, tmp_path / "x.safetensors")
     assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_input_validation():
-    module = STCConnector(STCConnectorConfig.tiny())
+    module = STCConnector(connector_lib.tiny())
     with pytest.raises(ValueError, match="not a square grid"):
         jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, 4, 35, 32)))
     with pytest.raises(ValueError, match="32"):

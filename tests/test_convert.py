@@ -24,9 +24,9 @@ import transformers
 from flax import traverse_util
 
 from exo2ego_jax import sharding as sh
+from exo2ego_jax.models import connector as connector_lib
 from exo2ego_jax.models import exo2ego
 from exo2ego_jax.models.clip import CLIPVisionConfig
-from exo2ego_jax.models.connector import STCConnectorConfig
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mistral import from_hf_config
 from exo2ego_jax.tools import convert
@@ -74,7 +74,7 @@ def sources(tmp_path_factory):
     llm.save_pretrained(root / "llm", max_shard_size="40KB")
     assert (root / "llm" / "model.safetensors.index.json").is_file()
     # Random projector tensors in VideoLLaMA2's names and layouts (no connector init to compile).
-    cfg = STCConnectorConfig.tiny(in_channels=48, out_size=64)
+    cfg = connector_lib.tiny(in_channels=48, out_size=64)
     rng = np.random.default_rng(3)
     tensors = [
         (m.hf_names[0], rng.standard_normal(m.hf_shape).astype(np.float32))
@@ -95,10 +95,10 @@ def model_for(sources, lora: bool = True) -> exo2ego.Exo2Ego:
         json.loads((sources["clip"] / "config.json").read_text())
     )
     llm = from_hf_config(json.loads((sources["llm"] / "config.json").read_text()))
-    cfg = exo2ego.tiny_config(
+    cfg = exo2ego.tiny(
         clip=clip,
         llm=llm,
-        connector=STCConnectorConfig.tiny(in_channels=48, out_size=64),
+        connector=connector_lib.tiny(in_channels=48, out_size=64),
     )
     if lora:
         cfg = exo2ego.with_lora(cfg, LoRAConfig(rank=4, alpha=8.0))

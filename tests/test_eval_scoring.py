@@ -77,7 +77,7 @@ def lm(tmp_path_factory):
     """
     tok = load_tokenizer(train_demo_tokenizer(TEXTS, tmp_path_factory.mktemp("tok"), 400))
     llm = mistral.tiny(vocab_size=len(tok), initializer_range=0.2)
-    cfg = exo2ego.tiny_config(llm=llm, with_exo=False, with_mapping=False, fusion="x_only")
+    cfg = exo2ego.tiny(llm=llm, with_exo=False, with_mapping=False, fusion="x_only")
     model = exo2ego.Exo2Ego(cfg)
     return tok, model, model.init(jax.random.key(0))
 

@@ -57,7 +57,7 @@ def test_splice_matches_row_by_row_reference():
 
 @pytest.fixture(scope="module")
 def tiny():
-    cfg = exo2ego.tiny_config()
+    cfg = exo2ego.tiny()
     model = exo2ego.Exo2Ego(cfg)
     params = model.init(jax.random.key(0))
     rng = np.random.default_rng(1)
@@ -129,16 +129,16 @@ def test_generate_first_token_is_forward_argmax(tiny):
 
 
 def test_baseline_without_exo_or_mapping():
-    cfg = exo2ego.tiny_config(with_exo=False, with_mapping=False, fusion="x_only")
+    cfg = exo2ego.tiny(with_exo=False, with_mapping=False, fusion="x_only")
     model = exo2ego.Exo2Ego(cfg)
     abstract = model.abstract_params()
     assert sorted(abstract) == ["ego_encoder", "llm"]
     with pytest.raises(ValueError, match="needs F"):
-        exo2ego.tiny_config(with_mapping=False)
+        exo2ego.tiny(with_mapping=False)
 
 
 def test_bad_widths_are_named():
-    cfg = exo2ego.tiny_config()
+    cfg = exo2ego.tiny()
     with pytest.raises(ValueError, match="connector.out_size"):
         dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, hidden_size=32))
 
@@ -164,7 +164,7 @@ def _resnet_generator_count(d, ngf, n_blocks):
 
 
 def test_paper_size_shapes_without_allocation():
-    cfg = exo2ego.with_lora(exo2ego.paper_config(), LoRAConfig(rank=128, alpha=256, dropout=0.1))
+    cfg = exo2ego.with_lora(exo2ego.paper(), LoRAConfig(rank=128, alpha=256, dropout=0.1))
     model = exo2ego.Exo2Ego(cfg)
     abstract = model.abstract_params()
     count = lambda t: sum(int(x.size) for x in jax.tree.leaves(t))  # noqa: E731

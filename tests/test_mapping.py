@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as TF
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from exo2ego_jax.models import mapping as mapping_lib
 from exo2ego_jax.models.mapping import MappingConfig, MappingNetwork
 from exo2ego_jax.sharding import make_mesh, rules_for
 
@@ -69,9 +70,9 @@ def _tokens(b: int, grid, d: int = D, seed: int = 0) -> jax.Array:
 @pytest.mark.parametrize(
     "cfg",
     [
-        MappingConfig.tiny(ngf=4, n_blocks=1, norm="instance"),
-        MappingConfig.tiny(ngf=4, n_blocks=1, norm="layer", padding="zero", align_pad="zero"),
-        MappingConfig.tiny(kind="mlp", mlp_hidden=16, mlp_layers=3),
+        mapping_lib.tiny(ngf=4, n_blocks=1, norm="instance"),
+        mapping_lib.tiny(ngf=4, n_blocks=1, norm="layer", padding="zero", align_pad="zero"),
+        mapping_lib.tiny(kind="mlp", mlp_hidden=16, mlp_layers=3),
     ],
     ids=["resnet-instance", "resnet-layer", "mlp"],
 )
@@ -91,7 +92,7 @@ def test_output_shape_equals_input_shape(cfg, grid):
 
 
 def test_bad_inputs_raise_clear_errors():
-    cfg = MappingConfig.tiny(ngf=4, n_blocks=1)
+    cfg = mapping_lib.tiny(ngf=4, n_blocks=1)
     tokens = _tokens(1, (2, 3, 3))
     model = MappingNetwork(cfg, features=D)
     with pytest.raises(ValueError, match=r"18 tokens do not match grid .*=\(2, 3, 4\)"):
@@ -215,7 +216,7 @@ def _randomise_norm_affines(ref: torch.nn.Module) -> None:
 )
 def test_resnet_matches_torch_cyclegan_generator(norm, padding, align_pad, affine, grid):
     ngf, n_blocks, b = 4, 2, 2
-    cfg = MappingConfig.tiny(
+    cfg = mapping_lib.tiny(
         ngf=ngf, n_blocks=n_blocks, norm=norm, padding=padding, align_pad=align_pad,
         instance_affine=affine,
     )  # fmt: skip
@@ -252,7 +253,7 @@ def _count(tree) -> int:
 
 def test_paper_size_param_count_matches_torch_reference():
     d, grid = 4096, (9, 13, 13)
-    cfg = MappingConfig.paper()
+    cfg = mapping_lib.paper()
     spec = jax.ShapeDtypeStruct((1, math.prod(grid), d), jnp.float32)
     shapes = jax.eval_shape(
         lambda k, x: MappingNetwork(cfg, features=d).init(k, x, grid), jax.random.key(0), spec
@@ -270,7 +271,7 @@ def test_paper_size_param_count_matches_torch_reference():
     print(f"paper F params: jax {n_jax:,} torch {n_torch:,}; F+G {2 * n_jax:,}")
     assert n_jax == n_torch == convs + biases == 284_451_328
 
-    fc = MappingConfig.paper_fc()
+    fc = mapping_lib.paper_fc()
     fc_shapes = jax.eval_shape(
         lambda k, x: MappingNetwork(fc, features=d).init(k, x, grid), jax.random.key(0), spec
     )
@@ -282,7 +283,7 @@ def test_paper_size_param_count_matches_torch_reference():
 
 @pytest.mark.parametrize("norm", ["instance", "layer"])
 def test_gradient_reaches_every_param(norm):
-    cfg = MappingConfig.tiny(ngf=4, n_blocks=1, norm=norm, instance_affine=True)
+    cfg = mapping_lib.tiny(ngf=4, n_blocks=1, norm=norm, instance_affine=True)
     grid = (2, 6, 5)
     tokens = _tokens(2, grid, seed=1)
     target = _tokens(2, grid, seed=2)
@@ -309,7 +310,7 @@ def test_gradient_reaches_every_param(norm):
 
 
 def test_mlp_gradient_and_no_spatial_mixing():
-    cfg = MappingConfig.tiny(kind="mlp", mlp_hidden=16, mlp_layers=2)
+    cfg = mapping_lib.tiny(kind="mlp", mlp_hidden=16, mlp_layers=2)
     grid = (1, 3, 3)
     tokens = _tokens(1, grid)
     _, params, apply = _init(cfg, tokens, grid)
@@ -326,7 +327,7 @@ def test_mlp_gradient_and_no_spatial_mixing():
 
 
 def test_logical_names_and_sharded_apply():
-    cfg = MappingConfig.tiny(ngf=4, n_blocks=1, instance_affine=True)
+    cfg = mapping_lib.tiny(ngf=4, n_blocks=1, instance_affine=True)
     grid = (1, 5, 5)
     tokens = _tokens(4, grid)
     model = MappingNetwork(cfg, features=D)

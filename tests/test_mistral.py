@@ -283,7 +283,7 @@ def _count(tree) -> int:
 
 
 def test_paper_preset_param_count():
-    cfg = M.mistral_7b()
+    cfg = M.paper()
     assert (cfg.head_dim, cfg.num_groups, cfg.sliding_window) == (128, 4, None)
     ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
     abstract = jax.eval_shape(M.MistralLM(cfg).init, jax.random.key(0), ids)["params"]
@@ -326,7 +326,7 @@ def test_from_hf_config_legacy_rope_theta_and_errors():
         "vocab_size": 32000,
     }
     cfg = M.from_hf_config(official_v02)
-    assert cfg == M.mistral_7b(initializer_range=0.02)
+    assert cfg == M.paper(initializer_range=0.02)
     with pytest.raises(ValueError, match="rope_type"):
         M.from_hf_config({**official_v02, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
     with pytest.raises(ValueError, match="hidden_act"):

@@ -25,7 +25,7 @@ from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.training import checkpoints
 
 MODEL = exo2ego.Exo2Ego(
-    exo2ego.with_lora(exo2ego.tiny_config(), LoRAConfig(rank=8, alpha=16.0, dropout=0.0))
+    exo2ego.with_lora(exo2ego.tiny(), LoRAConfig(rank=8, alpha=16.0, dropout=0.0))
 )
 STAGE = stages.StageConfig(stage=3)  # trainable: E_ego connector, F, LoRA adapters
 PATTERNS = stages.trainable_patterns(STAGE, MODEL)

@@ -32,11 +32,11 @@ from jax.sharding import PartitionSpec as P
 
 from exo2ego_jax import sharding as sh
 from exo2ego_jax import stages
+from exo2ego_jax.models import connector as connector_lib
 from exo2ego_jax.models import exo2ego
+from exo2ego_jax.models import mapping as mapping_lib
 from exo2ego_jax.models import mistral as mistral_lib
-from exo2ego_jax.models.connector import STCConnectorConfig
 from exo2ego_jax.models.lora import LoRAConfig
-from exo2ego_jax.models.mapping import MappingConfig
 
 PRESETS = tuple(sh.PRESET_OVERRIDES)
 LORA = LoRAConfig(rank=4, alpha=8, dropout=0.0)
@@ -48,24 +48,24 @@ CPU_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_
 
 
 #: The tiny Exo2Ego with LoRA, as the demo builds it (vocabulary and layout tests).
-MODEL = exo2ego.Exo2Ego(exo2ego.with_lora(exo2ego.tiny_config(), LORA))
+MODEL = exo2ego.Exo2Ego(exo2ego.with_lora(exo2ego.tiny(), LORA))
 
 
 def _numerics_model() -> exo2ego.Exo2Ego:
     """The tiny model, conditioned so float32 noise stays far below 1e-5, and compiled faster.
 
     Two *single-device* compilations (XLA opt level 0 vs default) of ``_run_all`` differ by
-    5e-4 in the logits and 2e-3 in the stage-2 updates with ``tiny_config()`` as is: its
+    5e-4 in the logits and 2e-3 in the stage-2 updates with ``tiny()`` as is: its
     random LLM (init 0.2, chosen so the demo's frozen LLM reacts to visual tokens) is chaotic,
     and F/G's instance norm over the tiny grid's 2×2 bottleneck is ill-conditioned (mapping.py
     recommends ``norm="layer"`` for such grids). With HF's init scale 0.02 and layer norm the
     same two compilations agree to 2e-6 (logits) and 6e-7 (updated parameters). One block per
     connector stage and one residual block in F/G keep every layer kind and halve compile time.
     """
-    cfg = exo2ego.tiny_config(
+    cfg = exo2ego.tiny(
         llm=mistral_lib.tiny(initializer_range=0.02),
-        mapping=MappingConfig.tiny(norm="layer", n_blocks=1),
-        connector=STCConnectorConfig.tiny(in_channels=64, out_size=64, depth=1),
+        mapping=mapping_lib.tiny(norm="layer", n_blocks=1),
+        connector=connector_lib.tiny(in_channels=64, out_size=64, depth=1),
     )
     return exo2ego.Exo2Ego(exo2ego.with_lora(cfg, LORA))
 
@@ -141,7 +141,7 @@ def _activation_axis_names(model: exo2ego.Exo2Ego, monkeypatch) -> set[str]:
 def test_every_logical_name_is_covered_by_every_preset(monkeypatch):
     params = _param_axis_names(MODEL)
     paper = _param_axis_names(
-        exo2ego.Exo2Ego(exo2ego.with_lora(exo2ego.paper_config(), LoRAConfig(rank=128)))
+        exo2ego.Exo2Ego(exo2ego.with_lora(exo2ego.paper(), LoRAConfig(rank=128)))
     )
     acts = _activation_axis_names(MODEL, monkeypatch)
     assert paper <= params
@@ -254,7 +254,7 @@ PAPER_MESHES = {"fsdp": (1, 16, 1), "fsdp_tp": (1, 4, 4), "dp": (16, 1, 1)}
 
 
 def test_paper_size_maps_without_allocation_and_fits():
-    model = exo2ego.Exo2Ego(exo2ego.with_lora(exo2ego.paper_config(), LoRAConfig(rank=128)))
+    model = exo2ego.Exo2Ego(exo2ego.with_lora(exo2ego.paper(), LoRAConfig(rank=128)))
     specs, shapes = sh.abstract_boxed(model)
     total = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))
     largest_param = max(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(shapes))

@@ -31,7 +31,7 @@ def _caption(rng, b, length=12, vocab=256):
 
 @pytest.fixture(scope="module")
 def setup():
-    cfg = exo2ego.with_lora(exo2ego.tiny_config(), LORA)
+    cfg = exo2ego.with_lora(exo2ego.tiny(), LORA)
     model = exo2ego.Exo2Ego(cfg)
     params = model.init(jax.random.key(0))
     rng = np.random.default_rng(0)
@@ -149,19 +149,17 @@ def test_bad_stage_fields_are_named():
         stages.StageConfig(stage=4)
     with pytest.raises(ValueError, match="stage0_encoders"):
         stages.StageConfig(stage=0, stage0_encoders=("ego", "third"))
-    baseline = exo2ego.Exo2Ego(
-        exo2ego.tiny_config(with_exo=False, with_mapping=False, fusion="x_only")
-    )
+    baseline = exo2ego.Exo2Ego(exo2ego.tiny(with_exo=False, with_mapping=False, fusion="x_only"))
     with pytest.raises(ValueError, match="stage 1 trains E_exo"):
         stages.trainable_patterns(stages.StageConfig(stage=1), baseline)
-    no_lora = exo2ego.Exo2Ego(exo2ego.tiny_config())
+    no_lora = exo2ego.Exo2Ego(exo2ego.tiny())
     with pytest.raises(ValueError, match="train_lora=False"):
         stages.trainable_patterns(stages.StageConfig(stage=3), no_lora)
 
 
 def test_paper_size_parameter_table():
     """Totals and trainable counts per stage at paper size, from abstract shapes only."""
-    cfg = exo2ego.with_lora(exo2ego.paper_config(), LoRAConfig(rank=128, alpha=256, dropout=0.1))
+    cfg = exo2ego.with_lora(exo2ego.paper(), LoRAConfig(rank=128, alpha=256, dropout=0.1))
     model = exo2ego.Exo2Ego(cfg)
     rows = stages.param_table(model, [stages.StageConfig(stage=s) for s in stages.STAGES])
     clip, stc, llm, lora = 303_507_456, 489_188_608, 7_241_732_096, 335_544_320

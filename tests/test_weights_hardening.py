@@ -24,7 +24,8 @@ import torch
 from flax import traverse_util
 
 from exo2ego_jax.models import clip, mistral
-from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
+from exo2ego_jax.models import connector as connector_lib
+from exo2ego_jax.models.connector import STCConnector
 from exo2ego_jax.tools import convert
 from exo2ego_jax.weights import hf_clip, hf_mistral, mm_projector
 from exo2ego_jax.weights.errors import CheckpointError
@@ -382,8 +383,8 @@ def test_mapping_tables_match_the_modules(scan):
             (jax.ShapeDtypeStruct((1, 4), jnp.int32),),
         ),
         (
-            mm_projector.param_mappings(STCConnectorConfig.tiny()),
-            STCConnector(STCConnectorConfig.tiny()),
+            mm_projector.param_mappings(connector_lib.tiny()),
+            STCConnector(connector_lib.tiny()),
             (jax.ShapeDtypeStruct((1, 4, 36, 32), jnp.float32),),
         ),
     ]

@@ -157,7 +157,7 @@ class CLIPVisionConfig:
         }
 
 
-def clip_vit_l14_336(**overrides: Any) -> CLIPVisionConfig:
+def paper(**overrides: Any) -> CLIPVisionConfig:
     """openai/clip-vit-large-patch14-336 vision tower (the paper's ``E_ego`` / ``E_exo``)."""
     return CLIPVisionConfig(
         image_size=336,

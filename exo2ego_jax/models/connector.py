@@ -116,17 +116,19 @@ class STCConnectorConfig:
         """Visual tokens per clip, e.g. 16 frames of 24×24 -> 9·13·13 = 1521."""
         return math.prod(self.output_grid(num_frames, grid))
 
-    @classmethod
-    def videollama2_paper(cls, **overrides) -> STCConnectorConfig:
-        """VideoLLaMA2-7B: CLIP-L/14-336 (1024) -> Mistral-7B (4096); 16 frames -> 1521 tokens."""
-        return cls(**{"in_channels": 1024, "hidden_size": 4096, "out_size": 4096, **overrides})
 
-    @classmethod
-    def tiny(cls, **overrides) -> STCConnectorConfig:
-        """A CPU-sized connector with the paper's structure (2 blocks per stage)."""
-        return cls(
-            **{"in_channels": 32, "hidden_size": 64, "out_size": 64, "depth": 2, **overrides}
-        )
+def paper(**overrides: Any) -> STCConnectorConfig:
+    """VideoLLaMA2-7B: CLIP-L/14-336 (1024) -> Mistral-7B (4096); 16 frames -> 1521 tokens."""
+    return STCConnectorConfig(
+        **{"in_channels": 1024, "hidden_size": 4096, "out_size": 4096, **overrides}
+    )
+
+
+def tiny(**overrides: Any) -> STCConnectorConfig:
+    """A CPU-sized connector with the paper's structure (2 blocks per stage)."""
+    return STCConnectorConfig(
+        **{"in_channels": 32, "hidden_size": 64, "out_size": 64, "depth": 2, **overrides}
+    )
 
 
 def _conv(

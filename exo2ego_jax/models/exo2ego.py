@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from exo2ego_jax.models import clip as clip_lib
+from exo2ego_jax.models import connector as connector_lib
 from exo2ego_jax.models import decode
+from exo2ego_jax.models import mapping as mapping_lib
 from exo2ego_jax.models import mistral as mistral_lib
 from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
 from exo2ego_jax.models.lora import LoRAConfig
@@ -105,20 +107,20 @@ class Exo2EgoConfig:
         return self.tokens_per_clip * (2 if self.fusion == "concat_seq" else 1)
 
 
-def paper_config(**overrides: Any) -> Exo2EgoConfig:
+def paper(**overrides: Any) -> Exo2EgoConfig:
     """Method.md §2: CLIP-L/14-336 ×2, STC connectors, ResNet F/G (ngf 256), Mistral-7B."""
     cfg = dict(
-        clip=clip_lib.clip_vit_l14_336(),
-        connector=STCConnectorConfig.videollama2_paper(),
-        mapping=MappingConfig.paper(),
-        llm=mistral_lib.mistral_7b(),
+        clip=clip_lib.paper(),
+        connector=connector_lib.paper(),
+        mapping=mapping_lib.paper(),
+        llm=mistral_lib.paper(),
         num_frames=16,
     )
     cfg.update(overrides)
     return Exo2EgoConfig(**cfg)
 
 
-def tiny_config(**overrides: Any) -> Exo2EgoConfig:
+def tiny(**overrides: Any) -> Exo2EgoConfig:
     """A CPU-sized model with the paper's structure (tests and the demo)."""
     clip = clip_lib.tiny(image_size=32, patch_size=4)  # 8×8 patch grid
     # A frozen *random* LLM must still react to its inputs: at HF's init scale (0.02) a tiny
@@ -127,8 +129,8 @@ def tiny_config(**overrides: Any) -> Exo2EgoConfig:
     llm = mistral_lib.tiny(initializer_range=0.2)
     cfg = dict(
         clip=clip,
-        connector=STCConnectorConfig.tiny(in_channels=clip.hidden_size, out_size=llm.hidden_size),
-        mapping=MappingConfig.tiny(),
+        connector=connector_lib.tiny(in_channels=clip.hidden_size, out_size=llm.hidden_size),
+        mapping=mapping_lib.tiny(),
         llm=llm,
         num_frames=4,
     )

@@ -127,20 +127,24 @@ class MappingConfig:
                 f"ngf={self.ngf}, n_blocks={self.n_blocks}, mlp_layers={self.mlp_layers}"
             )
 
-    @classmethod
-    def paper(cls, **overrides: Any) -> MappingConfig:
-        """CycleGAN ResNet generator: ngf 256, 9 blocks, instance norm, reflect padding."""
-        return cls(**{"kind": "resnet", "ngf": 256, "n_blocks": 9, "norm": "instance", **overrides})
 
-    @classmethod
-    def paper_fc(cls, **overrides: Any) -> MappingConfig:
-        """The paper's "FC layers" ablation: a 2-layer per-token MLP of hidden width D."""
-        return cls(**{"kind": "mlp", "mlp_hidden": None, "mlp_layers": 2, **overrides})
+def paper(**overrides: Any) -> MappingConfig:
+    """CycleGAN ResNet generator: ngf 256, 9 blocks, instance norm, reflect padding."""
+    return MappingConfig(
+        **{"kind": "resnet", "ngf": 256, "n_blocks": 9, "norm": "instance", **overrides}
+    )
 
-    @classmethod
-    def tiny(cls, **overrides: Any) -> MappingConfig:
-        """A CPU-test-sized resnet (ngf 8, 2 blocks)."""
-        return cls(**{"kind": "resnet", "ngf": 8, "n_blocks": 2, "mlp_hidden": 32, **overrides})
+
+def paper_fc(**overrides: Any) -> MappingConfig:
+    """The paper's "FC layers" ablation: a 2-layer per-token MLP of hidden width D."""
+    return MappingConfig(**{"kind": "mlp", "mlp_hidden": None, "mlp_layers": 2, **overrides})
+
+
+def tiny(**overrides: Any) -> MappingConfig:
+    """A CPU-test-sized resnet (ngf 8, 2 blocks)."""
+    return MappingConfig(
+        **{"kind": "resnet", "ngf": 8, "n_blocks": 2, "mlp_hidden": 32, **overrides}
+    )
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -103,7 +103,7 @@ class MistralConfig:
         return self.num_heads // self.num_kv_heads
 
 
-def mistral_7b(**overrides: Any) -> MistralConfig:
+def paper(**overrides: Any) -> MistralConfig:
     """Mistral-7B-Instruct-v0.2 (the paper's LLM): 7,241,732,096 parameters."""
     return dataclasses.replace(
         MistralConfig(
