@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
+from exo2ego_jax import cli
 from exo2ego_jax.chat import answer
 from exo2ego_jax.demo import runner as demo
 from exo2ego_jax.eval.evaluate import evaluate
@@ -120,4 +120,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    cli.run(main)

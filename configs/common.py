@@ -195,6 +195,9 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     # the Exo2Ego paths), restored straight into the sharded params after the loaders above
     # (overriding them) and before the stage hand-offs; set clip / llm to "" when using it.
     c.init.converted = ""
+    # A paper-size model without pretrained CLIP and LLM weights trains from random
+    # initialisation: hours of accelerator time for nothing. Refused unless this is True.
+    c.init.allow_random = False
     if preset == "demo":
         c.update_from_flattened_dict(demo_overrides(stage))
     return c

@@ -203,6 +203,28 @@ def build_stage_config(s: ml_collections.ConfigDict) -> StageConfig:
         raise ConfigError(f"config.stage: {e}") from e
 
 
+def _check_pretrained(config: ml_collections.ConfigDict) -> None:
+    """A paper-size model must start from pretrained CLIP and Mistral weights.
+
+    Stage checkpoints hold only what each stage trained (never the frozen LLM or CLIP), so
+    without ``init.llm`` / ``init.clip`` (or ``init.converted``) the run would train on top
+    of random towers and a random 7B LLM.
+    """
+    init = config.init
+    if config.model.size != "paper" or init.get("allow_random", False):
+        return
+    missing = [f for f in ("clip", "llm") if not (init.get(f) or init.get("converted"))]
+    if missing:
+        fields = " and ".join(f"config.init.{f}" for f in missing)
+        raise ConfigError(
+            f"{fields} empty: this paper-size run would start from randomly initialised "
+            f"{' and '.join('CLIP' if f == 'clip' else 'LLM' for f in missing)} weights. Set "
+            "--config.init.clip=<HF CLIP dir> and --config.init.llm=<HF Mistral dir> (or "
+            "--config.init.converted=<tools.convert output>), or pass "
+            "--config.init.allow_random=True to train from scratch on purpose"
+        )
+
+
 def resolve(
     config: ml_collections.ConfigDict, *, num_devices: int | None = None, check_inputs: bool = True
 ) -> ResolvedConfig:
@@ -254,4 +276,5 @@ def resolve(
             path = config.init.get(field, "")
             if path and not Path(path).exists():
                 raise ConfigError(f"config.init.{field}={path!r}: not found")
+        _check_pretrained(config)
     return ResolvedConfig(config, model, stage, rules)

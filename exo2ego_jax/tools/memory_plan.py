@@ -58,7 +58,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import common
-from exo2ego_jax import config_lib, stages
+from exo2ego_jax import cli, config_lib, stages
 from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.training.optim import make_optimizer
@@ -461,11 +461,7 @@ def parse_flags(argv: Sequence[str], *, known_only: bool = False) -> flags.FlagV
     argv = ["memory_plan", *argv]
     fv = _flag_values(argv)
     try:
-        config_only = [a for a in argv if a.startswith("--config=")]
-        bare = _flag_values(config_only)
-        bare(["memory_plan", *config_only], known_only=True)
-        if bare.config is not None:
-            config_lib.check_override_paths(bare.config, argv)
+        cli.check_config_overrides(argv)
         fv(argv, known_only=known_only)
     except (flags.Error, OSError, config_lib.ConfigError) as e:
         raise PlanError(str(e).splitlines()[0]) from None

@@ -28,10 +28,12 @@ import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
+from exo2ego_jax.weights.errors import CheckpointError
+
 Params = dict[str, Any]
 
 
-class HandOffError(ValueError):
+class HandOffError(CheckpointError):
     """An earlier stage's checkpoint is missing, of the wrong stage, or does not fit."""
 
 
