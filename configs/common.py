@@ -155,6 +155,9 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     d.max_text_len = 2048
     d.workers = 8
     d.on_bad_video = "skip"  # skip | raise
+    # A run stops (naming the stream and the first bad files) once more than this fraction
+    # of a stream's examples could not be read; skipped counts are logged either way.
+    d.max_bad_fraction = 0.05
     d.template = "plain" if stage < 3 else "mistral"
     # Which prepared dataset feeds each input stream ("" = the stage's default, see
     # exo2ego_jax/training/streams.py), e.g. --config.data.datasets.pair=my_pairs.
@@ -181,7 +184,11 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
         dict(shape=(1, -1, 1), rules="fsdp", rule_overrides=ml_collections.ConfigDict())
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=2, async_save=True))
-    c.log_every = 50
+    c.log_every = 50  # steps between host reads of the metrics (no per-step sync)
+    # Performance: a profiler trace of steps [start, stop) into <workdir>/profile ((0, 0) =
+    # off), and the chip's peak TFLOP/s for the logged MFU (0 = from exo2ego_jax.training.perf).
+    c.profile_steps = (0, 0)
+    c.peak_tflops = 0.0
 
     # Where this stage's inputs come from. Earlier stages' workdirs (params only, restored in
     # order, later stages overriding earlier ones) and pretrained Hugging Face / VideoLLaMA2

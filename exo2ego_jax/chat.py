@@ -142,12 +142,11 @@ class ChatSession:
         log: Log = print,
         trained: Trained | None = None,
     ):
-        resolved = (
-            config
-            if isinstance(config, config_lib.ResolvedConfig)
-            else runtime.resolve_for_inference(config)
-        )
-        self.config = resolved.config
+        if isinstance(config, config_lib.ResolvedConfig):
+            resolved, config = config, config.config
+        else:
+            resolved = runtime.resolve_for_inference(config)
+        self.config = config  # chat.* / eval.* are read at every question
         self.trained = trained or runtime.load_trained(resolved, log=log)
 
     def ask(

@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -203,6 +205,107 @@ def build_stage_config(s: ml_collections.ConfigDict) -> StageConfig:
         raise ConfigError(f"config.stage: {e}") from e
 
 
+# ----------------------------------------------------------------------------- ranges
+
+_Range = tuple[str, Callable[[Any], bool], str]
+
+
+def _num(lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False):
+    """A predicate for an int / float in a (half-)open or closed range, and its text."""
+
+    def ok(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return False
+        if lo is not None and (v <= lo if lo_open else v < lo):
+            return False
+        return not (hi is not None and (v >= hi if hi_open else v > hi))
+
+    left = "(" if lo_open else "["
+    right = ")" if hi_open else "]"
+    text = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+    return ok, text
+
+
+def _int(lo: int, hi: int | None = None):
+    ok_num, text = _num(lo, hi)
+    return (lambda v: isinstance(v, int) and ok_num(v)), f"an integer in {text}"
+
+
+def _positive():
+    ok, _ = _num(0, lo_open=True)
+    return ok, "a number > 0"
+
+
+def _fraction(hi_open: bool = True):
+    ok, text = _num(0, 1, hi_open=hi_open)
+    return ok, f"a number in {text}"
+
+
+#: Every numeric field with a meaningful range: ``(dotted path, predicate, allowed range)``.
+RANGES: tuple[_Range, ...] = (
+    ("seed", *_int(0)),
+    ("log_every", *_int(1)),
+    ("model.num_frames", *_int(1)),
+    ("model.image_size", *_int(1)),
+    ("model.patch_size", *_int(0)),
+    ("model.vocab_size", *_int(1)),
+    ("model.mapping.ngf", *_int(1)),
+    ("model.mapping.n_blocks", *_int(0)),
+    ("model.lora.rank", *_int(1)),
+    ("model.lora.alpha", *_positive()),
+    ("model.lora.dropout", *_fraction()),
+    ("stage.lambda_vtg", *_num(0)),
+    ("stage.lambda_kl", *_num(0)),
+    ("stage.lambda_ccl", *_num(0)),
+    ("stage.kl_temperature", *_positive()),
+    ("data.max_text_len", *_int(2)),
+    ("data.workers", *_int(0)),
+    ("data.max_bad_fraction", *_fraction(hi_open=False)),
+    ("optim.batch_size", *_int(1)),
+    ("optim.lr", *_positive()),
+    ("optim.warmup_ratio", *_fraction()),
+    ("optim.num_epochs", *_int(0)),
+    ("optim.weight_decay", *_num(0)),
+    ("optim.b1", *_fraction()),
+    ("optim.b2", *_fraction()),
+    ("optim.eps", *_positive()),
+    ("optim.grad_clip", *_num(0)),
+    ("optim.grad_accum", *_int(1)),
+    ("checkpoint.every_steps", *_int(1)),
+    ("checkpoint.keep", *_int(1)),
+)
+
+
+def check_ranges(config: ml_collections.ConfigDict) -> None:
+    """Refuses, before any compute, a numeric field outside its range (:data:`RANGES`),
+    naming the field, the value and the allowed range."""
+    values = dict(_flat_items(config))
+    for path, ok, allowed in RANGES:
+        if path not in values:
+            continue
+        if path.startswith("model.lora.") and not config.model.lora.enabled:
+            continue
+        value = values[path]
+        if not ok(value):
+            raise ConfigError(f"config.{path}={value!r}: must be {allowed}")
+    o = config.optim
+    if not (o.num_steps == -1 or (isinstance(o.num_steps, int) and o.num_steps >= 1)):
+        raise ConfigError(f"config.optim.num_steps={o.num_steps!r}: must be -1 (epochs) or >= 1")
+    if o.num_steps == -1 and o.num_epochs < 1:
+        raise ConfigError(
+            f"config.optim.num_epochs={o.num_epochs!r}: must be >= 1 (or set "
+            "config.optim.num_steps > 0)"
+        )
+
+
+def _flat_items(config: ml_collections.ConfigDict, prefix: str = ""):
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _flat_items(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def _check_pretrained(config: ml_collections.ConfigDict) -> None:
     """A paper-size model must start from pretrained CLIP and Mistral weights.
 
@@ -231,6 +334,7 @@ def resolve(
     """Validates every field and cross-field constraint, then builds the model, stage and
     sharding objects. ``num_devices`` defaults to ``jax.device_count()``;
     ``check_inputs=False`` skips the checks of input paths (planning without data)."""
+    check_ranges(config)
     n = num_devices if num_devices is not None else jax.device_count()
     shape = list(config.mesh.shape)
     if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):

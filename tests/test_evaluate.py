@@ -150,7 +150,7 @@ def test_evaluate_writes_table_and_resumes(setup, monkeypatch):
     def no_model(*a, **k):
         raise AssertionError("a finished evaluation must not rebuild the model")
 
-    monkeypatch.setattr(evaluate, "load_trained", no_model)
+    monkeypatch.setattr(runtime, "load_trained", no_model)
     logs.clear()
     rows2, metrics2 = evaluate.evaluate(config, log=logs.append, progress=False)
     assert metrics2 == metrics and rows2 == rows

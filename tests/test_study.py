@@ -9,31 +9,31 @@ from pathlib import Path
 import pytest
 
 from configs import study as study_config
-from exo2ego_jax.demo import study
+from exo2ego_jax.demo import study, study_report
 
 
 def test_mean_std_and_aggregate_on_known_numbers():
-    cell = study.mean_std([1.0, 2.0, 3.0])
+    cell = study_report.mean_std([1.0, 2.0, 3.0])
     assert cell["mean"] == pytest.approx(2.0)
     assert cell["std"] == pytest.approx(1.0)  # sample std (ddof=1)
     assert cell["n"] == 3
-    assert study.mean_std([1.0, 2.0, 3.0], ddof=0)["std"] == pytest.approx((2 / 3) ** 0.5)
-    assert study.mean_std([5.0])["std"] is None  # one seed: no spread
-    assert study.mean_std([None, 4.0, 6.0])["n"] == 2  # a missing score is left out
-    assert study.format_cell(cell) == "2.0 ± 1.0"
-    assert study.format_cell(study.mean_std([5.0])) == "5.0"
-    assert study.format_cell(study.mean_std([])) == "—"
+    assert study_report.mean_std([1.0, 2.0, 3.0], ddof=0)["std"] == pytest.approx((2 / 3) ** 0.5)
+    assert study_report.mean_std([5.0])["std"] is None  # one seed: no spread
+    assert study_report.mean_std([None, 4.0, 6.0])["n"] == 2  # a missing score is left out
+    assert study_report.format_cell(cell) == "2.0 ± 1.0"
+    assert study_report.format_cell(study_report.mean_std([5.0])) == "5.0"
+    assert study_report.format_cell(study_report.mean_std([])) == "—"
 
     per_seed = {
         "full": {0: {"EgoSchema": 40.0, "Average": 30.0}, 1: {"EgoSchema": 50.0, "Average": 34.0}},
         "no_kl": {0: {"EgoSchema": 20.0}},
     }
-    agg = study.aggregate(per_seed)
+    agg = study_report.aggregate(per_seed)
     assert agg["full"]["EgoSchema"]["mean"] == pytest.approx(45.0)
     assert agg["full"]["EgoSchema"]["std"] == pytest.approx(50**0.5)
     assert agg["full"]["Average"]["values"] == [30.0, 34.0]
     assert agg["no_kl"]["VLN-QA"] == {"mean": None, "std": None, "n": 0, "values": []}
-    assert set(agg["full"]) == set(study.COLUMNS)
+    assert set(agg["full"]) == set(study_report.COLUMNS)
 
 
 def test_task_scores_use_the_reports_headline_metrics():
@@ -48,13 +48,13 @@ def test_task_scores_use_the_reports_headline_metrics():
         "vlnqa": {"accuracy": 35.0},
         "egomcq": {"inter": 70.0, "intra": 30.0},
     }
-    scores = study.task_scores(metrics)
+    scores = study_report.task_scores(metrics)
     assert scores["EgoTaskQA"] == pytest.approx(50.0)
     assert scores["EPIC-KITCHENS-100 MIR"] == pytest.approx(20.0)
     assert scores["EgoMCQ"] == pytest.approx(50.0)
     assert scores["Average"] == pytest.approx((20 + 30 + 50 + 50 + 20 + 25 + 35 + 50) / 8)
     del metrics["vlnqa"]
-    assert study.task_scores(metrics)["Average"] is None  # an average of 7 tasks is not one
+    assert study_report.task_scores(metrics)["Average"] is None  # an average of 7 tasks is not one
 
 
 def test_plan_shares_stage_runs_between_arms(tmp_path):
@@ -98,10 +98,10 @@ def test_quick_study_end_to_end_and_rerun(tmp_path):
 
     table = (root / "results.md").read_text()
     header = next(line for line in table.splitlines() if line.startswith("| Arm |"))
-    for column in study.COLUMNS:  # the eight tasks and the average
+    for column in study_report.COLUMNS:  # the eight tasks and the average
         assert f" {column} |" in header
     full = payload["arms"]["full"]
-    assert all(full[c]["mean"] is not None for c in study.COLUMNS), full
+    assert all(full[c]["mean"] is not None for c in study_report.COLUMNS), full
     assert "| full: " in table
     assert json.loads((root / "results.json").read_text())["seeds"] == [0]
     assert "arm,full,Average" in (root / "results.csv").read_text()
@@ -116,5 +116,5 @@ def test_quick_study_end_to_end_and_rerun(tmp_path):
 
     assert not payload["errors"], payload["errors"]
     baseline = payload["arms"]["baseline"]
-    assert all(baseline[c]["mean"] is not None for c in study.COLUMNS), baseline
+    assert all(baseline[c]["mean"] is not None for c in study_report.COLUMNS), baseline
     assert "| baseline: " in table

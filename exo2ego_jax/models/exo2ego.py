@@ -138,6 +138,15 @@ def tiny(**overrides: Any) -> Exo2EgoConfig:
     return Exo2EgoConfig(**cfg)
 
 
+def without_remat(config: Exo2EgoConfig) -> Exo2EgoConfig:
+    """The same model with rematerialisation off (e.g. to count its model FLOPs)."""
+    return dataclasses.replace(
+        config,
+        clip=dataclasses.replace(config.clip, remat="none"),
+        llm=dataclasses.replace(config.llm, remat_policy="none"),
+    )
+
+
 def with_lora(config: Exo2EgoConfig, lora: LoRAConfig | None) -> Exo2EgoConfig:
     """The same model with LoRA adapters switched on (or off with ``None``)."""
     return dataclasses.replace(config, llm=dataclasses.replace(config.llm, lora=lora))

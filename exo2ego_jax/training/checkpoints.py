@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,9 @@ from flax import traverse_util
 from exo2ego_jax.weights.errors import CheckpointError
 
 Params = dict[str, Any]
+
+
+TODELETE = ".todelete"  # where old checkpoints are renamed before their removal
 
 
 class HandOffError(CheckpointError):
@@ -49,13 +53,27 @@ class StageCheckpointer:
 
     def __init__(self, workdir: str | Path, *, keep: int = 2, async_save: bool = True):
         self.directory = Path(workdir).absolute() / "checkpoints"
+        # Old checkpoints are first renamed into `.todelete` (atomic), then removed: a kill
+        # during the clean-up never leaves a half-deleted step that would be listed.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+            max_to_keep=keep,
+            create=True,
+            enable_async_checkpointing=async_save,
+            todelete_subdir=TODELETE,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
+        shutil.rmtree(self.directory / TODELETE, ignore_errors=True)  # an interrupted clean-up
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def delete(self, step: int) -> None:
+        """Removes the checkpoint of ``step`` (renamed aside first, then deleted)."""
+        self.manager.delete(step)
+        shutil.rmtree(self.directory / TODELETE, ignore_errors=True)
 
     def save(
         self,

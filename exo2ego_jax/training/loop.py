@@ -22,6 +22,8 @@ import dataclasses
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -29,15 +31,17 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 from tqdm.auto import tqdm
 
 from exo2ego_jax import config_lib, runtime, stages
 from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax.config_lib import ConfigError, ResolvedConfig
-from exo2ego_jax.models.exo2ego import Exo2Ego
+from exo2ego_jax.models.exo2ego import Exo2Ego, without_remat
 from exo2ego_jax.training import checkpoints
 from exo2ego_jax.training.optim import make_optimizer, make_schedule
+from exo2ego_jax.training.perf import Profiler, StepPerf, nominal_peak_tflops, xla_flops
 from exo2ego_jax.training.step import (
     TrainState,
     abstract_of,
@@ -46,12 +50,17 @@ from exo2ego_jax.training.step import (
     shardings_of,
 )
 from exo2ego_jax.training.streams import Stream, make_streams
+from input_pipeline import atomic
 
 Log = Callable[[str], None]
 
 
 class TrainingDivergedError(RuntimeError):
     """The loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+class BadDataError(RuntimeError):
+    """More of a stream's examples were unreadable than ``config.data.max_bad_fraction``."""
 
 
 @dataclasses.dataclass
@@ -70,6 +79,8 @@ class _Run:
     rng: jax.Array
     log: Log
     progress: bool
+    perf: StepPerf
+    profiler: Profiler
 
 
 def _log_memory(compiled, log: Log) -> dict[str, float]:
@@ -196,6 +207,7 @@ def train(
         compiled = jitted.lower(state, frozen, batch, rng).compile()
         log(f"compiled the train step in {time.time() - t0:.1f}s")
         memory = _log_memory(compiled, log)
+        perf = _step_perf(config, model, stage, optimizer, compiled, (state, frozen, batch, rng))
 
         run = _Run(
             resolved=resolved,
@@ -210,10 +222,33 @@ def train(
             rng=rng,
             log=log,
             progress=progress,
+            perf=perf,
+            profiler=Profiler(workdir, config.get("profile_steps")),
         )
         summary = _loop(run, state, host_batch, start_step)
         summary.update(memory=memory, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     return summary
+
+
+def _step_perf(config, model, stage, optimizer, compiled, args) -> StepPerf:
+    """Model FLOPs per step (XLA's count of the step without rematerialisation) and the
+    chip's peak (``config.peak_tflops``, else :data:`perf.PEAK_TFLOPS`)."""
+    flops = None
+    if model.config.llm.remat_policy == "none" and model.config.clip.remat == "none":
+        flops = xla_flops(compiled)
+    else:  # lower (not compile) the same step without remat: recomputation is not model work
+        plain = Exo2Ego(without_remat(model.config))
+        state, frozen, batch, rng = args
+        jitted = jit_train_step(
+            plain,
+            stage,
+            optimizer,
+            state_shardings=shardings_of(state),
+            frozen_shardings=shardings_of(frozen),
+            batch_shardings=shardings_of(batch),
+        )
+        flops = xla_flops(jitted.lower(state, frozen, batch, rng))
+    return StepPerf(flops, config.get("peak_tflops", 0.0) or nominal_peak_tflops())
 
 
 def _tokens_in(batch: Mapping[str, Any]) -> int:
@@ -227,14 +262,139 @@ def _checkpoint_meta(resolved: ResolvedConfig) -> dict[str, Any]:
     }
 
 
+def _metrics_file_truncated(path: Path, last_step: int) -> None:
+    """``metrics.jsonl`` keeps only the lines of steps <= ``last_step`` (the restored step):
+    a resumed run re-runs the steps after it, and each step is logged once."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:  # a line cut by a kill: drop it
+            continue
+        if step <= last_step:
+            kept.append(line)
+    atomic.write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+class _Preemption:
+    """SIGTERM (preemptible TPU VMs, spot GPUs) asks the loop to save and stop at the next
+    step. Multi-process runs agree on the step through JAX's preemption sync point."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _Preemption:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def reached(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            try:  # every process sees the notice at the same step
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # no preemption service (jax.distributed not set up)
+                return self.requested
+        return self.requested
+
+
+@dataclasses.dataclass
+class _Window:
+    """Device-side metrics of the steps since the last host read (read all at once)."""
+
+    steps: list[int] = dataclasses.field(default_factory=list)
+    metrics: list[dict] = dataclasses.field(default_factory=list)
+    tokens: int = 0
+    start: float = dataclasses.field(default_factory=time.time)
+
+    def add(self, step: int, metrics: dict, tokens: int) -> None:
+        self.steps.append(step)
+        self.metrics.append(metrics)
+        self.tokens += tokens
+
+    def read(self) -> tuple[list[float], dict[str, float]]:
+        """One host transfer: every step's loss and the last step's scalar metrics."""
+        losses, last = jax.device_get(([m["loss"] for m in self.metrics], self.metrics[-1]))
+        return [float(x) for x in losses], {k: float(v) for k, v in last.items() if np.ndim(v) == 0}
+
+
+def _skip_counts(iterators: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """``{stream: (skipped, read)}`` of the iterators that count unreadable examples."""
+    out = {}
+    for name, it in iterators.items():
+        if hasattr(it, "num_skipped"):
+            out[name] = (int(it.num_skipped), int(getattr(it, "num_read", 0)))
+    return out
+
+
+def _check_bad_fraction(run: _Run) -> dict[str, int]:
+    """Skipped examples per stream; raises :class:`BadDataError` above the ceiling."""
+    ceiling = run.resolved.config.data.get("max_bad_fraction", 1.0)
+    skipped = {}
+    for name, (bad, read) in _skip_counts(run.iterators).items():
+        skipped[name] = bad
+        if read and bad / read > ceiling:
+            reasons = list(getattr(run.iterators[name], "skip_reasons", []))[:3]
+            raise BadDataError(
+                f"stream {name!r}: {bad} of {read} examples ({bad / read:.1%}) could not be "
+                f"read, above config.data.max_bad_fraction={ceiling}; first: "
+                + ("; ".join(reasons) or "(no message)")
+                + ". Fix the data (paths, video files) or raise the ceiling"
+            )
+    return skipped
+
+
+def _diverged(run: _Run, step: int, loss: float) -> TrainingDivergedError:
+    """The error for a non-finite loss at ``step``, after dropping every checkpoint that may
+    hold the weights that produced it (the one saved after step ``step - 1`` and later)."""
+    ckpt = run.ckpt
+    ckpt.wait()
+    for saved in sorted(ckpt.all_steps()):
+        if saved >= step - 1:
+            ckpt.delete(saved)
+    good = ckpt.latest_step()
+    where = (
+        f"The last good checkpoint ({ckpt.directory / str(good)}, step {good}) is kept and "
+        "the next run resumes from it; lower config.optim.lr or check the data first"
+        if good is not None
+        else "No checkpoint before it is known good, so none is kept: lower config.optim.lr "
+        "or check the data, then start the stage again"
+    )
+    stage = run.resolved.stage.stage
+    return TrainingDivergedError(f"stage {stage}: loss is {loss} at step {step}. {where}")
+
+
+def _log_line(run: _Run, step: int, scalars: dict[str, float], writer) -> None:
+    for k, v in scalars.items():
+        writer.add_scalar(f"train/{k}", v, step)
+    with open(run.workdir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **scalars}) + "\n")
+
+
 def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> dict[str, Any]:
-    """Steps from ``start_step`` to ``run.total_steps``; ``host_batch`` is the first batch."""
+    """Steps from ``start_step`` to ``run.total_steps``; ``host_batch`` is the first batch.
+
+    The host never waits for the device between log points: step ``s`` is dispatched, then
+    batch ``s + 1`` is read and placed on the mesh while the device computes, and the
+    window's losses are read at once every ``log_every`` steps (and before each checkpoint,
+    so a saved checkpoint is never past a non-finite loss).
+    """
     config, stage_no = run.resolved.config, run.resolved.stage.stage
     primary = jax.process_index() == 0
     writer = SummaryWriter(str(run.workdir / "tensorboard")) if primary else None
+    if primary:
+        _metrics_file_truncated(run.workdir / "metrics.jsonl", start_step)
     meta_base = _checkpoint_meta(run.resolved)
     config_json = checkpoints.dump_json(config.to_dict())
-    first_loss = last_loss = None
     losses: list[float] = []
     bar = tqdm(
         total=run.total_steps,
@@ -244,72 +404,80 @@ def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> di
         dynamic_ncols=True,
     )
     rules = run.resolved.rules
-    window_t, window_steps, window_tokens = time.time(), 0, 0
-    step = start_step
-    try:
-        while step < run.total_steps:
-            if step > start_step:
-                host_batch = {k: next(it) for k, it in run.iterators.items()}
-            batch = sharding_lib.shard_batch(host_batch, run.mesh, rules)
-            # This host's tokens x hosts (equal per-host batches): the global rate, estimated
-            # without a cross-host reduction.
-            window_tokens += _tokens_in(host_batch) * jax.process_count()
-            state, metrics = run.step_fn(
-                state, run.frozen, batch, jax.random.fold_in(run.rng, step)
-            )
-            step += 1
-            window_steps += 1
-            loss = float(metrics["loss"])  # one scalar per step: cheap, and catches NaN at once
-            if not math.isfinite(loss):
-                last_good = run.ckpt.latest_step()
-                raise TrainingDivergedError(
-                    f"stage {stage_no}: loss is {loss} at step {step}. The last good checkpoint "
-                    f"({run.ckpt.directory}/{last_good}) is kept; lower config.optim.lr, check "
-                    "the data, or resume from it"
+    every = config.checkpoint.every_steps
+    window, step, preempted = _Window(), start_step, False
+    batch = sharding_lib.shard_batch(host_batch, run.mesh, rules)
+    tokens = _tokens_in(host_batch) * jax.process_count()  # global, without a reduction
+    with _Preemption() as preemption:
+        try:
+            while step < run.total_steps:
+                state, metrics = run.step_fn(
+                    state, run.frozen, batch, jax.random.fold_in(run.rng, step)
                 )
-            losses.append(loss)
-            first_loss = loss if first_loss is None else first_loss
-            last_loss = loss
-            if step % config.log_every == 0 or step == run.total_steps:
-                dt = max(time.time() - window_t, 1e-9)
-                scalars = {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-                scalars.update(
-                    lr=float(run.schedule(step - 1)),
-                    steps_per_s=window_steps / dt,
-                    tokens_per_s=window_tokens / dt,
-                )
-                if writer is not None:
-                    for k, v in scalars.items():
-                        writer.add_scalar(f"train/{k}", v, step)
-                    with open(run.workdir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps({"step": step, **scalars}) + "\n")
-                bar.set_postfix(loss=f"{loss:.4f}", steps_s=f"{scalars['steps_per_s']:.2f}")
-                window_t, window_steps, window_tokens = time.time(), 0, 0
-            bar.update(1)
-            if step % config.checkpoint.every_steps == 0 or step == run.total_steps:
-                meta = {
-                    **meta_base,
-                    **checkpoints.param_meta(state.params),
-                    "finished": step == run.total_steps,
-                }
-                run.ckpt.save(
-                    step,
-                    state.params,
-                    state.opt_state,
-                    meta,
-                    config_json,
-                    run.iterators,
-                    force=step == run.total_steps,
-                )
-    finally:
-        bar.close()
-        run.ckpt.close()
-        if writer is not None:
-            writer.close()
+                step += 1
+                window.add(step, metrics, tokens)
+                bar.update(1)
+                last = step == run.total_steps
+                preempted = preemption.reached(step)
+                save = step % every == 0 or last or preempted
+                if save or step % config.log_every == 0:
+                    step_losses, scalars = window.read()
+                    bad = [i for i, x in enumerate(step_losses) if not math.isfinite(x)]
+                    if bad:
+                        raise _diverged(run, window.steps[bad[0]], step_losses[bad[0]])
+                    losses += step_losses
+                    skipped = _check_bad_fraction(run)
+                    dt = max(time.time() - window.start, 1e-9)
+                    scalars.update(
+                        lr=float(run.schedule(step - 1)),
+                        steps_per_s=len(window.steps) / dt,
+                        tokens_per_s=window.tokens / dt,
+                        **run.perf.scalars(len(window.steps) / dt),
+                        **{f"skipped_{k}": float(v) for k, v in skipped.items()},
+                    )
+                    if writer is not None:
+                        _log_line(run, step, scalars, writer)
+                    bar.set_postfix(
+                        loss=f"{step_losses[-1]:.4f}", steps_s=f"{scalars['steps_per_s']:.2f}"
+                    )
+                    window = _Window()
+                if save:  # before the next batch is read: the iterators' state is this step's
+                    meta = {**meta_base, **checkpoints.param_meta(state.params), "finished": last}
+                    run.ckpt.save(
+                        step,
+                        state.params,
+                        state.opt_state,
+                        meta,
+                        config_json,
+                        run.iterators,
+                        force=last or preempted,
+                    )
+                if preempted:
+                    run.log(
+                        f"stage {stage_no}: stop requested (SIGTERM) at step {step}; checkpoint "
+                        f"saved in {run.ckpt.directory}; rerun the same command to resume"
+                    )
+                    break
+                if not last:
+                    run.profiler.step(step)
+                    host_batch = {k: next(it) for k, it in run.iterators.items()}
+                    batch = sharding_lib.shard_batch(host_batch, run.mesh, rules)
+                    tokens = _tokens_in(host_batch) * jax.process_count()
+        finally:
+            run.profiler.stop()
+            bar.close()
+            run.ckpt.close()
+            if writer is not None:
+                writer.close()
+    skipped = {k: v for k, (v, _) in _skip_counts(run.iterators).items()}
+    if skipped:
+        run.log(f"stage {stage_no}: skipped unreadable examples per stream: {skipped}")
     return {
-        "first_loss": first_loss,
-        "last_loss": last_loss,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
         "steps": step,
         "losses": losses,
         "start_step": start_step,
+        "preempted": preempted,
+        "skipped": skipped,
     }

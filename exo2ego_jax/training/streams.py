@@ -28,6 +28,7 @@ import numpy as np
 from exo2ego_jax.config_lib import ConfigError
 from exo2ego_jax.runtime import load_tokenizer_checked
 from exo2ego_jax.stages import StageConfig
+from input_pipeline import templates
 from input_pipeline.pipeline import PipelineOptions, make_pipeline, record_dataset
 
 
@@ -59,6 +60,22 @@ def dataset_for(stream: str, stage: StageConfig, config: ml_collections.ConfigDi
     }[stream]
 
 
+def check_text_room(config: ml_collections.ConfigDict, tokenizer) -> None:
+    """``config.data.max_text_len`` must hold the template's fixed prompt and an answer."""
+    template = config.data.template
+    if template == "mistral":  # <s>[INST] <<SYS>> system <</SYS>> <video> [/INST]
+        fixed = len(templates.build_prompt(tokenizer, "").input_ids)
+    else:  # plain: <s> <video>
+        fixed = 2
+    need = fixed + 2  # at least one answer token and its end
+    if config.data.max_text_len < need:
+        raise ConfigError(
+            f"config.data.max_text_len={config.data.max_text_len}: the {template!r} template's "
+            f"fixed prompt alone is {fixed} tokens with this tokenizer; give at least {need} "
+            f"(e.g. --config.data.max_text_len={fixed + 64})"
+        )
+
+
 def make_streams(config: ml_collections.ConfigDict, stage: StageConfig) -> dict[str, Stream]:
     """``{stream name: Stream}`` for every sub-batch the stage reads."""
     data_dir = config.data.prepared_dir
@@ -68,6 +85,7 @@ def make_streams(config: ml_collections.ConfigDict, stage: StageConfig) -> dict[
             "`python -m input_pipeline.prepare --world WORLD --out DIR`"
         )
     tok = load_tokenizer_checked(config)
+    check_text_room(config, tok)
     # One micro-batch per step: the global batch over gradient-accumulation steps and hosts.
     micro = config.optim.batch_size // (config.optim.grad_accum or 1)
     if micro % jax.process_count():  # each host reads an equal, disjoint part of every batch

@@ -1,0 +1,97 @@
+"""What a performance engineer reads while a stage trains: model TFLOP/s per device, MFU
+against the chip's nominal peak, and an optional profiler trace for TensorBoard.
+
+Model FLOPs are XLA's count (``cost_analysis``) of the train step lowered without
+rematerialisation, so recomputed activations do not count (with ``remat_policy="none"`` the
+compiled step's own count is used). They are per device: the count of the SPMD-partitioned
+step. MFU divides them by the chip's nominal dense bfloat16 peak (:data:`PEAK_TFLOPS`, or
+``config.peak_tflops``); on a chip of unknown peak (and on CPU) MFU is not logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+
+#: Nominal dense bfloat16 TFLOP/s per chip, by a substring of ``jax.Device.device_kind``.
+#: Vendors' data sheets; never measured here.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("TPU v6 lite", 918.0),
+    ("TPU v5 lite", 197.0),
+    ("TPU v5p", 459.0),
+    ("TPU v5", 459.0),
+    ("TPU v4", 275.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L4", 121.0),
+)
+
+
+def nominal_peak_tflops(device: jax.Device | None = None) -> float | None:
+    """The chip's nominal peak from :data:`PEAK_TFLOPS`, or None."""
+    kind = (device or jax.devices()[0]).device_kind
+    for key, peak in PEAK_TFLOPS:
+        if key in kind:
+            return peak
+    return None
+
+
+def xla_flops(compiled_or_lowered: Any) -> float | None:
+    """XLA's FLOP count of a compiled or lowered computation (None if unavailable)."""
+    try:
+        cost = compiled_or_lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 — not every backend implements it
+        return None
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    flops = float((cost or {}).get("flops", 0.0))
+    return flops or None
+
+
+class StepPerf:
+    """Model FLOPs of one step and the chip's peak; :meth:`scalars` turns steps/s into
+    ``model_tflops_per_device`` and ``mfu``."""
+
+    def __init__(self, flops_per_step: float | None, peak_tflops: float | None):
+        self.flops_per_step = flops_per_step
+        self.peak_tflops = peak_tflops
+
+    def scalars(self, steps_per_s: float) -> dict[str, float]:
+        if not self.flops_per_step:
+            return {}
+        tflops = self.flops_per_step * steps_per_s / 1e12
+        out = {"model_tflops_per_device": tflops}
+        if self.peak_tflops:
+            out["mfu"] = tflops / self.peak_tflops
+        return out
+
+
+class Profiler:
+    """A ``jax.profiler`` trace of steps ``[start, stop)`` into ``<workdir>/profile``
+    (``config.profile_steps = (start, stop)``; ``(0, 0)`` = off). Open it in TensorBoard's
+    profile tab or Perfetto."""
+
+    def __init__(self, workdir: Path, steps: tuple[int, int] | None):
+        self.start, self.stop_at = tuple(steps or (0, 0))
+        self.directory = Path(workdir) / "profile"
+        self.active = False
+
+    def step(self, step: int) -> None:
+        """Call after step ``step`` (1-based) was dispatched."""
+        if self.stop_at <= self.start:
+            return
+        if step == self.start and not self.active:
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+            logging.info("profiling steps %d-%d into %s", self.start, self.stop_at, self.directory)
+        elif step >= self.stop_at and self.active:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
