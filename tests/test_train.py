@@ -227,3 +227,61 @@ def test_gradient_accumulation_averages_micro_batch_gradients(tmp_path):
     other.m, other.v, other.t = state[0], state[1], 2
     other.update(token_weighted, lr_at(2))
     assert max(float(np.abs(other.p[k] - want.p[k]).max()) for k in start) > 1e-4
+
+
+def test_hand_off_later_stages_override_earlier(tmp_path):
+    """A stage-3 run built from stages 0, 1 and 2: every parameter equals what the last stage
+    that trained it saved (E_ego's connector: stage 2's, not stage 0's; E_exo's: stage 1's;
+    F and G: stage 2's), and every other parameter its initial value."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+    from flax import traverse_util
+
+    from exo2ego_jax import sharding as sharding_lib
+    from exo2ego_jax import stages
+    from exo2ego_jax.models.exo2ego import Exo2Ego
+
+    c = _config(3, tmp_path)
+    model = Exo2Ego(config_lib.build_model_config(c.model))
+    mesh = sharding_lib.make_mesh(c.mesh.shape)
+    rules = sharding_lib.rules_for(c.mesh.rules)
+    flat = lambda tree: traverse_util.flatten_dict(tree, sep="/")  # noqa: E731
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        init, _ = train.init_params(model, mesh, rules, c.seed)
+    init = {k: np.asarray(v) for k, v in flat(init).items()}
+    saved = {}  # stage -> {path: the value that stage saved}
+    for s in (0, 1, 2):
+        st = config_lib.build_stage_config(STAGE_CONFIGS[s].get_config("demo").stage)
+        paths = stages.trainable_paths(
+            traverse_util.unflatten_dict(init, sep="/"), stages.trainable_patterns(st, model)
+        )
+        rng = np.random.default_rng(10 + s)  # each stage saves its own distinct values
+        saved[s] = {
+            p: init[p] + rng.standard_normal(init[p].shape).astype(np.float32) for p in paths
+        }
+        ckpt = checkpointing.StageCheckpointer(tmp_path / f"stage{s}", async_save=False)
+        tree = traverse_util.unflatten_dict(saved[s], sep="/")
+        meta = {"stage": s, **checkpointing.param_meta(tree)}
+        ckpt.save(1, tree, {"count": np.zeros((), np.int32)}, meta, {}, force=True)
+        ckpt.close()
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        params, _ = train.build_params(c, model, mesh, rules, pretrained={}, log=lambda m: None)
+    got = flat(params)
+    assert set(got) == set(init)
+    for k, v in got.items():
+        last = max((s for s in saved if k in saved[s]), default=None)
+        want = init[k] if last is None else saved[last][k]
+        np.testing.assert_array_equal(np.asarray(v), want, err_msg=f"{k} (from stage {last})")
+    # The test can tell the stages apart: each overridden part differs between them.
+    lasts = {
+        "ego_encoder/connector": 2,
+        "exo_encoder/connector": 1,
+        "F": 2,
+        "G": 2,
+    }
+    for part, s in lasts.items():
+        ks = [k for k in got if k.startswith(part + "/")]
+        assert ks and all(max(t for t in saved if k in saved[t]) == s for k in ks), part
+    k = next(k for k in got if k.startswith("ego_encoder/connector/"))
+    assert not np.array_equal(saved[0][k], saved[2][k])
