@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from hf_helpers import perturb_params
 from reference.stc_connector_torch import STCConnector as TorchSTC
 
 from exo2ego_jax.models import connector as connector_lib
@@ -178,11 +179,19 @@ def test_load_bf16_bin(reference, tmp_path):
     np.testing.assert_array_equal(np.asarray(params["readout_2"]["kernel"], np.float32), want)
 
 
+def _is_box(x) -> bool:
+    return isinstance(x, nn.meta.AxisMetadata)
+
+
 def test_save_roundtrip_into_torch(tmp_path):
     cfg = connector_lib.tiny()
     module = STCConnector(cfg)
     x = _input((1, 4, 36, 32), seed=7)
     params = jax.jit(module.init)(jax.random.key(0), x)["params"]  # boxed: saver must unbox
+    # Flax initialises every norm scale to 1 and bias to 0: perturb them (each tensor its own
+    # values) so a saver writing one block's norm under another's name cannot pass.
+    noise = perturb_params(nn.meta.unbox(params), seed=7)
+    params = jax.tree.map(lambda box, v: box.replace_boxed(v), params, noise, is_leaf=_is_box)
     out = _run_jax(module, nn.meta.unbox(params), x)
     file = save_mm_projector(cfg, params, tmp_path)
     assert file.name == "mm_projector.safetensors"

@@ -22,6 +22,7 @@ import pytest
 import torch
 import transformers
 from flax import traverse_util
+from hf_helpers import norm_weights_distinct, perturb_
 
 from exo2ego_jax import sharding as sh
 from exo2ego_jax.models import connector as connector_lib
@@ -71,6 +72,8 @@ def sources(tmp_path_factory):
             p.add_(0.1 * torch.randn_like(p))
     clip.save_pretrained(root / "clip")
     llm = transformers.MistralForCausalLM(transformers.MistralConfig(**TINY_MISTRAL))
+    perturb_(llm, seed=0)  # every RMSNorm weight != 1 and distinct per layer
+    assert norm_weights_distinct(llm) and norm_weights_distinct(clip)
     llm.save_pretrained(root / "llm", max_shard_size="40KB")
     assert (root / "llm" / "model.safetensors.index.json").is_file()
     # Random projector tensors in VideoLLaMA2's names and layouts (no connector init to compile).

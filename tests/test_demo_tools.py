@@ -125,6 +125,42 @@ def test_dense_targets_put_each_object_in_its_patch():
     np.testing.assert_array_equal(where, [[3, 4], [4, 4]])
 
 
+def test_held_out_accuracy_is_computed_on_evenly_spaced_frames_of_the_held_out_clips():
+    """pretrain_clip's accuracy (_right, _accuracy) against numbers computed by hand: a
+    stand-in classifier reads each clip's id and frame indices from its pixels and predicts
+    from a table, so which clips, which frames and which fields count are all visible."""
+    import jax
+    import jax.numpy as jnp
+
+    sizes = [len(v) for v in clip_corpus.LABELS.values()]
+    n, t = 10, 8
+    rng = np.random.default_rng(0)
+    labels = np.stack([rng.integers(0, k, n) for k in sizes], 1)
+    frames = np.zeros((n, t, 4, 4, 3), np.uint8)
+    frames[:, :, 0, 0, 0] = np.arange(n)[:, None]  # clip id
+    frames[:, :, 0, 1, 0] = np.arange(t)[None, :]  # frame index
+    table = labels.copy()  # what the classifier answers for each clip
+    table[2, 0] = (labels[2, 0] + 1) % sizes[0]  # clip 2: verb wrong
+    table[5, 1:3] = (labels[5, 1:3] + 1) % np.asarray(sizes[1:3])  # clip 5: colour, shape
+    table[7, 4] = (labels[7, 4] + 1) % sizes[4]  # clip 7: direction wrong (not held out)
+
+    def forward(params, x):
+        assert x.shape[1] == 4
+        ids = x[:, 0, 0, 0, 0].astype(jnp.int32)
+        evenly = jnp.all(x[:, :, 0, 1, 0] == jnp.asarray([0, 2, 5, 7], x.dtype), axis=1)
+        pred = jnp.where(evenly[:, None], jnp.asarray(table)[ids], 0)  # other frames: wrong
+        return jnp.concatenate(
+            [jax.nn.one_hot(pred[:, k], size) for k, size in enumerate(sizes)], -1
+        )
+
+    held_out = np.array([1, 2, 3, 5, 9])
+    right = pretrain_clip._right(forward, None, frames, labels, held_out, 4, sizes)
+    acc = pretrain_clip._accuracy(right)
+    want = {name: 1.0 for name in clip_corpus.LABELS}
+    want.update(verb=4 / 5, color=4 / 5, shape=4 / 5, all=3 / 5)  # clips 2 and 5 miss
+    assert acc == pytest.approx(want)
+
+
 def test_pretrain_clip_learns_and_writes_a_loadable_hf_tower(tmp_path):
     cfg = clip_lib.tiny(image_size=32, patch_size=8)
     corpus = clip_corpus.render_corpus(4, image_size=32, size=64, workers=1, progress=False)
@@ -147,7 +183,12 @@ def test_pretrain_clip_learns_and_writes_a_loadable_hf_tower(tmp_path):
     assert 0.8 * start < s["first_loss"] < 1.25 * start and s["last_loss"] < 0.6 * s["first_loss"]
     assert s["clips"] + s["val_clips"] == len(corpus) and s["val_clips"] > 0
     assert set(s["accuracy"]) == {*clip_corpus.LABELS, "all"}
-    assert all(0.0 <= v <= 1.0 for v in s["accuracy"].values())
+    # Held-out accuracies count the held-out clips (take 3 of 4): whole multiples of 1/val.
+    n_val = int((corpus.takes == 3).sum())
+    assert s["val_clips"] == n_val
+    for v in s["accuracy"].values():
+        assert abs(v * n_val - round(v * n_val)) < 1e-9, v
+    assert s["accuracy"]["all"] <= min(v for k, v in s["accuracy"].items() if k != "all")
     # Per-view accuracies are over a partition of the held-out clips: weighted, they add up.
     by_view, views = s["accuracy_by_view"], np.asarray(corpus.views)[corpus.takes == 3]
     assert set(by_view) == {"ego", "exo"}

@@ -7,7 +7,12 @@ import pytest
 
 from exo2ego_jax.eval import metrics as M
 
-sklearn_metrics = pytest.importorskip("sklearn.metrics")
+
+@pytest.fixture(scope="module")
+def sklearn_metrics():
+    """scikit-learn's metrics (a dev dependency); only the tests that compare with it skip
+    without it, the hand-computed ones below always run."""
+    return pytest.importorskip("sklearn.metrics")
 
 
 def test_accuracy_and_groups():
@@ -20,7 +25,7 @@ def test_accuracy_and_groups():
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_average_precision_matches_sklearn(seed):
+def test_average_precision_matches_sklearn(seed, sklearn_metrics):
     rng = np.random.default_rng(seed)
     n = 25
     y = rng.integers(0, 2, n)
@@ -38,7 +43,7 @@ def test_average_precision_hand_value():
     assert math.isnan(M.average_precision([0, 0], [0.3, 0.2]))
 
 
-def test_charades_map_mean_over_classes_with_positives():
+def test_charades_map_mean_over_classes_with_positives(sklearn_metrics):
     rng = np.random.default_rng(7)
     labels = (rng.random((12, 6)) < 0.3).astype(int)
     labels[:, 5] = 0  # a class without positives: excluded from the mean
@@ -53,7 +58,17 @@ def test_charades_map_mean_over_classes_with_positives():
         ]
     )
     assert M.charades_map(labels, scores) == pytest.approx(ref, abs=1e-12)
-    assert np.isnan(M.per_class_ap(labels, scores)[5])
+
+
+def test_charades_map_hand_computed():
+    # class 0: ranking pos, neg, pos -> AP 5/6; class 1: neg, pos, neg -> 1/2; class 2 has no
+    # positive (NaN, left out); the unlabelled video 3 is dropped before ranking.
+    labels = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    scores = np.array([[0.9, 0.8, 0.1], [0.5, 0.4, 0.2], [0.1, 0.2, 0.3], [0.95, 0.9, 0.9]])
+    ap = M.per_class_ap(labels[:3], scores[:3])
+    np.testing.assert_allclose(ap[:2], [5 / 6, 1 / 2])
+    assert np.isnan(ap[2])
+    assert M.charades_map(labels, scores) == pytest.approx((5 / 6 + 1 / 2) / 2)
     np.testing.assert_array_equal(M.multi_hot([[0, 2], []], 3), [[1, 0, 1], [0, 0, 0]])
 
 

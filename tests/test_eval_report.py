@@ -1,11 +1,13 @@
 """EgoBench report: metrics from predictions, chance levels, the table, resumable runs."""
 
+import itertools
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from exo2ego_jax.eval import metrics as M
 from exo2ego_jax.eval import report as R
 from input_pipeline import egobench as T
 
@@ -78,8 +80,36 @@ def test_chance_levels():
         "epic_mir/EPIC_100_retrieval_test_sentence.csv",
         "epic_mir/caption_relevancy_EPIC_100_retrieval_test.npy",
     )
-    mir = R.chance_metrics("epic_mir", bench, trials=20)
-    assert 0 < mir["mAP"] < 100 and 0 < mir["nDCG"] < 100
+    # The exact expectation over uniformly random rankings, by hand: nDCG in closed form
+    # (each item is equally likely at every rank: E[DCG] = mean(rel) * sum of the first k
+    # discounts), mAP over all 4! (v2t) and 5! (t2v) rankings. Monte-Carlo within 0.75.
+    rel = bench.relevancy
+
+    def expected_ndcg(rel):
+        d = 1.0 / np.log2(np.arange(rel.shape[1]) + 2.0)
+        per_row = []
+        for r in rel:
+            k = int((r > 0).sum())
+            idcg = (np.sort(r)[::-1][:k] * d[:k]).sum()
+            per_row.append(r.mean() * d[:k].sum() / idcg if idcg > 0 else 0.0)
+        return np.mean(per_row)
+
+    def expected_map(rel):
+        ranks = itertools.permutations(range(rel.shape[1]))
+        return np.mean([M.mir_map(np.tile(np.float64(p), (len(rel), 1)), rel) for p in ranks])
+
+    exact = {
+        "mAP_v2t": 100 * expected_map(rel),
+        "mAP_t2v": 100 * expected_map(rel.T),
+        "nDCG_v2t": 100 * expected_ndcg(rel),
+        "nDCG_t2v": 100 * expected_ndcg(rel.T),
+    }
+    exact["mAP"] = (exact["mAP_v2t"] + exact["mAP_t2v"]) / 2
+    exact["nDCG"] = (exact["nDCG_v2t"] + exact["nDCG_t2v"]) / 2
+    assert exact["mAP"] == pytest.approx(67.8724, abs=1e-4)
+    assert exact["nDCG"] == pytest.approx(73.7904, abs=1e-4)
+    mir = R.chance_metrics("epic_mir", bench, trials=2000)
+    assert mir == pytest.approx(exact, abs=0.75)
 
 
 def test_task_metrics_from_predictions():

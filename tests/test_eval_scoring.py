@@ -112,6 +112,77 @@ def unigram_params(params, alpha):
     return {**params, "llm": llm}
 
 
+def bigram_params(params, seed=0, scale=3.0):
+    """LLM params whose logits at a position depend only on the token *at* that position.
+
+    Attention and MLP outputs are zeroed, so the last hidden state at position t is
+    ``RMSNorm(E[token_t]) * norm_scale``; a random embedding and head then give every token
+    its own next-token distribution. A score read one position off (the logits of the token
+    itself, or of the one after it) gives other numbers.
+    """
+    llm = jax.tree_util.tree_map(jnp.asarray, params["llm"])
+    rng = np.random.default_rng(seed)
+    emb = llm["embed_tokens"]["embedding"]
+    llm["embed_tokens"]["embedding"] = jnp.asarray(rng.standard_normal(emb.shape), emb.dtype)
+    layers = llm["layers"]
+    for part, name in (("self_attn", "o_proj"), ("mlp", "down_proj")):
+        layers[part][name]["kernel"] = jnp.zeros_like(layers[part][name]["kernel"])
+    norm = llm["norm"]["scale"]
+    llm["norm"]["scale"] = jnp.asarray(1 + 0.3 * rng.standard_normal(norm.shape), norm.dtype)
+    head = llm["lm_head"]["kernel"]
+    llm["lm_head"]["kernel"] = jnp.asarray(
+        scale * rng.standard_normal(head.shape) / np.sqrt(head.shape[0]), head.dtype
+    )
+    return {**params, "llm": llm}
+
+
+def bigram_logprobs(model, params):
+    """``float64[V, V]``: row a = log p(next token | current token a), by hand from the
+    bigram params (RMSNorm, head, log-softmax in numpy)."""
+    llm = params["llm"]
+    e = np.asarray(llm["embed_tokens"]["embedding"], np.float64)
+    h = e / np.sqrt((e * e).mean(-1, keepdims=True) + model.config.llm.rms_norm_eps)
+    z = (h * np.asarray(llm["norm"]["scale"], np.float64)) @ np.asarray(
+        llm["lm_head"]["kernel"], np.float64
+    )
+    z -= z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def full_model_logprob(model, params, tok, question, answer, frames, system):
+    """``(summed log-prob, tokens)`` of ``answer`` after ``question``: the whole conversation
+    through the full model once (Exo2Ego.__call__), log-softmax of its logits in numpy,
+    logits[t] scoring the token at t + 1 of the spliced sequence (labels mark the answer)."""
+    prompt = build_prompt(tok, question, system=system).input_ids
+    messages = [{"from": "human", "value": "<video>" + question}, {"from": "gpt", "value": answer}]
+    full = np.asarray(encode_conversation(tok, messages, system=system).input_ids)
+    labels = full.copy()
+    labels[: len(prompt)] = -100
+    logits, spliced = _forward(model)(
+        params,
+        jnp.asarray(frames)[None],
+        jnp.asarray(full)[None],
+        jnp.ones((1, len(full)), jnp.int32),
+        jnp.asarray(labels)[None],
+    )
+    z = np.asarray(logits[0], np.float64)
+    logp = z - z.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    y = np.asarray(spliced[0])
+    pos = np.nonzero(y[1:] != -100)[0]
+    assert len(pos) == len(full) - len(prompt)
+    return float(logp[pos, y[pos + 1]].sum()), len(pos)
+
+
+_FORWARDS = {}
+
+
+def _forward(model):
+    if model not in _FORWARDS:
+        _FORWARDS[model] = jax.jit(lambda p, f, i, m, lab: model(p, f, i, m, lab))
+    return _FORWARDS[model]
+
+
 def continuation_ids(tok, question, answer):
     """Answer tokens as the training template writes them (reference for the tests)."""
     prompt = build_prompt(tok, question).input_ids
@@ -158,6 +229,14 @@ def test_prefix_reuse_equals_naive_full_sequence(lm):
     got = S.continuation_logprobs(model, params, tok, requests, **KW)
     for req, res in zip(requests, got, strict=True):
         ref = S.naive_continuation_logprobs(model, params, tok, req, frames_fn(req.clip))
+        hand = [
+            full_model_logprob(
+                model, params, tok, req.question, c, frames_fn(req.clip), S.system_prompt()
+            )
+            for c in req.continuations
+        ]
+        np.testing.assert_array_equal(res[:, 1], [n for _, n in hand])
+        np.testing.assert_allclose(res[:, 0], [v for v, _ in hand], atol=1e-4, rtol=0)
         np.testing.assert_array_equal(res[:, 1], ref[:, 1])  # same token counts
         np.testing.assert_allclose(res[:, 0], ref[:, 0], atol=1e-4, rtol=0)
         means = res[:, 0] / res[:, 1]
@@ -183,15 +262,17 @@ def test_egomcq_scores_query_given_each_clip(lm):
         option_clips=clips,
     )
     (pred,) = S.score_multiple_choice(model, params, tok, [item], **KW)
-    per_clip = S.continuation_logprobs(
-        model,
-        params,
-        tok,
-        [S.Request(c, S.DESCRIBE_QUESTION, (item.question,)) for c in clips],
-        **KW,
-    )
-    expect = [r[0, 0] / r[0, 1] for r in per_clip]
-    np.testing.assert_allclose(pred["scores"], expect, atol=1e-6)
+    # The query narration scored given each clip, by the full model (not the scorer).
+    hand = [
+        full_model_logprob(
+            model, params, tok, S.DESCRIBE_QUESTION, item.question, frames_fn(c), S.system_prompt()
+        )
+        for c in clips
+    ]
+    expect = [v / n for v, n in hand]
+    assert np.ptp(expect) > 1e-3  # the clips score differently: the order means something
+    np.testing.assert_allclose(pred["scores"], expect, atol=1e-4, rtol=0)
+    assert pred["num_tokens"] == [n for _, n in hand]
     assert pred["pred_index"] == int(np.argmax(expect)) and pred["group"] == "intra"
     assert pred["correct"] == (pred["pred_index"] == 1)
 
@@ -242,6 +323,54 @@ def test_controlled_logits_pick_the_expected_option(lm):
     assert sim.shape == (3, 2) and (sim[:, 1] > sim[:, 0]).all()
     ref = logp[continuation_ids(tok, S.DESCRIBE_QUESTION, "red")].mean()
     np.testing.assert_allclose(sim[:, 0], ref, atol=1e-4)
+
+
+def test_each_token_is_scored_by_the_previous_positions_logits(lm):
+    """Bigram logits (they depend on the current token): every option's score must be
+    sum_j log p(c_j | c_{j-1}) / n, with c_{-1} the prompt's last token, from a log-softmax
+    written here; the scorer's numbers must also match the full model's (one forward over
+    the whole conversation)."""
+    tok, model, params = lm
+    p = bigram_params(params)
+    table = bigram_logprobs(model, p)
+    items = [
+        mcq(
+            "a",
+            "What colour was the cup that I shook?",
+            ["the red cup", "in the green bowl", "blue"],
+            0,
+        ),
+        mcq(
+            "b",
+            "Which way did I turn?",
+            ["turn left", "C picks up the red cup.", "the blue bowl"],
+            2,
+            clip="b.mp4",
+        ),
+    ]
+    preds = S.score_multiple_choice(model, p, tok, items, **KW)
+    system = S.system_prompt()
+    for it, r in zip(items, preds, strict=True):
+        prompt = build_prompt(tok, it.question, system=system).input_ids
+        want, shifted = [], []
+        for k, opt in enumerate(it.options):
+            messages = [
+                {"from": "human", "value": "<video>" + it.question},
+                {"from": "gpt", "value": opt},
+            ]
+            full = encode_conversation(tok, messages, system=system).input_ids
+            cont, prev = full[len(prompt) :], full[len(prompt) - 1 : -1]
+            assert len(cont) > 1 and r["num_tokens"][k] == len(cont)
+            want.append(table[prev, cont].mean())
+            shifted.append(table[cont, cont].mean())  # logits of the token itself
+            hand = full_model_logprob(model, p, tok, it.question, opt, frames_fn(it.clip), system)
+            assert hand[1] == len(cont)
+            np.testing.assert_allclose(hand[0] / hand[1], want[-1], atol=1e-4, rtol=0)
+        print(it.item_id, np.round(r["scores"], 4), np.round(want, 4), np.round(shifted, 4))
+        np.testing.assert_allclose(r["scores"], want, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(r["logprob_sums"], np.asarray(want) * r["num_tokens"], atol=1e-3)
+        assert np.abs(np.asarray(want) - shifted).max() > 0.1  # an off-by-one is visible
+        assert r["pred_index"] == int(np.argmax(want))
 
 
 @pytest.mark.slow

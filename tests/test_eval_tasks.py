@@ -257,6 +257,25 @@ def test_world_task_files_load(world):
 
 
 def test_world_clip_decodes(world):
+    """A task's clip decodes to the frames the world rendered at the sampled instants."""
+    from input_pipeline.video import sample_frame_indices
+
     item = T.load_task("vlnqa", world)[0]
     frames = load_clip(item.video, item.start, item.end, num_frames=4, size=32)
     assert frames.shape == (4, 32, 32, 3) and frames.dtype == np.uint8
+    # Rebuild the held-out take that owns the video from the world's manifest.
+    m = json.loads((world / "world.json").read_text())
+    rel = item.video.relative_to(world).as_posix()
+    specs = sw.build_specs(m["seed"], m["sizes"], fps=m["fps"], size=m["resolution"][0])
+    take, camera = next((t, c) for t in specs for c, v in t.videos.items() if v == rel)
+    idx = sample_frame_indices(take.num_frames, take.fps, 4, item.start, item.end)
+    rendered = sw.render_take(take, camera, indices=idx).astype(np.float64)
+    native = load_clip(item.video, item.start, item.end, num_frames=4, size=take.size)
+
+    def psnr(a, b):
+        return 10 * np.log10(255.0**2 / np.mean((np.float64(a) - b) ** 2))
+
+    assert psnr(native, rendered) >= 30.0, psnr(native, rendered)
+    # Another instant of the same take is far off: the window is the one asked for.
+    other = sw.render_take(take, camera, indices=(idx + take.num_frames // 2) % take.num_frames)
+    assert psnr(native, other) < psnr(native, rendered) - 5

@@ -8,12 +8,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from eval_helpers import recompute_metrics
 
 from configs import common
 from configs import eval as eval_config
 from exo2ego_jax import chat, config_lib, runtime, stages
 from exo2ego_jax import sharding as sharding_lib
-from exo2ego_jax.eval import evaluate, report
+from exo2ego_jax.eval import evaluate, report, scoring
 from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.training import checkpoints
 from input_pipeline import egobench as tasks
@@ -100,6 +101,40 @@ def _lines(path) -> int:
     return len(path.read_text().splitlines())
 
 
+def _check_table(rows, recomputed) -> None:
+    """Each row of the table is its task's recomputed metric; the average row is the mean
+    of one score per task (method.md's decision), computed here from the task rows."""
+    by = {(r.task, r.metric): r.ours for r in rows}
+    want = {
+        ("EgoSchema", "accuracy"): recomputed["egoschema"]["accuracy"],
+        ("QAEgo4D", "close-ended accuracy"): recomputed["qaego4d_close"]["accuracy"],
+        ("QAEgo4D", "open-ended normalised match"): recomputed["qaego4d_open"]["normalized"],
+        ("QAEgo4D", "open-ended ROUGE-L"): recomputed["qaego4d_open"]["rougeL"],
+        ("EgoTaskQA", "direct accuracy"): recomputed["egotaskqa"]["direct"],
+        ("EgoTaskQA", "indirect accuracy"): recomputed["egotaskqa"]["indirect"],
+        ("Charades-Ego", "mAP"): recomputed["charades_ego"]["mAP"],
+        ("EPIC-KITCHENS-100 MIR", "mAP"): recomputed["epic_mir"]["mAP"],
+        ("EPIC-KITCHENS-100 MIR", "nDCG"): recomputed["epic_mir"]["nDCG"],
+        ("EgoPlan-Bench (val)", "accuracy"): recomputed["egoplan"]["accuracy"],
+        ("VLN-QA", "accuracy"): recomputed["vlnqa"]["accuracy"],
+        ("EgoMCQ", "inter-video accuracy"): recomputed["egomcq"]["inter"],
+        ("EgoMCQ", "intra-video accuracy"): recomputed["egomcq"]["intra"],
+    }
+    for key, value in want.items():
+        assert by[key] == pytest.approx(value, abs=1e-9), key
+    per_task = [
+        by[("EgoSchema", "accuracy")],
+        by[("QAEgo4D", "close-ended accuracy")],
+        (by[("EgoTaskQA", "direct accuracy")] + by[("EgoTaskQA", "indirect accuracy")]) / 2,
+        by[("Charades-Ego", "mAP")],
+        (by[("EPIC-KITCHENS-100 MIR", "mAP")] + by[("EPIC-KITCHENS-100 MIR", "nDCG")]) / 2,
+        by[("EgoPlan-Bench (val)", "accuracy")],
+        by[("VLN-QA", "accuracy")],
+        (by[("EgoMCQ", "inter-video accuracy")] + by[("EgoMCQ", "intra-video accuracy")]) / 2,
+    ]
+    assert by[("Average", "mean of 8 tasks")] == pytest.approx(sum(per_task) / 8, abs=1e-9)
+
+
 @pytest.mark.slow
 def test_evaluate_writes_table_and_resumes(setup, monkeypatch):
     config, _ = setup
@@ -124,14 +159,23 @@ def test_evaluate_writes_table_and_resumes(setup, monkeypatch):
     assert by_metric[("QAEgo4D", "close-ended accuracy")].chance == pytest.approx(25.0)
     assert by_metric[("EgoPlan-Bench (val)", "accuracy")].chance == pytest.approx(25.0)
     assert by_metric[("VLN-QA", "accuracy")].chance == pytest.approx(25.0)
-    assert by_metric[("Average", "mean of 8 tasks")].ours is not None
     for key in (("EgoSchema", "accuracy"), ("VLN-QA", "accuracy")):
         assert by_metric[key].ours in (0.0, 50.0, 100.0)  # two items each
+    # Every number of the table, recomputed from the written predictions.
+    recomputed = recompute_metrics(config)
+    for task, values in recomputed.items():
+        for k, v in values.items():
+            assert metrics[task][k] == pytest.approx(v, abs=1e-9), (task, k)
+    _check_table(rows, recomputed)
     out = config.eval.out_dir
     md = (Path(out) / "results.md").read_text()
     assert md.startswith("| Task | Metric | Ours | Chance |")
     assert "| EgoSchema | accuracy |" in md and "Paper" not in md
-    assert (Path(out) / "results.csv").read_text().startswith("task,metric,ours,chance")
+    csv_lines = (Path(out) / "results.csv").read_text().splitlines()
+    assert csv_lines[0] == "task,metric,ours,chance"
+    for line, r in zip(csv_lines[1:], rows, strict=True):  # the CSV holds the rows' numbers
+        ours = line.rsplit(",", 2)[1]
+        assert (ours == "" and r.ours is None) or float(ours) == pytest.approx(r.ours, abs=0.005)
 
     # One prediction line per item.
     for task in tasks.TASKS:
@@ -173,7 +217,13 @@ def test_letter_mode_generates_letters_and_keeps_loglik_for_clip_options(setup, 
     assert set(metrics) == {"vlnqa", "egomcq"}
     vln = report.read_predictions(report.predictions_path(tmp_path, "vlnqa"))
     assert [p["mode"] for p in vln] == ["letter", "letter"]
-    assert all(-1 <= p["pred_index"] < 4 and isinstance(p["output"], str) for p in vln)
+    items = {it.item_id: it for it in evaluate.load_benchmark(c, "vlnqa")}
+    for p in vln:  # the chosen option is the one the generated text names
+        it = items[p["item_id"]]
+        assert p["pred_index"] == scoring.extract_letter(p["output"], len(it.options)), p
+        assert p["correct"] == (p["pred_index"] == it.answer_index)
+    acc = 100.0 * np.mean([p["pred_index"] == items[p["item_id"]].answer_index for p in vln])
+    assert metrics["vlnqa"]["accuracy"] == pytest.approx(acc)
     mcq = report.read_predictions(report.predictions_path(tmp_path, "egomcq"))
     assert [p["mode"] for p in mcq] == ["loglik", "loglik"]  # EgoMCQ's options are clips
 

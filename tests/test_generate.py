@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_helpers import norm_weights_distinct, perturb_
 
 from exo2ego_jax.models import mistral as M
 from exo2ego_jax.models.decode import generate, generate_jit, sample_token
@@ -32,8 +33,10 @@ def setup(tmp_path_factory):
         initializer_range=0.1,
         sliding_window=8,  # prompt + generation (up to 33 tokens) runs well past the window
     )
-    hf = transformers.MistralForCausalLM(config).eval()
-    hf.save_pretrained(path)
+    hf = transformers.MistralForCausalLM(config)
+    perturb_(hf, seed=0)  # every norm weight != 1 and distinct per layer
+    assert norm_weights_distinct(hf)
+    hf.eval().save_pretrained(path)
     module, params = load_mistral(path)
     rs = np.random.RandomState(0)
     ids = np.zeros((len(LENGTHS), max(LENGTHS)), np.int64)

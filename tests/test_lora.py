@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_helpers import norm_weights_distinct, perturb_
 
 from exo2ego_jax.models import mistral as M
 from exo2ego_jax.models.lora import LoRAConfig, LoRADense, lora_mask, lora_param_filter, merge_lora
@@ -34,7 +35,10 @@ def ckpt(tmp_path_factory):
         initializer_range=0.1,
         sliding_window=None,
     )
-    transformers.MistralForCausalLM(config).save_pretrained(path)
+    hf = transformers.MistralForCausalLM(config)
+    perturb_(hf, seed=0)  # every norm weight != 1 and distinct per layer
+    assert norm_weights_distinct(hf)
+    hf.save_pretrained(path)
     return path
 
 
@@ -159,8 +163,15 @@ def test_targets_subset_and_dropout(ckpt, batch):
     assert sorted(names) == sorted(
         f"layers/self_attn/{t}/lora_{x}" for t in ("q_proj", "v_proj") for x in "ab"
     )
-    params = _randomize_b(params, scale=0.5)
     ids, mask = batch
+    # B == 0 with dropout on: only the adapter branch is dropped, so the base model's logits
+    # come out exactly (a dropout on the layer's input or output would change them).
+    base_mod, base = load_mistral(ckpt)
+    base_out = _logits(base_mod, base, ids, mask)
+    for key in (1, 2):
+        dropped = _logits(module, params, ids, mask, deterministic=False, rng=jax.random.key(key))
+        np.testing.assert_array_equal(np.asarray(dropped), np.asarray(base_out))
+    params = _randomize_b(params, scale=0.5)
     det = _logits(module, params, ids, mask)
     d1 = _logits(module, params, ids, mask, deterministic=False, rng=jax.random.key(1))
     d1b = _logits(module, params, ids, mask, deterministic=False, rng=jax.random.key(1))
@@ -187,6 +198,35 @@ def test_lora_dense_standalone():
     y = layer.apply({"params": p}, x)
     ref = x @ p["kernel"] + 2.0 * (x @ p["lora_a"] @ p["lora_b"])
     np.testing.assert_allclose(y, ref, atol=1e-5)
+
+
+def test_lora_dense_dropout_only_on_the_adapter_input():
+    """y = x @ W + scale * (m * x / (1 - p)) @ A @ B with m a Bernoulli(1 - p) mask on x:
+    recovered here by inverting a square A and B, so the base path, where the dropout sits
+    and the inverted-dropout scaling are all pinned down."""
+    p = 0.5
+    layer = LoRADense(features=4, lora=LoRAConfig(rank=4, alpha=2.0, dropout=p))
+    x = jax.random.normal(jax.random.key(0), (3, 7, 4))
+    params = nn_unbox(layer.init(jax.random.key(1), x)["params"])
+    b = jax.random.normal(jax.random.key(2), (4, 4)) + 2.0 * jnp.eye(4)
+    params = {**params, "lora_b": b}
+    y = layer.apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    x64 = np.asarray(x, np.float64)
+    base = x64 @ np.asarray(params["kernel"], np.float64)
+    a64, b64 = np.asarray(params["lora_a"], np.float64), np.asarray(b, np.float64)
+    dropped_x = (np.asarray(y, np.float64) - base) / 0.5 @ np.linalg.inv(b64) @ np.linalg.inv(a64)
+    # Each entry of the recovered adapter input is 0 or x / (1 - p): read the mask off it
+    # (inverting A and B loses a few digits), then check y forward at full precision.
+    kept = np.abs(dropped_x - x64 / (1 - p)) < np.abs(dropped_x)
+    np.testing.assert_allclose(dropped_x[kept], x64[kept] / (1 - p), rtol=1e-2, atol=1e-3)
+    np.testing.assert_allclose(dropped_x[~kept], 0.0, atol=1e-3)
+    assert 0.3 < kept.mean() < 0.7, kept.mean()  # about 1 - p of the entries kept
+    want = base + 0.5 * (kept * x64 / (1 - p)) @ a64 @ b64
+    np.testing.assert_allclose(np.asarray(y), want, rtol=1e-5, atol=1e-5)
+    # Deterministic: no dropout at all.
+    y_det = layer.apply({"params": params}, x)
+    ref = base + 0.5 * x64 @ a64 @ b64
+    np.testing.assert_allclose(np.asarray(y_det), ref, rtol=1e-5, atol=1e-5)
 
 
 def nn_unbox(tree):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hf_helpers import norm_weights_distinct, perturb_, perturb_params
 
 from exo2ego_jax.models import mistral as M
 from exo2ego_jax.models.lora import LoRAConfig, lora_param_filter
@@ -36,6 +37,8 @@ TINY_HF = dict(
 def make_hf(tmp_path, seed=0, max_shard_size=None, **overrides):
     torch.manual_seed(seed)
     model = transformers.MistralForCausalLM(transformers.MistralConfig(**{**TINY_HF, **overrides}))
+    perturb_(model, seed)  # every norm weight != 1 and distinct per layer
+    assert norm_weights_distinct(model)
     model.eval()
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(tmp_path, **kwargs)
@@ -185,6 +188,7 @@ def test_save_roundtrip_through_hf(tmp_path, tied):
         params,
         is_leaf=lambda x: hasattr(x, "unbox"),
     )
+    params = perturb_params(params, seed=3)  # norm scales != 1, distinct per layer
     save_mistral(module, params, tmp_path / "out", max_shard_bytes=60_000)
     assert (tmp_path / "out" / "model.safetensors.index.json").is_file()
     hf = transformers.MistralForCausalLM.from_pretrained(tmp_path / "out").eval()

@@ -6,6 +6,10 @@ The sharded training steps run in a child process pinned to one CPU (``_child_ma
 its 2-thread intra-op pool ("Termination timeout for all-reduce ... exceeded", which aborts
 the whole process). With a one-thread pool the thunks of a device run in order and this
 cannot happen; a crash of the child also cannot take the pytest session down with it.
+
+On other hardware (docs/scaling.md): ``JAX_PLATFORMS=tpu`` (or ``cuda``) runs the reference
+and the sharded child on that platform's first 8 devices; the XLA bug's tests are strict
+``xfail`` only on CPU, elsewhere a pass is a pass.
 """
 
 from __future__ import annotations
@@ -466,11 +470,16 @@ def _strided_conv_repro(mesh) -> float:
     return float(max(errs))
 
 
+def _mesh_2x2x2() -> jax.sharding.Mesh:
+    """The numerics mesh on the first 8 devices (8 fake CPUs here; a TPU / GPU host's own)."""
+    return sh.make_mesh((2, 2, 2), jax.devices()[:8])
+
+
 def _child_main(out_path: str, jobs: list[str]) -> None:
     """Child process: the sharded runs of ``jobs`` (preset names, ``repro``) -> npz."""
     jax.config.update("jax_default_matmul_precision", "highest")
     t0 = time.time()
-    mesh = sh.make_mesh((2, 2, 2))
+    mesh = _mesh_2x2x2()
     params = NUM_MODEL.init(jax.random.key(0))
     batch = _batch()
     results: dict[str, np.ndarray] = {}
@@ -489,12 +498,16 @@ def _child_main(out_path: str, jobs: list[str]) -> None:
 
 
 def _launch_child(out_path: str, jobs: list[str], cpu: int) -> subprocess.Popen:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    # The child inherits JAX_PLATFORMS (conftest: cpu unless the user set it), so it runs on
+    # the platform of this process: a check on a TPU / GPU host compares like with like.
+    env = dict(os.environ)
     env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-    # Pin the child to one CPU before anything starts a thread: XLA sizes its intra-op pool
-    # from the affinity mask, and a one-thread pool cannot deadlock on collectives.
+    # On CPU, pin the child to one CPU before anything starts a thread: XLA sizes its
+    # intra-op pool from the affinity mask, and a one-thread pool cannot deadlock on
+    # collectives.
+    pin = f"os.sched_setaffinity(0, {{{cpu}}}); " if jax.default_backend() == "cpu" else ""
     boot = (
-        f"import os, runpy, sys; os.sched_setaffinity(0, {{{cpu}}}); "
+        f"import os, runpy, sys; {pin}"
         "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
     )
     return subprocess.Popen(
@@ -514,6 +527,8 @@ CHILD_JOBS = (["fsdp", "dp"], ["fsdp_tp", "repro"])
 @pytest.fixture(scope="module")
 def runs():
     """Single-device reference (here) and sharded runs (children), computed concurrently."""
+    if jax.device_count() < 8:
+        pytest.skip(f"the numerics mesh (2, 2, 2) needs 8 devices; {jax.device_count()} here")
     t0 = time.time()
     tmp = tempfile.TemporaryDirectory()
     cpus = sorted(os.sched_getaffinity(0))
@@ -525,7 +540,7 @@ def runs():
     try:
         params = NUM_MODEL.init(jax.random.key(0))
         reference = _compile_and_run(params, _batch())  # no mesh, one device
-        mesh = sh.make_mesh((2, 2, 2))
+        mesh = _mesh_2x2x2()
         created = sh.shard_init(NUM_MODEL, jax.random.key(0), mesh, "fsdp_tp")
         sharded: dict[str, np.ndarray] = {}
         for child, path in zip(children, paths, strict=True):
@@ -598,8 +613,14 @@ def test_sharded_forward_and_train_steps_match_single_device(runs, preset):
     assert np.abs(ref[f"stage3/params/{lora_b}"] - before).max() > 1e-4  # it moved
 
 
+# Strict xfail on CPU only (the bug is XLA:CPU's here): on the hardware docs/scaling.md asks
+# users to check (JAX_PLATFORMS=tpu / cuda), these are plain tests that must pass.
+_ON_CPU = "jax.default_backend() == 'cpu'"
+
+
 @pytest.mark.slow
 @pytest.mark.xfail(
+    condition=_ON_CPU,
     strict=True,
     reason="XLA (jax 0.10.2, CPU) miscompiles the backward pass of F/G's strided conv stack "
     "when conv kernels are sharded P(..., 'fsdp', 'tensor') and the batch over "
@@ -615,6 +636,7 @@ def test_fsdp_tp_mapping_gradients_match_single_device(runs):
 
 @pytest.mark.slow
 @pytest.mark.xfail(
+    condition=_ON_CPU,
     strict=True,
     reason="upstream XLA SPMD bug (Shardy on CPU): strided-conv gradients with kernels "
     "sharded over (fsdp, tensor) and batch over (data, fsdp) are wrong",

@@ -118,30 +118,137 @@ def test_stage_learns_and_touches_only_its_subtree(setup, stage):
     assert _groups(moved) == EXPECTED_TOP[stage]
 
 
-def test_stage2_loss_is_weighted_sum_and_ablations(setup):
+def _np(a):
+    return np.asarray(a, np.float64)
+
+
+def _nll_by_hand(logits, labels):
+    """Mean next-token NLL over supervised tokens, float64 numpy: logits[:, t] scores
+    labels[:, t + 1]; -100 is not supervised."""
+    z, y = _np(logits)[:, :-1], np.asarray(labels)[:, 1:]
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    rows, cols = np.nonzero(y != -100)
+    return -logp[rows, cols, y[rows, cols]].mean()
+
+
+def _vtg_by_hand(model, params, visual, b):
+    """The caption loss of ``visual`` tokens spliced into ``b``'s text, NLL in numpy."""
+    embeds, mask, labels = model.embed_multimodal(
+        params, b["input_ids"], visual, b["attention_mask"], b["labels"]
+    )
+    return _nll_by_hand(model.lm_logits(params, embeds, mask), labels)
+
+
+def _kl_by_hand(y, fx):
+    """mean over tokens of KL(softmax(y) || softmax(F(x))) over channels, float64."""
+
+    def log_softmax(a):
+        a = _np(a) - _np(a).max(-1, keepdims=True)
+        return a - np.log(np.exp(a).sum(-1, keepdims=True))
+
+    lp, lq = log_softmax(y), log_softmax(fx)
+    return (np.exp(lp) * (lp - lq)).sum(-1).mean()
+
+
+@pytest.fixture(scope="module")
+def stage2_terms(setup):
+    """Stage 2's terms assembled in the test from the model's parts (E_ego on the ego frames,
+    E_exo on the exo frames, F, G) with NLL, KL and L1 written in numpy."""
+    model, params, batch = setup
+    b = batch["pair"]
+    x = model.encode_ego(params, b["ego_frames"])
+    y = model.encode_exo(params, b["exo_frames"])
+    fx = model.map_ego_to_exo(params, x)
+    gfx = model.map_exo_to_ego(params, fx)
+    fgy = model.map_ego_to_exo(params, model.map_exo_to_ego(params, y))
+    visual = jnp.concatenate([x, fx], axis=1)  # concat_seq: [x ; F(x)]
+    return {
+        "vtg": _vtg_by_hand(model, params, visual, b),
+        "kl": _kl_by_hand(y, fx),
+        "ccl_fwd": np.abs(_np(gfx) - _np(x)).mean(),
+        "ccl_bwd": np.abs(_np(fgy) - _np(y)).mean(),
+    }
+
+
+def test_stage2_loss_terms_against_an_independent_assembly(setup, stage2_terms):
     model, params, batch = setup
     sub = {"pair": batch["pair"]}
+    ref = stage2_terms
 
     def run(**kw):
         st = stages.StageConfig(stage=2, **kw)
         t, f = stages.split_params(params, stages.trainable_patterns(st, model))
         return stages.stage_loss(model, st, t, f, sub)
 
-    total, m = run(lambda_vtg=1.0, lambda_kl=0.5, lambda_ccl=2.0)
-    np.testing.assert_allclose(total, m["vtg"] + 0.5 * m["kl"] + 2.0 * m["ccl"], rtol=1e-6)
-    _, no_kl = run(use_kl=False)
+    # The terms are far apart, so a swapped or dropped term cannot match by accident.
+    print({k: float(v) for k, v in ref.items()})
+    assert min(abs(ref[a] - ref[b]) for a in ref for b in ref if a < b) > 1e-3
+    total, m = run(lambda_vtg=0.7, lambda_kl=0.5, lambda_ccl=2.0)
+    ccl = ref["ccl_fwd"] + ref["ccl_bwd"]
+    np.testing.assert_allclose(float(m["vtg"]), ref["vtg"], rtol=1e-5)
+    np.testing.assert_allclose(float(m["kl"]), ref["kl"], rtol=1e-5)
+    np.testing.assert_allclose(float(m["ccl"]), ccl, rtol=1e-5)
+    want = 0.7 * ref["vtg"] + 0.5 * ref["kl"] + 2.0 * ccl
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    # Ablations: the terms left out are absent from the total.
+    total, no_kl = run(use_kl=False)
     assert "kl" not in no_kl
-    _, no_ccl = run(use_ccl=False)
+    np.testing.assert_allclose(float(total), ref["vtg"] + ccl, rtol=1e-5)
+    total, no_ccl = run(use_ccl=False)
     assert "ccl" not in no_ccl
+    np.testing.assert_allclose(float(total), ref["vtg"] + ref["kl"], rtol=1e-5)
     st = stages.StageConfig(stage=2, use_ccl=False)
     assert "G" not in _groups(stages.trainable_paths(params, stages.trainable_patterns(st, model)))
-    _, fwd = run(ccl_forward_only=True)
-    assert float(fwd["ccl"]) < float(m["ccl"])  # one of the two L1 terms
+    total, fwd = run(ccl_forward_only=True)
+    np.testing.assert_allclose(float(fwd["ccl"]), ref["ccl_fwd"], rtol=1e-5)
+    np.testing.assert_allclose(float(total), ref["vtg"] + ref["kl"] + ref["ccl_fwd"], rtol=1e-5)
     # No-LoRA ablation of stage 3 leaves the LLM frozen.
     st3 = stages.StageConfig(stage=3, train_lora=False)
     assert "llm" not in _groups(
         stages.trainable_paths(params, stages.trainable_patterns(st3, model))
     )
+
+
+def test_stage0_and_stage3_losses_against_an_independent_assembly(setup):
+    """Stage 0: VTG of each caption batch through its own encoder (ego frames -> E_ego, exo
+    -> E_exo); stage 3: VTG of [E_ego(x) ; F(E_ego(x))] on the instruction batch."""
+    model, params, batch = setup
+    ego = _vtg_by_hand(
+        model,
+        params,
+        model.encode_ego(params, batch["ego_caption"]["frames"]),
+        batch["ego_caption"],
+    )
+    exo = _vtg_by_hand(
+        model,
+        params,
+        model.encode_exo(params, batch["exo_caption"]["frames"]),
+        batch["exo_caption"],
+    )
+    # Through the wrong encoder the numbers differ, so the check below can tell.
+    wrong = _vtg_by_hand(
+        model,
+        params,
+        model.encode_exo(params, batch["ego_caption"]["frames"]),
+        batch["ego_caption"],
+    )
+    assert abs(wrong - ego) > 1e-4
+    st = stages.StageConfig(stage=0)
+    t, f = stages.split_params(params, stages.trainable_patterns(st, model))
+    total, m = stages.stage_loss(model, st, t, f, batch)
+    np.testing.assert_allclose(float(m["vtg_ego"]), ego, rtol=1e-5)
+    np.testing.assert_allclose(float(m["vtg_exo"]), exo, rtol=1e-5)
+    np.testing.assert_allclose(float(total), ego + exo, rtol=1e-5)
+
+    b = batch["instruct"]
+    x = model.encode_ego(params, b["frames"])
+    want = _vtg_by_hand(model, params, jnp.concatenate([x, model.map_ego_to_exo(params, x)], 1), b)
+    st = stages.StageConfig(stage=3)
+    t, f = stages.split_params(params, stages.trainable_patterns(st, model))
+    total, m = stages.stage_loss(model, st, t, f, batch)
+    np.testing.assert_allclose(float(total), want, rtol=1e-5)
+    np.testing.assert_allclose(float(m["vtg"]), want, rtol=1e-5)
 
 
 def test_bad_stage_fields_are_named():

@@ -6,10 +6,13 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from eval_helpers import recompute_metrics, task_scores_by_hand
 
 from configs import study as study_config
 from exo2ego_jax.demo import study, study_report
+from exo2ego_jax.eval import evaluate
 
 
 def test_mean_std_and_aggregate_on_known_numbers():
@@ -118,3 +121,41 @@ def test_quick_study_end_to_end_and_rerun(tmp_path):
     baseline = payload["arms"]["baseline"]
     assert all(baseline[c]["mean"] is not None for c in study_report.COLUMNS), baseline
     assert "| baseline: " in table
+
+    # Every number of each arm's row, recomputed from that arm's written predictions.
+    plan = study.make_plan(config)
+    for arm in ("baseline", "full"):
+        job = plan.evals[plan.arm_evals[(arm, 0)]]
+        metrics = recompute_metrics(job.config)
+        saved = json.loads((job.out_dir / "study_metrics.json").read_text())["metrics"]
+        for task, values in metrics.items():
+            for k, v in values.items():
+                assert saved[task][k] == pytest.approx(v, abs=1e-9), (arm, task, k)
+        hand = task_scores_by_hand(metrics)
+        for column, value in hand.items():
+            cell = payload["arms"][arm][column]
+            assert cell["mean"] == pytest.approx(value, abs=1e-9), (arm, column)
+            assert cell["n"] == 1 and cell["std"] is None and cell["values"] == [cell["mean"]]
+        row = next(line for line in table.splitlines() if line.startswith(f"| {arm}: "))
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        assert cells[1 : 1 + len(study.COLUMNS)] == [f"{hand[c]:.1f}" for c in study.COLUMNS]
+    # Chance: 1 / options for the multiple-choice tasks (per group where the task has
+    # groups), and the average of the eight.
+    chance, eval_config = payload["chance"], job.config
+
+    def one_over_n(task, group=None):
+        items = [
+            it for it in evaluate.load_benchmark(eval_config, task) if group in (None, it.group)
+        ]
+        return 100.0 * np.mean([1.0 / len(it.option_clips or it.options) for it in items])
+
+    assert chance["EgoSchema"] == pytest.approx(one_over_n("egoschema"))
+    assert chance["QAEgo4D"] == pytest.approx(one_over_n("qaego4d_close"))
+    assert chance["EgoTaskQA"] == pytest.approx(
+        (one_over_n("egotaskqa", "direct") + one_over_n("egotaskqa", "indirect")) / 2
+    )
+    assert chance["VLN-QA"] == pytest.approx(one_over_n("vlnqa"))
+    assert chance["EgoMCQ"] == pytest.approx(
+        (one_over_n("egomcq", "inter") + one_over_n("egomcq", "intra")) / 2
+    )
+    assert chance["Average"] == pytest.approx(np.mean([chance[c] for c in study.TASK_LABELS]))

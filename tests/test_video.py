@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 
 from input_pipeline.video import (
-    CLIP_MEAN,
-    CLIP_STD,
     VideoDecodeError,
     load_clip,
     normalize_frames,
@@ -19,6 +17,10 @@ from input_pipeline.video import (
 FPS = 10
 NUM = 40  # frames in the test video (4 s)
 STEP = 6  # brightness of frame i is STEP * i + 8: the decoded brightness gives the index back
+# OpenAI CLIP's normalisation (openai/CLIP clip.py _transform; CLIPImageProcessor defaults),
+# written here rather than imported from the module under test.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _write(path, frames: np.ndarray, fps: int = FPS) -> None:
@@ -143,7 +145,7 @@ def test_resize_centre_crop_and_pad(tmp_path):
     assert crop[0, 12, 2, 0] > 150 and crop[0, 12, -3, 2] > 150  # red left, blue right
     pad = load_clip(path, num_frames=2, size=32, pad_to_square=True)
     assert pad.shape == (2, 32, 32, 3)
-    mean_rgb = [int(m * 255) for m in CLIP_MEAN]
+    mean_rgb = [122, 116, 104]  # int(255 * OPENAI_MEAN), VideoLLaMA2's expand2square fill
     np.testing.assert_array_equal(pad[0, 0, 16], mean_rgb)  # top bar
     np.testing.assert_array_equal(pad[0, -1, 16], mean_rgb)  # bottom bar
     assert pad[0, 16, 2, 0] > 150 and pad[0, 16, -3, 2] > 150
@@ -155,8 +157,92 @@ def test_normalize_frames():
     x = np.array([[0, 0, 0], [255, 255, 255]], np.uint8)
     y = normalize_frames(x)
     assert y.dtype == np.float32
-    np.testing.assert_allclose(y[0], -np.array(CLIP_MEAN) / np.array(CLIP_STD), rtol=1e-6)
-    np.testing.assert_allclose(y[1], (1 - np.array(CLIP_MEAN)) / np.array(CLIP_STD), rtol=1e-6)
+    np.testing.assert_allclose(y[0], -np.array(OPENAI_MEAN) / np.array(OPENAI_STD), rtol=1e-6)
+    np.testing.assert_allclose(y[1], (1 - np.array(OPENAI_MEAN)) / np.array(OPENAI_STD), rtol=1e-6)
+    # Hand-computed: (128/255 - 0.48145466) / 0.26862954 for red, etc.
+    np.testing.assert_allclose(
+        normalize_frames(np.array([128, 128, 128], np.uint8)),
+        [0.07633607, 0.16889724, 0.33994864],
+        rtol=1e-5,
+    )
+
+
+def _texture(h: int = 96, w: int = 128) -> np.ndarray:
+    """A smooth colour texture (different in R, G and B, varying along both axes)."""
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    r = 128 + 90 * np.sin(xx / 5.0) * np.cos(yy / 7.0)
+    g = 128 + 80 * np.sin((xx + yy) / 9.0 + 1)
+    b = 40 + 1.5 * xx
+    return np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8)
+
+
+def _clip_processor(size: int):
+    """transformers' CLIP image processor (PIL backend): shortest edge -> size (bicubic),
+    centre crop, rescale, OpenAI mean / std."""
+    try:
+        from transformers.models.clip.image_processing_pil_clip import (
+            CLIPImageProcessorPil as Processor,
+        )
+    except ImportError:  # older transformers: the PIL one is the default
+        from transformers import CLIPImageProcessor as Processor
+    return Processor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_MEAN),
+        image_std=list(OPENAI_STD),
+    )
+
+
+def _expand2square(img, fill):
+    """VideoLLaMA2's mm_utils.expand2square (transcribed): pad the short side, centred."""
+    from PIL import Image
+
+    w, h = img.size
+    side = max(w, h)
+    out = Image.new(img.mode, (side, side), fill)
+    out.paste(img, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+# Tolerance vs transformers: the video round trip (RGB -> YUV 4:4:4 -> RGB) and swscale's
+# bicubic vs PIL's differ by ~1-2 grey levels; 1 level is 1/255/0.27 = 0.015 normalised.
+# A BGR frame, ImageNet constants or a 1-pixel crop shift are >= 0.12 off on average.
+PROC_MAX, PROC_MEAN = 0.035, 0.01
+
+
+@pytest.mark.parametrize("size", [48, 64])
+def test_frames_match_transformers_clip_image_processor(tmp_path, size):
+    frame = _texture()
+    path = tmp_path / "texture.mp4"
+    _write(path, np.stack([frame] * 4))
+    ours = normalize_frames(load_clip(path, num_frames=1, size=size))[0]
+    ref = _clip_processor(size)(frame, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    diff = np.abs(ours - ref)
+    print(f"size {size}: |ours - CLIPImageProcessor| mean {diff.mean():.4f}, max {diff.max():.4f}")
+    assert ours.shape == ref.shape == (size, size, 3)
+    assert diff.max() < PROC_MAX and diff.mean() < PROC_MEAN
+
+
+def test_padded_frames_match_videollama2_expand2square(tmp_path):
+    """pad_to_square: VideoLLaMA2 pads to a square with the mean colour, then the processor
+    resizes (PIL's antialiased bicubic reaches ~2 output rows across an edge). We resize,
+    then pad: equal away from two rows each side of an image / bar edge."""
+    from PIL import Image
+
+    size, frame = 48, _texture()
+    path = tmp_path / "texture.mp4"
+    _write(path, np.stack([frame] * 4))
+    ours = normalize_frames(load_clip(path, num_frames=1, size=size, pad_to_square=True))[0]
+    square = _expand2square(Image.fromarray(frame), (122, 116, 104))
+    ref = _clip_processor(size)(square, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+    top = (size - round(96 * size / 128)) // 2  # image rows [top, size - top)
+    rows = np.ones(size, bool)
+    for edge in (top, size - top):
+        rows[edge - 2 : edge + 2] = False
+    diff = np.abs(ours - ref)[rows]
+    print(f"padded: mean {diff.mean():.4f}, max {diff.max():.4f}")
+    assert diff.max() < PROC_MAX and diff.mean() < PROC_MEAN
+    np.testing.assert_allclose(ours[: top - 2], ref[: top - 2], atol=1e-6)  # the bars
 
 
 def test_missing_file_raises(tmp_path):

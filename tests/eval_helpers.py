@@ -1,0 +1,79 @@
+"""Shared checks of written EgoBench predictions (test_evaluate.py, test_study.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from exo2ego_jax.eval import evaluate, report, scoring, tasks
+from exo2ego_jax.eval import metrics as M
+
+MCQ_TASKS = ("egoschema", "qaego4d_close", "egotaskqa", "egoplan", "vlnqa", "egomcq")
+
+
+def recompute_metrics(config) -> dict[str, dict[str, float]]:
+    """Every task's metrics from its written predictions and the benchmark's own answers,
+    with the metric functions (not report.task_metrics); each prediction is checked against
+    its item (gold answer, number of options) and its choice against its scores / output."""
+    out = {}
+    for task in tasks.TASKS:
+        bench = evaluate.load_benchmark(config, task)
+        items = bench.clips if isinstance(bench, tasks.RetrievalBenchmark) else bench
+        preds = report.read_predictions(report.predictions_path(config.eval.out_dir, task))
+        by_id = {p["item_id"]: p for p in preds}
+        assert sorted(by_id) == sorted(it.item_id for it in items), task
+        preds = [by_id[it.item_id] for it in items]
+        if task in MCQ_TASKS:
+            chosen, gold, groups = [], [], []
+            for it, p in zip(items, preds, strict=True):
+                n = len(it.option_clips) or len(it.options)
+                assert p["answer_index"] == it.answer_index and p["num_options"] == len(it.options)
+                if p["mode"] == "loglik":
+                    scores = np.asarray(p["scores"])
+                    assert len(scores) == n
+                    np.testing.assert_allclose(
+                        scores, np.asarray(p["logprob_sums"]) / p["num_tokens"], rtol=1e-12
+                    )
+                    assert p["pred_index"] == int(np.argmax(scores)), (task, p)
+                else:  # letter mode: the option named by the generated text
+                    assert p["pred_index"] == scoring.extract_letter(p["output"], n), (task, p)
+                assert p["correct"] == (p["pred_index"] == it.answer_index)
+                chosen.append(p["pred_index"])
+                gold.append(it.answer_index)
+                groups.append(it.group)
+            hits = np.asarray(chosen) == np.asarray(gold)
+            out[task] = {"accuracy": 100.0 * hits.mean()}
+            for g in sorted({g for g in groups if g}):
+                out[task][g] = 100.0 * hits[np.asarray(groups) == g].mean()
+        elif task == "charades_ego":
+            for it, p in zip(items, preds, strict=True):
+                assert len(p["scores"]) == len(it.options) and p["labels"] == list(it.labels)
+            scores = np.asarray([p["scores"] for p in preds])
+            labels = M.multi_hot([it.labels for it in items], scores.shape[1])
+            out[task] = {"mAP": 100.0 * M.charades_map(labels, scores)}
+        elif task == "epic_mir":
+            sim = np.asarray([p["scores"] for p in preds])  # rows in the benchmark's clip order
+            assert sim.shape == bench.relevancy.shape
+            out[task] = {k: 100.0 * v for k, v in M.mir_metrics(sim, bench.relevancy).items()}
+        else:  # qaego4d_open
+            for it, p in zip(items, preds, strict=True):
+                assert p["answer"] == it.answer_text and isinstance(p["prediction"], str)
+            res = M.open_qa_metrics([p["prediction"] for p in preds], [p["answer"] for p in preds])
+            out[task] = {k: 100.0 * v for k, v in res.items()}
+    return out
+
+
+def task_scores_by_hand(m: dict[str, dict[str, float]]) -> dict[str, float]:
+    """One score per task as method.md decides (close-ended accuracy for QAEgo4D, the mean of
+    direct/indirect, of mAP/nDCG and of inter/intra) and their mean over the eight tasks."""
+    out = {
+        "EgoSchema": m["egoschema"]["accuracy"],
+        "QAEgo4D": m["qaego4d_close"]["accuracy"],
+        "EgoTaskQA": (m["egotaskqa"]["direct"] + m["egotaskqa"]["indirect"]) / 2,
+        "Charades-Ego": m["charades_ego"]["mAP"],
+        "EPIC-KITCHENS-100 MIR": (m["epic_mir"]["mAP"] + m["epic_mir"]["nDCG"]) / 2,
+        "EgoPlan-Bench": m["egoplan"]["accuracy"],
+        "VLN-QA": m["vlnqa"]["accuracy"],
+        "EgoMCQ": (m["egomcq"]["inter"] + m["egomcq"]["intra"]) / 2,
+    }
+    out["Average"] = sum(out.values()) / 8
+    return out
