@@ -263,7 +263,7 @@ RANGES: tuple[_Range, ...] = (
     ("data.max_bad_fraction", *_fraction(hi_open=False)),
     ("optim.batch_size", *_int(1)),
     ("optim.lr", *_positive()),
-    ("optim.warmup_ratio", *_fraction()),
+    ("optim.warmup_ratio", *_fraction(hi_open=False)),
     ("optim.num_epochs", *_int(0)),
     ("optim.weight_decay", *_num(0)),
     ("optim.b1", *_fraction()),

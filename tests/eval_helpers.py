@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from exo2ego_jax.eval import evaluate, report, scoring, tasks
+from exo2ego_jax.eval import evaluate, report, scoring
 from exo2ego_jax.eval import metrics as M
+from input_pipeline import egobench as tasks
 
 MCQ_TASKS = ("egoschema", "qaego4d_close", "egotaskqa", "egoplan", "vlnqa", "egomcq")
 

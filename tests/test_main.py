@@ -10,7 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
+from flax import traverse_util
 
 from exo2ego_jax.training import checkpoints
 
@@ -54,6 +57,21 @@ def _losses(workdir: Path) -> dict[int, float]:
         rec = json.loads(line)
         out[rec["step"]] = rec["loss"]
     return out
+
+
+def _logged_steps(workdir: Path) -> list[int]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
+
+
+def _final_params(workdir: Path) -> dict[str, bytes]:
+    """The bytes of every parameter of the stage's last checkpoint."""
+    directory = workdir / "checkpoints"
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step()
+        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
+    flat = traverse_util.flatten_dict(restored["params"], sep="/")
+    return {k: np.asarray(v).tobytes() for k, v in flat.items()}
 
 
 @pytest.mark.slow
@@ -100,11 +118,42 @@ def test_main_runs_every_stage_and_resumes_after_sigkill(prepared, tmp_path):
         timeout=600,
     )
     assert f"resumed from {cut / 'checkpoints'}/{finished[-1]}" in out.stderr
-    # The metrics file has the killed run's lines, then the resumed run's: the last value of
-    # each step is the resumed one.
+    # The resumed run re-ran the steps after the restored one: each step is logged once.
+    assert _logged_steps(cut) == list(range(1, 9))
     got = _losses(cut)
     for step in range(finished[-1] + 1, 9):
         assert got[step] == want[step], step
+    assert _final_params(cut) == _final_params(ref)
+
+    # SIGTERM (preemption): the run saves at the next step and exits cleanly; the next start
+    # resumes exactly.
+    term = tmp_path / "term"
+    proc = subprocess.Popen(
+        _cmd(0, prepared, term, 8, runs),
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 600
+    while not (term / "checkpoints" / "2").is_dir():
+        assert proc.poll() is None, "training ended before it could be stopped"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "stop requested (SIGTERM)" in stderr and "Traceback" not in stderr
+    stopped = max(int(p.name) for p in (term / "checkpoints").iterdir() if p.name.isdigit())
+    assert 2 <= stopped < 8  # saved at the step it stopped, not at a periodic save
+    subprocess.run(
+        _cmd(0, prepared, term, 8, runs), check=True, env=_env(), cwd=ROOT,
+        capture_output=True, timeout=600,
+    )  # fmt: skip
+    assert _logged_steps(term) == list(range(1, 9))
+    assert _losses(term) == want
+    assert _final_params(term) == _final_params(ref)
 
     # Stages 1-3 from main.py, each handing off from the previous stages' real checkpoints.
     for stage in (1, 2, 3):
