@@ -1,32 +1,49 @@
 # Quick start (fresh machine):  make demo   |   make test
-# Both create/reuse the virtualenv in .venv and install the package with its dev extras.
+# Both create/reuse the virtualenv in .venv. `make demo` installs the package and what the
+# demo needs (JAX for this machine's accelerator: cuda12 where nvidia-smi runs, tpu on a
+# TPU VM, CPU otherwise; override with ACCEL=gpu|tpu|cpu); `make test` adds the dev extra
+# (PyTorch and friends: the references of the parity tests).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed-stamp
+PIP    := $(PY) -m pip install --quiet
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"`.
 PYTEST_ARGS ?=
+# PyTorch for the tests: PyPI's torch==2.13.0 is a CUDA build of several GB on Linux;
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu takes the CPU build instead.
+TORCH_INDEX ?=
+ACCEL ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo gpu; \
+	elif ls /dev/accel[0-9]* /dev/vfio/[0-9]* >/dev/null 2>&1 || [ -n "$$TPU_NAME$$COLAB_TPU_ADDR$$TPU_ACCELERATOR_TYPE" ]; then echo tpu; \
+	else echo cpu; fi)
+EXTRA := $(if $(filter gpu tpu,$(ACCEL)),[$(ACCEL)],)
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test web lint bench clean-venv
 
-$(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
 
-demo: $(STAMP)
+$(VENV)/.demo-stamp: pyproject.toml | $(VENV)/bin/python
+	$(PIP) -e '.$(EXTRA)'
+	touch $@
+
+$(VENV)/.test-stamp: pyproject.toml | $(VENV)/bin/python
+	$(if $(TORCH_INDEX),$(PIP) torch==2.13.0 --index-url $(TORCH_INDEX),)
+	$(PIP) -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.demo-stamp
 	$(PY) main.py --demo --workdir=workdirs/demo
 
 # Two workers, one file each at a time (module fixtures stay in one process): most of the
 # suite's time is single-threaded XLA compilation, so this halves it on 2 cores.
-test: $(STAMP)
+test: $(VENV)/.test-stamp
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(VENV)/.test-stamp
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
-bench: $(STAMP)
+bench: $(VENV)/.test-stamp
 	$(PY) bench/llm_vs_torch.py
 	$(PY) bench/train_step.py
 	$(PY) bench/pipeline_throughput.py

@@ -34,7 +34,8 @@ def _config(tmp_path, steps=6, **overrides):
 
 
 def _steps_in(workdir) -> list[int]:
-    return [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().split()]
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines]
 
 
 def test_divergence_names_a_checkpoint_that_trains_on(tmp_path):
@@ -57,10 +58,8 @@ def test_divergence_names_a_checkpoint_that_trains_on(tmp_path):
     assert good == nan_step - 2 >= 1, message  # the save of step nan_step - 1 is dropped
     assert (wd / "checkpoints" / str(good)).is_dir()
     assert checkpoints.StageCheckpointer(wd).all_steps()[-1] == good
-    resumed = train(
-        _config(tmp_path, good + 4, **{"optim.lr": 1e-3}), wd, streams=streams_for(0),
-        progress=False,
-    )  # fmt: skip
+    sane = {**diverging, "optim.lr": 1e-3}  # the same optimizer, a learning rate that trains
+    resumed = train(_config(tmp_path, good + 4, **sane), wd, streams=streams_for(0), progress=False)
     assert resumed["start_step"] == good
     assert len(resumed["losses"]) == 4 and all(map(math.isfinite, resumed["losses"]))
 
@@ -90,9 +89,9 @@ def test_half_deleted_old_checkpoints_are_never_listed(tmp_path):
     ckpt_dir = wd / "checkpoints"
     assert sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) == [5, 6]
     # A clean-up killed half-way leaves its victim inside .todelete, never as a step.
+    assert not (ckpt_dir / checkpoints.TODELETE).exists()  # emptied after every save
     stale = ckpt_dir / checkpoints.TODELETE / "4"
-    stale.mkdir(parents=True)
-    (stale / "params").mkdir()
+    (stale / "params").mkdir(parents=True)
     assert checkpoints.StageCheckpointer(wd).all_steps() == [5, 6]
     assert not (ckpt_dir / checkpoints.TODELETE).exists()  # removed when the run reopens
 
@@ -130,7 +129,8 @@ def test_skipped_examples_are_reported_and_capped(tmp_path):
     )  # fmt: skip  (1 bad of 9 read: 11 %)
     assert summary["skipped"] == {"ego_caption": 4}
     assert any("skipped unreadable examples per stream: {'ego_caption': 4}" in m for m in logs)
-    lines = [json.loads(x) for x in (tmp_path / "ok" / "metrics.jsonl").read_text().split()]
+    text = (tmp_path / "ok" / "metrics.jsonl").read_text()
+    lines = [json.loads(x) for x in text.splitlines()]
     assert [x["skipped_ego_caption"] for x in lines] == [1.0, 2.0, 3.0, 4.0]
     with pytest.raises(
         BadDataError,
@@ -148,6 +148,7 @@ BAD_VALUES = [
     ("optim.warmup_ratio", -0.1, "a number in [0, 1]"),
     ("optim.warmup_ratio", 1.5, "a number in [0, 1]"),
     ("optim.num_epochs", 0, "must be >= 1 (or set config.optim.num_steps > 0)"),
+    ("data.workers", -1, "an integer in [0, inf]"),
     ("optim.num_steps", 0, "must be -1 (epochs) or >= 1"),
     ("optim.batch_size", 0, "an integer in [1, inf]"),
     ("optim.grad_accum", 0, "an integer in [1, inf]"),
@@ -172,13 +173,15 @@ BAD_VALUES = [
     ("checkpoint.keep", 0, "an integer in [1, inf]"),
     ("log_every", 0, "an integer in [1, inf]"),
     ("seed", -1, "an integer in [0, inf]"),
-    ("optim.batch_size", 8.0, "an integer in [1, inf]"),
+    ("optim.num_steps", -5, "must be -1 (epochs) or >= 1"),
 ]
 
 
 @pytest.mark.parametrize("field, value, allowed", BAD_VALUES)
 def test_every_numeric_field_is_range_checked_first(tmp_path, field, value, allowed):
     c = _config(tmp_path, **({"model.lora.enabled": True} if "lora" in field else {}))
+    if field == "optim.num_epochs":
+        c.optim.num_steps = -1  # epochs count only without a step count
     c.update_from_flattened_dict({field: value})
     t = time.time()
     with pytest.raises(config_lib.ConfigError) as err:

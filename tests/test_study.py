@@ -138,7 +138,9 @@ def test_quick_study_end_to_end_and_rerun(tmp_path):
             assert cell["n"] == 1 and cell["std"] is None and cell["values"] == [cell["mean"]]
         row = next(line for line in table.splitlines() if line.startswith(f"| {arm}: "))
         cells = [c.strip() for c in row.strip().strip("|").split("|")]
-        assert cells[1 : 1 + len(study.COLUMNS)] == [f"{hand[c]:.1f}" for c in study.COLUMNS]
+        assert cells[1 : 1 + len(study_report.COLUMNS)] == [
+            f"{hand[c]:.1f}" for c in study_report.COLUMNS
+        ]
     # Chance: 1 / options for the multiple-choice tasks (per group where the task has
     # groups), and the average of the eight.
     chance, eval_config = payload["chance"], job.config
@@ -158,4 +160,6 @@ def test_quick_study_end_to_end_and_rerun(tmp_path):
     assert chance["EgoMCQ"] == pytest.approx(
         (one_over_n("egomcq", "inter") + one_over_n("egomcq", "intra")) / 2
     )
-    assert chance["Average"] == pytest.approx(np.mean([chance[c] for c in study.TASK_LABELS]))
+    assert chance["Average"] == pytest.approx(
+        np.mean([chance[c] for c in study_report.TASK_LABELS])
+    )

@@ -62,7 +62,7 @@ class StageCheckpointer:
             todelete_subdir=TODELETE,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        shutil.rmtree(self.directory / TODELETE, ignore_errors=True)  # an interrupted clean-up
+        self._empty_todelete()  # an interrupted clean-up
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -73,7 +73,7 @@ class StageCheckpointer:
     def delete(self, step: int) -> None:
         """Removes the checkpoint of ``step`` (renamed aside first, then deleted)."""
         self.manager.delete(step)
-        shutil.rmtree(self.directory / TODELETE, ignore_errors=True)
+        self._empty_todelete()
 
     def save(
         self,
@@ -94,6 +94,7 @@ class StageCheckpointer:
             config=ocp.args.JsonSave(config_json),
             **_grain_args(iterators or {}, save=True),
         )
+        self._empty_todelete()  # what earlier saves' clean-ups renamed aside
         return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
     def restore(
@@ -120,6 +121,10 @@ class StageCheckpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self._empty_todelete()
+
+    def _empty_todelete(self) -> None:
+        shutil.rmtree(self.directory / TODELETE, ignore_errors=True)
 
 
 def _abstract_with_sharding(x: Any) -> Any:
