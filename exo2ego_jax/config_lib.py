@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from exo2ego_jax.models import exo2ego
+from exo2ego_jax.models import exo2ego, remat
+from exo2ego_jax.models.attention import ATTENTION_IMPLS, AttentionImplError, check_attention_impl
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapping import MappingConfig
 from exo2ego_jax.sharding import MESH_AXES, LogicalRules, batch_ways, rules_for
@@ -57,6 +58,17 @@ def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
     pdtype = _dtype("model.param_dtype", m.param_dtype)
     if m.size not in ("tiny", "paper"):
         raise ConfigError(f"config.model.size={m.size!r}: use 'tiny' or 'paper'")
+    if m.remat_policy not in remat.REMAT_POLICIES:
+        raise ConfigError(
+            f"config.model.remat_policy={m.remat_policy!r}: use one of "
+            + ", ".join(remat.REMAT_POLICIES)
+        )
+    attention_impl = m.get("attention_impl", "auto")
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ConfigError(
+            f"config.model.attention_impl={attention_impl!r}: use one of "
+            + ", ".join(ATTENTION_IMPLS)
+        )
     lora = None
     if m.lora.enabled:
         lora = LoRAConfig(
@@ -82,6 +94,7 @@ def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
         dtype=dtype,
         param_dtype=pdtype,
         remat=m.remat_policy,
+        attention_impl=attention_impl,
     )
     shape = {k: v for k, v in m.get("llm", {}).items() if v}  # 0 = the preset's
     if "hidden_size" in shape or "num_heads" in shape:
@@ -100,6 +113,7 @@ def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
         dtype=dtype,
         param_dtype=pdtype,
         remat_policy=m.remat_policy,
+        attention_impl=attention_impl,
         lora=lora,
     )
     connector = dataclasses.replace(
@@ -150,12 +164,29 @@ def build_stage_config(s: ml_collections.ConfigDict) -> StageConfig:
         raise ConfigError(f"config.stage: {e}") from e
 
 
+def check_backend(m: ml_collections.ConfigDict, backend: str | None = None) -> None:
+    """``config.model`` fields that the backend (default ``jax.default_backend()``) cannot
+    run: an attention kernel it lacks, host offload without a ``pinned_host`` memory."""
+    backend = backend or jax.default_backend()
+    try:
+        check_attention_impl(m.get("attention_impl", "auto"), backend)
+    except AttentionImplError as e:
+        raise ConfigError(f"config.model.attention_impl: {e}") from e
+    if remat.offloads(m.remat_policy) and not remat.host_offload_supported():
+        raise ConfigError(
+            f"config.model.remat_policy={m.remat_policy!r} offloads to host memory, which "
+            f"the {backend!r} backend lacks (no 'pinned_host' memory space); use "
+            f"{m.remat_policy.replace('offload_', 'save_')!r} instead"
+        )
+
+
 def resolve(
     config: ml_collections.ConfigDict, *, num_devices: int | None = None, check_inputs: bool = True
 ) -> ResolvedConfig:
-    """Validates every field and cross-field constraint, then builds the model, stage and
-    sharding objects. ``num_devices`` defaults to ``jax.device_count()``;
-    ``check_inputs=False`` skips the checks of input paths (planning without data)."""
+    """Validates every field and cross-field constraint (and what the backend can run:
+    :func:`check_backend`), then builds the model, stage and sharding objects.
+    ``num_devices`` defaults to ``jax.device_count()``; ``check_inputs=False`` skips the
+    checks of input paths (planning without data)."""
     n = num_devices if num_devices is not None else jax.device_count()
     shape = list(config.mesh.shape)
     if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
@@ -190,6 +221,7 @@ def resolve(
         raise ConfigError(f"config.data.on_bad_video={config.data.on_bad_video!r}: skip | raise")
     stage = build_stage_config(config.stage)
     model = build_model_config(config.model)
+    check_backend(config.model)
     if check_inputs:
         for i, wd in enumerate(config.init.stages):
             if not Path(wd).is_dir():

@@ -257,13 +257,13 @@ def _as_tuple(axes: str | Sequence[str]) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def _fit_spec(
+def fit_spec(
     spec: P,
     logical: P,
     shape: Sequence[int],
     mesh_shape: Mapping[str, int],
     where: str,
-    on_indivisible: OnIndivisible,
+    on_indivisible: OnIndivisible = "replicate",
 ) -> P:
     """``spec`` with every dimension whose size its mesh axes do not divide made smaller.
 
@@ -336,7 +336,7 @@ def logical_to_shardings(
     for i, (path, logical) in enumerate(flat):
         spec = nn.logical_to_mesh_axes(logical, table)
         if shape_leaves is not None:
-            spec = _fit_spec(
+            spec = fit_spec(
                 spec,
                 logical,
                 shape_leaves[i].shape,
