@@ -18,7 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 
 from exo2ego_jax.models import exo2ego, remat
-from exo2ego_jax.models.attention import ATTENTION_IMPLS, AttentionImplError, check_attention_impl
+from exo2ego_jax.models.attention import (
+    ATTENTION_IMPLS,
+    AttentionImplError,
+    check_attention_impl,
+    current_backend,
+)
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapping import MappingConfig
 from exo2ego_jax.sharding import MESH_AXES, LogicalRules, batch_ways, rules_for
@@ -165,9 +170,9 @@ def build_stage_config(s: ml_collections.ConfigDict) -> StageConfig:
 
 
 def check_backend(m: ml_collections.ConfigDict, backend: str | None = None) -> None:
-    """``config.model`` fields that the backend (default ``jax.default_backend()``) cannot
-    run: an attention kernel it lacks, host offload without a ``pinned_host`` memory."""
-    backend = backend or jax.default_backend()
+    """``config.model`` fields that the backend (default: the running one) cannot run: an
+    attention kernel it lacks, host offload without a ``pinned_host`` memory space."""
+    backend = backend or current_backend()
     try:
         check_attention_impl(m.get("attention_impl", "auto"), backend)
     except AttentionImplError as e:

@@ -36,7 +36,9 @@ replaced, and optionally a run's own rows; docs/sharding.md has the full table)
 
 Helpers
   :func:`logical_to_shardings`, :func:`param_shardings` and :func:`shard_init` place
-  parameters; :func:`optimizer_state_shardings` places optimizer state like them;
+  parameters (:func:`fit_spec` drops the mesh axes a dimension's size does not divide; the
+  splash attention wrapper uses it too); :func:`optimizer_state_shardings` places optimizer
+  state like them;
   :func:`batch_sharding` / :func:`shard_batch` place input batches and :func:`batch_ways`
   counts the devices a batch is split over;
   :func:`sharding_context` activates the rules (and the mesh) for the activation constraints

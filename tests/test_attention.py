@@ -66,6 +66,7 @@ def test_selection_by_shape_and_dtype():
     with pytest.raises(A.AttentionImplError, match="'flash' is not one of auto, xla, cudnn"):
         r("flash", "cpu")
     # The model path on this (CPU) backend refuses accelerator kernels with the same error.
+    assert A.current_backend() == "cpu"
     q = jnp.zeros((1, 8, 2, 8))
     with pytest.raises(A.AttentionImplError, match="needs a TPU"):
         A.attend(q, q, q, None, impl="splash")

@@ -73,9 +73,19 @@ class AttentionImplError(ValueError):
 
 
 def _platform(backend: str) -> str:
-    """``jax.default_backend()`` names -> ``cpu | cuda | rocm | tpu | <other>``."""
+    """Backend names -> ``cpu | cuda | rocm | tpu | <other>`` (``gpu`` means CUDA)."""
     name = backend.lower()
     return "cuda" if name in ("gpu", "cuda") else name
+
+
+def current_backend() -> str:
+    """``jax.default_backend()``, but ``"rocm"`` for AMD GPUs (which have no cuDNN)."""
+    backend = jax.default_backend()
+    if backend == "gpu":
+        version = getattr(jax.devices()[0].client, "platform_version", "") or ""
+        if "rocm" in version.lower():
+            return "rocm"
+    return backend
 
 
 def check_attention_impl(requested: str, backend: str) -> None:
@@ -120,7 +130,7 @@ def resolve_attention_impl(
 
     Args:
       requested: a value of :data:`ATTENTION_IMPLS`.
-      backend: ``jax.default_backend()`` (``"cpu"``, ``"gpu"``, ``"tpu"``, ...).
+      backend: :func:`current_backend` (``"cpu"``, ``"gpu"``, ``"rocm"``, ``"tpu"``, ...).
       dtype, head_dim: of the queries / keys (cuDNN's constraints).
       q_len: query length T (``auto`` on TPU: splash only from one block of queries on).
       cached: queries over a KV cache (prefill / decode): never a flash kernel.
@@ -130,8 +140,10 @@ def resolve_attention_impl(
     """
     check_attention_impl(requested, backend)
     platform = _platform(backend)
-    if requested in ("reference", "xla") or cached:
-        return "xla" if requested != "reference" else "reference"
+    if requested == "reference":
+        return "reference"
+    if requested == "xla" or cached:
+        return "xla"
     if requested == "cudnn":
         problem = _cudnn_problem(dtype, head_dim, max_head_dim=256)
         if problem:
@@ -392,7 +404,7 @@ def attend(
         K < N; query head ``n`` uses KV head ``n // (N / K)``), all in one dtype.
       mask: a :class:`MaskSpec`, or None (bidirectional, every key visible).
       impl: a value of :data:`ATTENTION_IMPLS`.
-      backend: default ``jax.default_backend()``; tests pass ``"tpu"`` / ``"gpu"`` to take
+      backend: default :func:`current_backend`; tests pass ``"tpu"`` / ``"gpu"`` to take
         those paths with stand-ins.
       interpret: run the splash kernel in the Pallas interpreter (CPU tests).
     Returns:
@@ -400,7 +412,7 @@ def attend(
     """
     kind = resolve_attention_impl(
         impl,
-        backend or jax.default_backend(),
+        backend or current_backend(),
         dtype=q.dtype,
         head_dim=q.shape[-1],
         q_len=q.shape[1],
