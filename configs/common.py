@@ -66,7 +66,13 @@ def model_config() -> ml_collections.ConfigDict:
     )
     m.dtype = "bfloat16"  # compute dtype
     m.param_dtype = "float32"
-    m.remat_policy = "full"  # none | full | dots | dots_no_batch
+    # What each CLIP / LLM layer keeps for the backward pass (exo2ego_jax/models/remat.py):
+    # none | full | dots | dots_no_batch | save_qkv | save_qkvo | save_qkvo_mlp | offload_qkv
+    # | offload_qkvo_mlp
+    m.remat_policy = "full"
+    # Attention kernel (exo2ego_jax/models/attention.py, docs/attention.md): auto | xla |
+    # cudnn | splash | reference. auto: cuDNN flash on GPU (bf16), splash on TPU, XLA on CPU.
+    m.attention_impl = "auto"
     m.mapping = ml_collections.ConfigDict(dict(kind="resnet", ngf=256, n_blocks=9, norm="instance"))
     m.lora = ml_collections.ConfigDict(
         dict(

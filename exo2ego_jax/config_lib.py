@@ -20,7 +20,13 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from exo2ego_jax.models import exo2ego
+from exo2ego_jax.models import exo2ego, remat
+from exo2ego_jax.models.attention import (
+    ATTENTION_IMPLS,
+    AttentionImplError,
+    check_attention_impl,
+    current_backend,
+)
 from exo2ego_jax.models.lora import LoRAConfig
 from exo2ego_jax.models.mapping import MappingConfig
 from exo2ego_jax.sharding import MESH_AXES, LogicalRules, batch_ways, rules_for
@@ -112,6 +118,17 @@ def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
     pdtype = _dtype("model.param_dtype", m.param_dtype)
     if m.size not in ("tiny", "paper"):
         raise ConfigError(f"config.model.size={m.size!r}: use 'tiny' or 'paper'")
+    if m.remat_policy not in remat.REMAT_POLICIES:
+        raise ConfigError(
+            f"config.model.remat_policy={m.remat_policy!r}: use one of "
+            + ", ".join(remat.REMAT_POLICIES)
+        )
+    attention_impl = m.get("attention_impl", "auto")
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ConfigError(
+            f"config.model.attention_impl={attention_impl!r}: use one of "
+            + ", ".join(ATTENTION_IMPLS)
+        )
     lora = None
     if m.lora.enabled:
         lora = LoRAConfig(
@@ -137,6 +154,7 @@ def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
         dtype=dtype,
         param_dtype=pdtype,
         remat=m.remat_policy,
+        attention_impl=attention_impl,
     )
     shape = {k: v for k, v in m.get("llm", {}).items() if v}  # 0 = the preset's
     if "hidden_size" in shape or "num_heads" in shape:
@@ -155,6 +173,7 @@ def build_model_config(m: ml_collections.ConfigDict) -> exo2ego.Exo2EgoConfig:
         dtype=dtype,
         param_dtype=pdtype,
         remat_policy=m.remat_policy,
+        attention_impl=attention_impl,
         lora=lora,
     )
     connector = dataclasses.replace(
@@ -328,12 +347,29 @@ def _check_pretrained(config: ml_collections.ConfigDict) -> None:
         )
 
 
+def check_backend(m: ml_collections.ConfigDict, backend: str | None = None) -> None:
+    """``config.model`` fields that the backend (default: the running one) cannot run: an
+    attention kernel it lacks, host offload without a ``pinned_host`` memory space."""
+    backend = backend or current_backend()
+    try:
+        check_attention_impl(m.get("attention_impl", "auto"), backend)
+    except AttentionImplError as e:
+        raise ConfigError(f"config.model.attention_impl: {e}") from e
+    if remat.offloads(m.remat_policy) and not remat.host_offload_supported():
+        raise ConfigError(
+            f"config.model.remat_policy={m.remat_policy!r} offloads to host memory, which "
+            f"the {backend!r} backend lacks (no 'pinned_host' memory space); use "
+            f"{m.remat_policy.replace('offload_', 'save_')!r} instead"
+        )
+
+
 def resolve(
     config: ml_collections.ConfigDict, *, num_devices: int | None = None, check_inputs: bool = True
 ) -> ResolvedConfig:
-    """Validates every field and cross-field constraint, then builds the model, stage and
-    sharding objects. ``num_devices`` defaults to ``jax.device_count()``;
-    ``check_inputs=False`` skips the checks of input paths (planning without data)."""
+    """Validates every field and cross-field constraint (and what the backend can run:
+    :func:`check_backend`), then builds the model, stage and sharding objects.
+    ``num_devices`` defaults to ``jax.device_count()``; ``check_inputs=False`` skips the
+    checks of input paths (planning without data)."""
     check_ranges(config)
     n = num_devices if num_devices is not None else jax.device_count()
     shape = list(config.mesh.shape)
@@ -369,6 +405,7 @@ def resolve(
         raise ConfigError(f"config.data.on_bad_video={config.data.on_bad_video!r}: skip | raise")
     stage = build_stage_config(config.stage)
     model = build_model_config(config.model)
+    check_backend(config.model)
     if check_inputs:
         for i, wd in enumerate(config.init.stages):
             if not Path(wd).is_dir():

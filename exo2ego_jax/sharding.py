@@ -36,7 +36,9 @@ replaced, and optionally a run's own rows; docs/sharding.md has the full table)
 
 Helpers
   :func:`logical_to_shardings`, :func:`param_shardings` and :func:`shard_init` place
-  parameters; :func:`optimizer_state_shardings` places optimizer state like them;
+  parameters (:func:`fit_spec` drops the mesh axes a dimension's size does not divide; the
+  splash attention wrapper uses it too); :func:`optimizer_state_shardings` places optimizer
+  state like them;
   :func:`batch_sharding` / :func:`shard_batch` place input batches and :func:`batch_ways`
   counts the devices a batch is split over;
   :func:`sharding_context` activates the rules (and the mesh) for the activation constraints
@@ -257,13 +259,13 @@ def _as_tuple(axes: str | Sequence[str]) -> tuple[str, ...]:
     return (axes,) if isinstance(axes, str) else tuple(axes)
 
 
-def _fit_spec(
+def fit_spec(
     spec: P,
     logical: P,
     shape: Sequence[int],
     mesh_shape: Mapping[str, int],
     where: str,
-    on_indivisible: OnIndivisible,
+    on_indivisible: OnIndivisible = "replicate",
 ) -> P:
     """``spec`` with every dimension whose size its mesh axes do not divide made smaller.
 
@@ -336,7 +338,7 @@ def logical_to_shardings(
     for i, (path, logical) in enumerate(flat):
         spec = nn.logical_to_mesh_axes(logical, table)
         if shape_leaves is not None:
-            spec = _fit_spec(
+            spec = fit_spec(
                 spec,
                 logical,
                 shape_leaves[i].shape,

@@ -102,6 +102,9 @@ class PipelineOptions:
       read_threads: threads per process that read and decode examples.
       on_bad_video: ``"skip"`` drops (and counts) an example whose video cannot be
         decoded; ``"raise"`` re-raises the :class:`VideoDecodeError` naming the file.
+      max_consecutive_bad: this many unreadable examples in a row, without a readable one,
+        stop the pipeline with :class:`NoReadableDataError` naming the dataset and the first
+        bad files (an endless stream of bad videos would otherwise never yield a batch).
       drop_remainder: drop a final partial batch; None = True except for ``eval``, whose
         last batch is padded (``valid`` False) instead.
       system_prompt: the ``mistral`` template's system prompt (instruct and eval).
@@ -127,6 +130,7 @@ class PipelineOptions:
     worker_buffer_size: int = 2
     read_threads: int = 2
     on_bad_video: Literal["skip", "raise"] = "skip"
+    max_consecutive_bad: int = 256
     drop_remainder: bool | None = None
     system_prompt: str | None = templates.DEFAULT_SYSTEM_PROMPT
     exo_view: Literal["best", "random"] = "best"
@@ -356,43 +360,69 @@ def _pad_rows(rows: list[dict[str, Any]], size: int) -> list[dict[str, Any]]:
     return padded
 
 
+class NoReadableDataError(VideoDecodeError):
+    """A stream found no readable example in ``max_consecutive_bad`` attempts."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Batching:
+    batch_size: int
+    drop_remainder: bool
+    pad: bool
+    max_consecutive_bad: int
+    dataset: str
+
+
 class _BatchDataset(grain.IterDataset):
     """Groups examples into batches, dropping :class:`_Skipped` markers and counting them
-    (``_num_skipped`` / ``_skip_reasons`` keys, removed again by :class:`_CountSkips`)."""
+    (``_num_skipped`` / ``_num_read`` / ``_skip_reasons`` keys, removed again by
+    :class:`_CountSkips`)."""
 
-    def __init__(self, parent: grain.IterDataset, batch_size: int, drop_remainder: bool, pad: bool):
+    def __init__(self, parent: grain.IterDataset, batching: _Batching):
         super().__init__(parent)
-        self._batch_size, self._drop, self._pad = batch_size, drop_remainder, pad
+        self._batching = batching
 
     def __iter__(self) -> grain.DatasetIterator:
-        return _BatchIterator(self._parent.__iter__(), self._batch_size, self._drop, self._pad)
+        return _BatchIterator(self._parent.__iter__(), self._batching)
 
     def __str__(self) -> str:
-        return f"_BatchDataset(batch_size={self._batch_size}, drop_remainder={self._drop})"
+        b = self._batching
+        return f"_BatchDataset(batch_size={b.batch_size}, drop_remainder={b.drop_remainder})"
 
 
 class _BatchIterator(grain.DatasetIterator):
-    def __init__(self, parent, batch_size: int, drop_remainder: bool, pad: bool):
+    def __init__(self, parent, batching: _Batching):
         super().__init__(parent)
-        self._batch_size, self._drop, self._pad = batch_size, drop_remainder, pad
+        self._b = batching
 
     def __next__(self) -> dict[str, Any]:
-        rows, reasons = [], []
-        while len(rows) < self._batch_size:
+        b = self._b
+        rows, reasons, in_a_row = [], [], 0
+        while len(rows) < b.batch_size:
             try:
                 x = next(self._parent)
             except StopIteration:
-                if not rows or self._drop:
+                if not rows or b.drop_remainder:
                     raise
                 break
             if isinstance(x, _Skipped):
                 reasons.append(x.reason)
+                in_a_row += 1
+                if in_a_row >= b.max_consecutive_bad:
+                    raise NoReadableDataError(
+                        f"dataset {b.dataset!r}: {in_a_row} examples in a row could not be "
+                        f"read; first: {'; '.join(reasons[:3])}. Check the video paths and "
+                        "the data root (config.data.prepared_dir / the dataset's source root)"
+                    )
             else:
                 rows.append(x)
-        if self._pad:
-            rows = _pad_rows(rows, self._batch_size)
+                in_a_row = 0
+        num_read = len(rows) + len(reasons)
+        if b.pad:
+            rows = _pad_rows(rows, b.batch_size)
         batch = _collate(rows)
         batch["_num_skipped"] = len(reasons)
+        batch["_num_read"] = num_read
         batch["_skip_reasons"] = reasons[-_MAX_REASONS:]
         return batch
 
@@ -420,17 +450,20 @@ class PipelineIterator(grain.DatasetIterator):
     Attributes:
       num_skipped: examples dropped so far because of bad videos (``on_bad_video="skip"``);
         part of the checkpointed state, so it keeps counting after a resume.
+      num_read: examples read so far, skipped ones included (checkpointed too).
       skip_reasons: the most recent skip messages (each names the file).
     """
 
     def __init__(self, parent: grain.DatasetIterator):
         super().__init__(parent)
         self.num_skipped = 0
+        self.num_read = 0
         self.skip_reasons: collections.deque[str] = collections.deque(maxlen=_MAX_REASONS)
 
     def __next__(self) -> dict[str, np.ndarray]:
         batch = dict(next(self._parent))
         self.num_skipped += int(batch.pop("_num_skipped"))
+        self.num_read += int(batch.pop("_num_read"))
         self.skip_reasons.extend(batch.pop("_skip_reasons"))
         return batch
 
@@ -441,11 +474,16 @@ class PipelineIterator(grain.DatasetIterator):
         self.close()  # stops worker processes now rather than at garbage collection
 
     def get_state(self) -> dict[str, Any]:
-        return {"pipeline": self._parent.get_state(), "num_skipped": self.num_skipped}
+        return {
+            "pipeline": self._parent.get_state(),
+            "num_skipped": self.num_skipped,
+            "num_read": self.num_read,
+        }
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["pipeline"])
         self.num_skipped = int(state["num_skipped"])
+        self.num_read = int(state.get("num_read", 0))  # absent in older checkpoints
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -532,7 +570,8 @@ def make_pipeline(
     )
     it = ds.to_iter_dataset(read)
     drop = opts.drop_remainder if opts.drop_remainder is not None else kind != "eval"
-    it = _BatchDataset(it, opts.batch_size, drop, pad=kind == "eval")
+    batching = _Batching(opts.batch_size, drop, kind == "eval", opts.max_consecutive_bad, name)
+    it = _BatchDataset(it, batching)
     if opts.workers > 0:
         _ensure_flags_parsed()
         it = it.mp_prefetch(

@@ -23,19 +23,16 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from exo2ego_jax.models import remat as remat_lib
+from exo2ego_jax.models.attention import ATTENTION_IMPLS, attend
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-}
-
-#: Remat policy names → ``jax.checkpoint_policies`` (None = save nothing, recompute all).
-_REMAT_POLICIES: dict[str, Any] = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
 
 # Hugging Face ``CLIPVisionConfig`` defaults, used for keys a saved config.json omits.
@@ -58,9 +55,12 @@ class CLIPVisionConfig:
     """Architecture of a CLIP ViT vision tower.
 
     ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype of the parameters;
-    softmax and layer norms always run in float32. ``remat`` is ``"none"`` or a key of the
-    policy table (``"full"``, ``"dots"``, ``"dots_no_batch"``); ``scan_layers`` stacks the
-    encoder layers along a leading ``layers`` axis and runs them with ``nn.scan``.
+    softmax and layer norms always run in float32. ``remat`` names a rematerialisation
+    policy of :data:`exo2ego_jax.models.remat.REMAT_POLICIES` (``"none"``, ``"full"``,
+    ``"save_qkvo_mlp"``, ...); ``attention_impl`` the attention kernel
+    (:data:`exo2ego_jax.models.attention.ATTENTION_IMPLS`, ``"auto"`` by backend);
+    ``scan_layers`` stacks the encoder layers along a leading ``layers`` axis and runs them
+    with ``nn.scan``.
     """
 
     image_size: int = 336
@@ -75,6 +75,7 @@ class CLIPVisionConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: str = "none"
+    attention_impl: str = "auto"
     scan_layers: bool = True
 
     def __post_init__(self):
@@ -88,8 +89,11 @@ class CLIPVisionConfig:
             )
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act {self.hidden_act!r} not in {sorted(_ACTIVATIONS)}")
-        if self.remat != "none" and self.remat not in _REMAT_POLICIES:
-            raise ValueError(f"remat {self.remat!r} not in {['none', *_REMAT_POLICIES]}")
+        remat_lib.check_policy(self.remat, field="remat")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}"
+            )
         if self.num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
 
@@ -308,7 +312,8 @@ class _Projection(nn.Module):
 class CLIPAttention(nn.Module):
     """Bidirectional multi-head self-attention with biased q/k/v/out projections.
 
-    ``float[B, S, W]`` → ``float[B, S, W]``; logits and softmax in float32.
+    ``float[B, S, W]`` → ``float[B, S, W]``; the kernel is ``config.attention_impl``'s
+    (:func:`exo2ego_jax.models.attention.attend`), softmax statistics in float32.
     """
 
     config: CLIPVisionConfig
@@ -318,7 +323,7 @@ class CLIPAttention(nn.Module):
         cfg = self.config
         n, h, w = cfg.num_heads, cfg.head_dim, cfg.hidden_size
 
-        def proj(name: str) -> jax.Array:
+        def proj(name: str, tag: str) -> jax.Array:
             y = _Projection(
                 (w, n, h),
                 ("embed", "heads", "head_dim"),
@@ -328,13 +333,13 @@ class CLIPAttention(nn.Module):
                 cfg,
                 name=name,
             )(x)
-            return _constrain(y, ("batch", "length", "act_heads", None))
+            return _constrain(checkpoint_name(y, tag), ("batch", "length", "act_heads", None))
 
-        q, k, v = proj("q_proj"), proj("k_proj"), proj("v_proj")
-        logits = jnp.einsum("BQHD,BKHD->BHQK", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits * cfg.head_dim**-0.5, axis=-1).astype(cfg.dtype)
-        out = jnp.einsum("BHQK,BKHD->BQHD", probs, v)
-        return _Projection(
+        q = proj("q_proj", remat_lib.QUERY)
+        k = proj("k_proj", remat_lib.KEY)
+        v = proj("v_proj", remat_lib.VALUE)
+        out = attend(q, k, v, None, impl=cfg.attention_impl)
+        out = _Projection(
             (n, h, w),
             ("heads", "head_dim", "embed"),
             (w,),
@@ -344,6 +349,7 @@ class CLIPAttention(nn.Module):
             contracting=(0, 1),
             name="out_proj",
         )(out)
+        return checkpoint_name(out, remat_lib.OUT)
 
 
 class CLIPMLP(nn.Module):
@@ -362,8 +368,9 @@ class CLIPMLP(nn.Module):
             bias_init=_p(_zeros, ("mlp",)),
             name="fc1",
         )(x)
+        h = checkpoint_name(h, remat_lib.MLP_IN)
         h = _constrain(_ACTIVATIONS[cfg.hidden_act](h), ("batch", "length", "act_mlp"))
-        return nn.Dense(
+        out = nn.Dense(
             cfg.hidden_size,
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
@@ -371,6 +378,7 @@ class CLIPMLP(nn.Module):
             bias_init=_p(_zeros, ("embed",)),
             name="fc2",
         )(h)
+        return checkpoint_name(out, remat_lib.MLP_OUT)
 
 
 class CLIPEncoderLayer(nn.Module):
@@ -404,12 +412,10 @@ class CLIPEncoder(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array | None]:
         cfg = self.config
-        layer_cls = CLIPEncoderLayer
-        if cfg.remat != "none":
-            # prevent_cse is only needed outside scan (scan already blocks CSE across steps).
-            layer_cls = nn.remat(
-                layer_cls, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers
-            )
+        # prevent_cse is only needed outside scan (scan already blocks CSE across steps).
+        layer_cls = remat_lib.remat_layer(
+            CLIPEncoderLayer, cfg.remat, prevent_cse=not cfg.scan_layers
+        )
         if cfg.scan_layers:
             scanned = nn.scan(
                 layer_cls,

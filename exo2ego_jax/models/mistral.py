@@ -34,32 +34,27 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from exo2ego_jax.models import remat
+from exo2ego_jax.models.attention import ATTENTION_IMPLS, MaskSpec, attend
 from exo2ego_jax.models.lora import LoRAConfig, LoRADense
-
-_NEG_INF = -1e30  # finite: a fully masked row (all-pad prompt) must not produce NaNs
-
-
-_REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 @dataclasses.dataclass(frozen=True)
 class MistralConfig:
     """Architecture and numerics of a Mistral LM.
 
-    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. ``remat_policy`` is
-    one of ``"none"`` (store all activations), ``"full"`` (recompute each block),
-    ``"dots"`` (save matmul outputs) or ``"dots_no_batch"`` (save weight matmul outputs only).
-    ``sliding_window=None`` disables the window; with a window W a query at position q
-    attends to keys k with ``q - W < k <= q`` (HF semantics). ``scan_layers`` stacks the
-    blocks under ``nn.scan`` (one compiled block, leading ``layers`` axis on every block
-    parameter); ``scan_unroll`` is passed to the scan. ``lora`` adds adapters to the
-    projections it targets.
+    ``dtype`` is the compute dtype, ``param_dtype`` the storage dtype. ``remat_policy`` names
+    what each block keeps for the backward pass (:data:`remat.REMAT_POLICIES`: ``"none"``
+    stores all activations, ``"full"`` recomputes each block, ``"save_qkvo_mlp"`` keeps the
+    projection outputs, ...; see :mod:`exo2ego_jax.models.remat`). ``attention_impl`` picks
+    the attention kernel (:data:`attention.ATTENTION_IMPLS`, ``"auto"`` by backend; see
+    :mod:`exo2ego_jax.models.attention`). ``sliding_window=None`` disables the window; with
+    a window W a query at position q attends to keys k with ``q - W < k <= q`` (HF
+    semantics). ``scan_layers`` stacks the blocks under ``nn.scan`` (one compiled block,
+    leading ``layers`` axis on every block parameter); ``scan_unroll`` is passed to the scan.
+    ``lora`` adds adapters to the projections it targets.
     """
 
     vocab_size: int = 32000
@@ -78,6 +73,7 @@ class MistralConfig:
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat_policy: str = "none"
+    attention_impl: str = "auto"
     scan_layers: bool = True
     scan_unroll: int = 1
     lora: LoRAConfig | None = None
@@ -93,8 +89,11 @@ class MistralConfig:
             raise ValueError(
                 f"num_heads {self.num_heads} not divisible by num_kv_heads {self.num_kv_heads}"
             )
-        if self.remat_policy not in _REMAT_POLICIES:
-            raise ValueError(f"remat_policy {self.remat_policy!r} not in {sorted(_REMAT_POLICIES)}")
+        remat.check_policy(self.remat_policy)
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r} is not one of {', '.join(ATTENTION_IMPLS)}"
+            )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
@@ -310,22 +309,25 @@ class Attention(nn.Module):
     def __call__(
         self,
         x: jax.Array,
-        mask: jax.Array,
+        mask: MaskSpec,
         positions: jax.Array,
         cache: KVCache | None,
         layer: jax.Array | int,
         deterministic: bool,
     ) -> tuple[jax.Array, KVCache | None]:
-        """``x float[B, T, D]``, ``mask bool[B, T, S]`` (True = may attend),
+        """``x float[B, T, D]``, ``mask`` which keys each query sees (:func:`mask_spec_for`),
         ``positions int[B, T]``. Without a cache S == T (the block attends to itself); with
         one, the new keys are first written at slots ``positions`` of layer ``layer`` and the
-        queries attend over all S cache slots."""
+        queries attend over all S cache slots. The kernel is ``config.attention_impl``'s."""
         cfg = self.config
         b, t, _ = x.shape
-        n, k, g, h = cfg.num_heads, cfg.num_kv_heads, cfg.num_groups, cfg.head_dim
+        n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q = _proj(cfg, "q_proj", n * h, ("embed", "heads"))(x, deterministic)
         kk = _proj(cfg, "k_proj", k * h, ("embed", "kv_heads"))(x, deterministic)
         vv = _proj(cfg, "v_proj", k * h, ("embed", "kv_heads"))(x, deterministic)
+        q = checkpoint_name(q, remat.QUERY)
+        kk = checkpoint_name(kk, remat.KEY)
+        vv = checkpoint_name(vv, remat.VALUE)
         q = rope(q.reshape(b, t, n, h), positions, cfg.rope_theta)
         kk = rope(kk.reshape(b, t, k, h), positions, cfg.rope_theta)
         vv = vv.reshape(b, t, k, h)
@@ -341,17 +343,10 @@ class Attention(nn.Module):
             kk = new_k[layer].astype(cfg.dtype)  # [B, S, K, H]
             vv = new_v[layer].astype(cfg.dtype)
 
-        # Query head n = k * G + g uses KV head k (HF repeat_kv order); grouping the queries
-        # avoids materialising G copies of every key and value. Scores laid out [B, T, S, K, G]
-        # follow the [B, S, K, H] key / cache layout (prefill attention measured ~14% faster
-        # on CPU than with [B, K, G, T, S] scores).
-        q = q.reshape(b, t, k, g, h) * jnp.asarray(h**-0.5, cfg.dtype)
-        scores = jnp.einsum("BTKGH,BSKH->BTSKG", q, kk).astype(jnp.float32)
-        scores = jnp.where(mask[:, :, :, None, None], scores, _NEG_INF)
-        probs = jax.nn.softmax(scores, axis=2).astype(cfg.dtype)
-        out = jnp.einsum("BTSKG,BSKH->BTKGH", probs, vv).reshape(b, t, n * h)
+        # Query head n = k * G + g uses KV head k (HF repeat_kv order).
+        out = attend(q, kk, vv, mask, impl=cfg.attention_impl).reshape(b, t, n * h)
         out = _proj(cfg, "o_proj", cfg.hidden_size, ("heads", "embed"))(out, deterministic)
-        return out, cache
+        return checkpoint_name(out, remat.OUT), cache
 
 
 class MLP(nn.Module):
@@ -365,8 +360,10 @@ class MLP(nn.Module):
         f = cfg.intermediate_size
         gate = _proj(cfg, "gate_proj", f, ("embed", "mlp"))(x, deterministic)
         up = _proj(cfg, "up_proj", f, ("embed", "mlp"))(x, deterministic)
+        gate, up = checkpoint_name(gate, remat.MLP_IN), checkpoint_name(up, remat.MLP_IN)
         hidden = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        return _proj(cfg, "down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden, deterministic)
+        out = _proj(cfg, "down_proj", cfg.hidden_size, ("mlp", "embed"))(hidden, deterministic)
+        return checkpoint_name(out, remat.MLP_OUT)
 
 
 class DecoderLayer(nn.Module):
@@ -380,7 +377,7 @@ class DecoderLayer(nn.Module):
         self,
         carry: tuple[jax.Array, KVCache | None],
         layer: jax.Array | int,
-        mask: jax.Array,
+        mask: MaskSpec,
         positions: jax.Array,
         deterministic: bool,
     ) -> tuple[tuple[jax.Array, KVCache | None], None]:
@@ -397,6 +394,31 @@ class DecoderLayer(nn.Module):
         return (x, cache), None
 
 
+def mask_spec_for(
+    config: MistralConfig,
+    positions: jax.Array,
+    attention_mask: jax.Array | None,
+    cached: bool,
+) -> MaskSpec:
+    """Causal (+ sliding window) (+ key padding) mask of a forward pass, as a
+    :class:`~exo2ego_jax.models.attention.MaskSpec` every attention kernel takes.
+
+    Without a cache, queries and keys are the same T tokens and causality is by sequence
+    index (as HF); the key-padding mask ``attention_mask int[B, T]`` hides padded keys. With a
+    cache, slot == position, so a query at position p sees slots ``s <= p`` (every such slot
+    of a right-padded row holds a real prompt or generated token).
+    """
+    key_valid = None
+    if attention_mask is not None and not cached:
+        key_valid = attention_mask.astype(bool)
+    return MaskSpec(
+        key_valid=key_valid,
+        query_pos=positions if cached else None,
+        causal=True,
+        window=config.sliding_window,
+    )
+
+
 def attention_mask_for(
     config: MistralConfig,
     positions: jax.Array,
@@ -404,26 +426,9 @@ def attention_mask_for(
     key_len: int,
     cached: bool,
 ) -> jax.Array:
-    """``bool[B, T, S]``: causal (+ sliding window) (+ key padding) mask.
-
-    Without a cache, queries and keys are the same T tokens and causality is by sequence
-    index (as HF); the key-padding mask ``attention_mask int[B, T]`` hides padded keys. With a
-    cache, slot == position, so a query at position p sees slots ``s <= p`` (every such slot
-    of a right-padded row holds a real prompt or generated token).
-    """
+    """``bool[B, T, S]``: the dense form of :func:`mask_spec_for` (True = may attend)."""
     b, t = positions.shape
-    if cached:
-        q_pos = positions
-    else:
-        q_pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-    k_pos = jnp.arange(key_len)
-    delta = q_pos[:, :, None] - k_pos[None, None, :]  # [B, T, S]
-    mask = delta >= 0
-    if config.sliding_window is not None:
-        mask &= delta < config.sliding_window
-    if attention_mask is not None and not cached:
-        mask &= attention_mask[:, None, :].astype(bool)
-    return mask
+    return mask_spec_for(config, positions, attention_mask, cached).dense(b, t, key_len)
 
 
 def default_positions(attention_mask: jax.Array | None, batch: int, length: int) -> jax.Array:
@@ -457,13 +462,10 @@ class MistralLM(nn.Module):
                 nn.initializers.normal(cfg.initializer_range), ("vocab", "embed")
             ),
         )
-        layer_cls = DecoderLayer
-        policy = _REMAT_POLICIES[cfg.remat_policy]
-        if cfg.remat_policy != "none":
-            # argnums count self: (self, carry, layer, mask, positions, deterministic).
-            layer_cls = nn.remat(
-                layer_cls, policy=policy, prevent_cse=not cfg.scan_layers, static_argnums=(5,)
-            )
+        # argnums count self: (self, carry, layer, mask, positions, deterministic).
+        layer_cls = remat.remat_layer(
+            DecoderLayer, cfg.remat_policy, prevent_cse=not cfg.scan_layers, static_argnums=(5,)
+        )
         if cfg.scan_layers:
             self.layers = nn.scan(
                 layer_cls,
@@ -529,8 +531,7 @@ class MistralLM(nn.Module):
         b, t, _ = x.shape
         if positions is None:
             positions = default_positions(attention_mask, b, t)
-        key_len = cache.max_len if cache is not None else t
-        mask = attention_mask_for(cfg, positions, attention_mask, key_len, cache is not None)
+        mask = mask_spec_for(cfg, positions, attention_mask, cache is not None)
         x = nn.with_logical_constraint(x, ("batch", "length", "act_embed"))
 
         carry = (x, cache)

@@ -9,7 +9,7 @@ per-device bytes: parameters (trainable + frozen), optimizer state, temporaries,
 (batch, unaliased outputs) and the total, plus the micro-batch per device and compile time::
 
     python -m exo2ego_jax.tools.memory_plan --config=configs/stage3.py:paper --devices=16 \
-        [--rules=fsdp|fsdp_tp|dp] [--remat=none|full|dots|dots_no_batch] \
+        [--rules=fsdp|fsdp_tp|dp] [--remat=none|full|save_qkvo_mlp|...] \
         [--mesh=auto|config|D,F,T] [--batch_per_device=M] [--grad_accum=K] \
         [--config.data.max_text_len=512 ...] [--hbm_gib=16] [--out=FILE]
 
@@ -61,11 +61,11 @@ from configs import common
 from exo2ego_jax import cli, config_lib, stages
 from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax.models.exo2ego import Exo2Ego
+from exo2ego_jax.models.remat import REMAT_POLICIES
 from exo2ego_jax.training.optim import make_optimizer
 from exo2ego_jax.training.step import TrainState, batch_shardings, jit_train_step
 
 GiB = 2**30
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
 
 
