@@ -159,6 +159,10 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     d.prepared_dir = ""
     d.tokenizer = ""
     d.max_text_len = 2048
+    # Each batch's text is padded to its longest row rounded up to one of these lengths
+    # (() = powers of two from 16, and max_text_len); False pads every batch to max_text_len.
+    d.dynamic_length = True
+    d.length_buckets = ()
     d.workers = 8
     d.on_bad_video = "skip"  # skip | raise
     # A run stops (naming the stream and the first bad files) once more than this fraction

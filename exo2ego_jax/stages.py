@@ -40,6 +40,7 @@ import optax
 from flax import traverse_util
 
 from exo2ego_jax import losses
+from exo2ego_jax.models import splice
 from exo2ego_jax.models.exo2ego import Exo2Ego, Fusion, Params
 
 STAGES = (0, 1, 2, 3)
@@ -178,14 +179,39 @@ def _stage_fusion(stage: StageConfig, model: Exo2Ego) -> Fusion:
     return stage.fusion or model.config.fusion
 
 
+def text_positions(input_ids: jax.Array, num_visual: int, sentinel: int) -> jax.Array:
+    """``int[B, L]``: where the text after each row's ``<video>`` sits in the spliced
+    sequence, starting one position early (the logits there predict the first text token).
+
+    Row ``b`` with its sentinel at ``p_b`` is ``text[:p_b] + visual(N) + text[p_b + 1:]``
+    (length ``L + N - 1``); position ``p_b + N - 1 + j`` predicts text token ``p_b + 1 + j``.
+    Indices past the end are clamped (their labels are masked by :func:`_gather_labels`).
+    """
+    p = splice.placeholder_positions(input_ids, sentinel)  # [B]
+    length = input_ids.shape[1]
+    idx = p[:, None] + num_visual - 1 + jnp.arange(length, dtype=jnp.int32)[None, :]
+    return jnp.minimum(idx, length + num_visual - 2)
+
+
+def _gather_labels(labels: jax.Array, idx: jax.Array) -> jax.Array:
+    """``labels[b, idx[b, j]]``, IGNORE where an index was clamped (a repeated position)."""
+    picked = jnp.take_along_axis(labels, idx, axis=1)
+    repeated = jnp.concatenate([jnp.zeros_like(idx[:, :1], bool), idx[:, 1:] == idx[:, :-1]], 1)
+    return jnp.where(repeated, losses.IGNORE_INDEX, picked)
+
+
 def _caption_vtg(
     model: Exo2Ego, params: Params, visual: jax.Array, b: Mapping[str, jax.Array], **kw: Any
 ) -> tuple[jax.Array, jax.Array]:
+    """VTG of a captioned / instructed batch with the LM head applied only where a label can
+    be: on the text after the visual tokens (VideoLLaMA2's templates supervise nothing
+    before ``<video>``). At stage 3 that skips the ~3k visual positions of ``[x; F(x)]``."""
     embeds, mask, labels = model.embed_multimodal(
         params, b["input_ids"], visual, b["attention_mask"], b["labels"]
     )
-    logits = model.lm_logits(params, embeds, mask, **kw)
-    return losses.vtg_loss(logits, labels)
+    idx = text_positions(b["input_ids"], visual.shape[1], model.config.video_token_index)
+    logits = model.lm_logits(params, embeds, mask, logits_index=idx, **kw)
+    return losses.vtg_loss(logits, _gather_labels(labels, idx))
 
 
 def stage_loss(

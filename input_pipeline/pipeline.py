@@ -102,6 +102,8 @@ class PipelineOptions:
       read_threads: threads per process that read and decode examples.
       on_bad_video: ``"skip"`` drops (and counts) an example whose video cannot be
         decoded; ``"raise"`` re-raises the :class:`VideoDecodeError` naming the file.
+      frames_dtype: ``"float32"`` CLIP-normalised frames, or ``"uint8"`` RGB frames (a
+        quarter of the bytes; the model normalises them on the device).
       max_consecutive_bad: this many unreadable examples in a row, without a readable one,
         stop the pipeline with :class:`NoReadableDataError` naming the dataset and the first
         bad files (an endless stream of bad videos would otherwise never yield a batch).
@@ -131,6 +133,7 @@ class PipelineOptions:
     read_threads: int = 2
     on_bad_video: Literal["skip", "raise"] = "skip"
     max_consecutive_bad: int = 256
+    frames_dtype: Literal["float32", "uint8"] = "float32"
     drop_remainder: bool | None = None
     system_prompt: str | None = templates.DEFAULT_SYSTEM_PROMPT
     exo_view: Literal["best", "random"] = "best"
@@ -151,6 +154,7 @@ class PipelineOptions:
         if self.workers < 0 or self.read_threads < 0:
             raise ValueError("PipelineOptions.workers and read_threads must be >= 0")
         _check_choice("on_bad_video", self.on_bad_video, ("skip", "raise"))
+        _check_choice("frames_dtype", self.frames_dtype, ("float32", "uint8"))
         _check_choice("exo_view", self.exo_view, ("best", "random"))
         _check_choice("eval_prompt", self.eval_prompt, ("question", "mcq"))
 
@@ -222,7 +226,8 @@ class _ExampleFn:
     # -- pieces
 
     def _clip(self, rel: Any, start: Any, end: Any) -> np.ndarray:
-        """``float32[T, S, S, 3]`` of a stored relative path and window."""
+        """``float32[T, S, S, 3]`` (CLIP-normalised) or ``uint8`` RGB frames
+        (``frames_dtype``) of a stored relative path and window."""
         frames = load_clip(
             video_path(self.root, _str(rel)),
             _bound(start),
@@ -231,7 +236,7 @@ class _ExampleFn:
             self.opts.image_size,
             pad_to_square=self.opts.pad_to_square,
         )
-        return normalize_frames(frames)
+        return frames if self.opts.frames_dtype == "uint8" else normalize_frames(frames)
 
     def _exo(self, record, rng) -> str:
         views = record["exo_videos"]

@@ -18,6 +18,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from input_pipeline.normalization import CLIP_MEAN, CLIP_STD, normalize_frames
+
 __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
@@ -28,8 +30,6 @@ __all__ = [
     "sample_frame_indices",
 ]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class VideoDecodeError(RuntimeError):
@@ -254,7 +254,3 @@ def _decode_indices(container, st, fps: float, idx: np.ndarray, path) -> dict:
     return got
 
 
-def normalize_frames(frames: np.ndarray) -> np.ndarray:
-    """``uint8[..., 3]`` RGB -> ``float32[..., 3]`` normalised with the CLIP mean and std."""
-    x = np.asarray(frames, np.float32) / 255.0
-    return (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)

@@ -46,9 +46,6 @@ from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.weights.hf import save_clip_vision
 from input_pipeline import atomic
 from input_pipeline.synthetic.clip_corpus import LABELS, render_corpus
-from input_pipeline.video import CLIP_MEAN, CLIP_STD
-
-_MEAN, _STD = np.asarray(CLIP_MEAN, np.float32), np.asarray(CLIP_STD, np.float32)
 
 
 class ReadoutHead(nn.Module):
@@ -189,8 +186,7 @@ def pretrain(
     dense = DenseHead(len(LABELS["color"]), len(LABELS["shape"]))
     grid = cfg.image_size // cfg.patch_size
 
-    def features(params, x):
-        x = (x.astype(jnp.float32) / 255.0 - _MEAN) / _STD  # uint8 frames, CLIP normalised
+    def features(params, x):  # uint8 frames, CLIP-normalised on the device
         return clip_lib.clip_features(cfg, params["tower"], x)  # [B, T, N, W]
 
     def forward(params, x):

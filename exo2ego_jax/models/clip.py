@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from exo2ego_jax.models import remat as remat_lib
 from exo2ego_jax.models.attention import ATTENTION_IMPLS, attend
+from input_pipeline.normalization import CLIP_MEAN, CLIP_STD
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -501,6 +502,13 @@ def truncate_layers(
     return config.replace(num_layers=num_layers), params
 
 
+def normalize_uint8(frames: jax.Array) -> jax.Array:
+    """``uint8[..., 3]`` RGB -> CLIP-normalised ``float32[..., 3]`` (as
+    ``input_pipeline.normalization.normalize_frames`` does on the host)."""
+    x = frames.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(CLIP_MEAN, jnp.float32)) / jnp.asarray(CLIP_STD, jnp.float32)
+
+
 def clip_features(
     module_or_config: CLIPVisionTower | CLIPVisionConfig,
     params: Mapping[str, Any],
@@ -510,7 +518,9 @@ def clip_features(
 ) -> jax.Array:
     """VideoLLaMA2's CLIP features of a batch of clips.
 
-    ``frames float[B, T, H, W, 3]`` (CLIP-normalised) are folded to ``(B·T)`` images;
+    ``frames float[B, T, H, W, 3]`` (CLIP-normalised), or ``uint8`` RGB frames normalised
+    here on the device (:func:`normalize_uint8`: a quarter of the bytes to send), are folded
+    to ``(B·T)`` images;
     returns ``hidden_states[select_layer]`` (no post-layernorm) with the class token
     dropped, ``float[B, T, N, W]`` (or ``float[B, T, 1+N, W]`` with ``drop_cls=False``).
 
@@ -520,6 +530,8 @@ def clip_features(
     """
     config = _as_config(module_or_config)
     b, t = frames.shape[:2]
+    if frames.dtype == jnp.uint8:
+        frames = normalize_uint8(frames)
     cfg, p = truncate_layers(config, params, resolve_layer(config, select_layer))
     out = CLIPVisionTower(cfg).apply(
         {"params": p}, frames.reshape(b * t, *frames.shape[2:]), output_hidden_states=False

@@ -287,8 +287,10 @@ class Exo2Ego:
         *,
         deterministic: bool = True,
         rng: jax.Array | None = None,
+        logits_index: jax.Array | None = None,
     ) -> jax.Array:
-        """Mistral logits ``float[B, L', V]`` from input embeddings ``float[B, L', D]``."""
+        """Mistral logits ``float[B, L', V]`` from input embeddings ``float[B, L', D]``, or
+        ``float[B, P, V]`` at the positions ``logits_index int[B, P]`` only."""
         rngs = None if deterministic or rng is None else {"dropout": rng}
         out = self.llm.apply(
             {"params": params["llm"]},
@@ -296,6 +298,7 @@ class Exo2Ego:
             attention_mask=attention_mask,
             deterministic=deterministic,
             rngs=rngs,
+            logits_index=logits_index,
         )
         return out.logits
 

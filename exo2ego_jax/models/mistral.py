@@ -28,6 +28,7 @@ F MLP width, V vocabulary, L layers.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -485,6 +486,11 @@ class MistralLM(nn.Module):
                 use_bias=False,
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
+                # Logits in float32 straight from the matmul (the loss and sampling read
+                # them in float32; a bfloat16 round trip would lose their small differences).
+                dot_general=functools.partial(
+                    jax.lax.dot_general, preferred_element_type=jnp.float32
+                ),
                 kernel_init=nn.with_logical_partitioning(
                     nn.initializers.normal(cfg.initializer_range), ("embed", "vocab")
                 ),

@@ -63,7 +63,7 @@ from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.models.remat import REMAT_POLICIES
 from exo2ego_jax.training.optim import make_optimizer
-from exo2ego_jax.training.step import TrainState, batch_shardings, jit_train_step
+from exo2ego_jax.training.step import TrainState, batch_shardings, cast_frozen, jit_train_step
 
 GiB = 2**30
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -229,12 +229,14 @@ def prepare_config(
 def abstract_batch(config, model_cfg, stage, global_batch: int) -> dict[str, dict[str, Any]]:
     """``ShapeDtypeStruct`` s of one micro-batch, as ``input_pipeline.pipeline`` yields it.
 
-    ``frames float32[B, T, S, S, 3]`` (``ego_frames`` / ``exo_frames`` for ``pair``) and
-    right-padded ``input_ids`` / ``labels`` / ``attention_mask`` ``int32[B, L]`` with
-    ``L = config.data.max_text_len`` (the pipeline always pads to it).
+    ``frames uint8[B, T, S, S, 3]`` (``ego_frames`` / ``exo_frames`` for ``pair``; the
+    trainer's streams send uint8 and normalise on the device) and right-padded
+    ``input_ids`` / ``labels`` / ``attention_mask`` ``int32[B, L]`` with
+    ``L = config.data.max_text_len``: the longest a batch can be (the trainer pads each batch
+    to its longest row rounded up to a bucket, so this is the worst case).
     """
     size = model_cfg.clip.image_size
-    frames = jax.ShapeDtypeStruct((global_batch, model_cfg.num_frames, size, size, 3), jnp.float32)
+    frames = jax.ShapeDtypeStruct((global_batch, model_cfg.num_frames, size, size, 3), jnp.uint8)
     text = jax.ShapeDtypeStruct((global_batch, config.data.max_text_len), jnp.int32)
     out = {}
     for name in stage.batches:
@@ -295,7 +297,7 @@ def plan(
     patterns = stages.trainable_patterns(stage, model)
     t_shapes, f_shapes = stages.split_params(shapes, patterns)
     t_shard, f_shard = stages.split_params(shardings, patterns)
-    frozen = _with_shardings(f_shapes, f_shard)
+    frozen = cast_frozen(_with_shardings(f_shapes, f_shard), model_cfg.llm.dtype)  # as trains
 
     # Optimizer: the step count only shapes the schedule, not the state.
     optimizer = make_optimizer(o, 1000)
@@ -349,7 +351,7 @@ def plan(
         global_batch=o.batch_size,
         llm_tokens=config.data.max_text_len + model_cfg.visual_tokens_in_prompt - 1,
         params_trainable=_bytes(t_shapes, t_shard),
-        params_frozen=_bytes(f_shapes, f_shard),
+        params_frozen=_bytes(frozen, f_shard),
         opt_state=_bytes(o_shapes, o_shard),
         batch=batch_bytes,
         temp=int(mem.temp_size_in_bytes),

@@ -41,15 +41,17 @@ from exo2ego_jax.config_lib import ConfigError, ResolvedConfig
 from exo2ego_jax.models.exo2ego import Exo2Ego, without_remat
 from exo2ego_jax.training import checkpoints
 from exo2ego_jax.training.optim import make_optimizer, make_schedule
-from exo2ego_jax.training.perf import Profiler, StepPerf, nominal_peak_tflops, xla_flops
+from exo2ego_jax.training.perf import Profiler, nominal_peak_tflops, perf_scalars, xla_flops
 from exo2ego_jax.training.step import (
+    CompiledSteps,
     TrainState,
     abstract_of,
     batch_shardings,
+    cast_frozen,
     jit_train_step,
     shardings_of,
 )
-from exo2ego_jax.training.streams import Stream, make_streams
+from exo2ego_jax.training.streams import Stream, length_buckets, make_streams, trim_to_buckets
 from input_pipeline import atomic
 
 Log = Callable[[str], None]
@@ -69,7 +71,8 @@ class _Run:
 
     resolved: ResolvedConfig
     workdir: Path
-    step_fn: Any  # the compiled train step
+    step_fn: CompiledSteps  # the train step, compiled per batch shape
+    trim: Callable[[dict], dict]  # pads a host batch's text to its bucket
     frozen: Any
     iterators: dict[str, Any]
     mesh: jax.sharding.Mesh
@@ -79,7 +82,7 @@ class _Run:
     rng: jax.Array
     log: Log
     progress: bool
-    perf: StepPerf
+    peak_tflops: float | None
     profiler: Profiler
 
 
@@ -158,6 +161,7 @@ def train(
         del pretrained
         trainable, frozen = stages.split_params(params, stages.trainable_patterns(stage, model))
         del params
+        frozen = cast_frozen(frozen, model.config.llm.dtype)  # read only in the compute dtype
         n_train = stages.count_params(trainable)
         log(f"parameters: {stages.count_params(frozen) + n_train:,} total, {n_train:,} trainable")
         # Moments are created sharded like their parameters (left alone, jit would put them
@@ -192,7 +196,9 @@ def train(
                 "total_steps": total_steps,
             }
 
-        host_batch = {k: next(it) for k, it in iterators.items()}
+        buckets = length_buckets(config) if config.data.get("dynamic_length") else None
+        trim = (lambda b: trim_to_buckets(b, buckets)) if buckets else (lambda b: b)  # noqa: E731
+        host_batch = trim({k: next(it) for k, it in iterators.items()})
         jitted = jit_train_step(
             model,
             stage,
@@ -202,17 +208,17 @@ def train(
             batch_shardings=batch_shardings(host_batch, mesh, rules),
         )
         rng = jax.random.key(config.seed + 1)
-        t0 = time.time()
         batch = sharding_lib.shard_batch(host_batch, mesh, rules)
-        compiled = jitted.lower(state, frozen, batch, rng).compile()
-        log(f"compiled the train step in {time.time() - t0:.1f}s")
-        memory = _log_memory(compiled, log)
-        perf = _step_perf(config, model, stage, optimizer, compiled, (state, frozen, batch, rng))
+        args = (state, frozen, batch, rng)
+        ratio = _model_flops_ratio(model, stage, optimizer, jitted, args)
+        steps = CompiledSteps(jitted, log=log, model_flops_ratio=ratio)
+        memory = _log_memory(steps.compiled(*args), log)
 
         run = _Run(
             resolved=resolved,
             workdir=workdir,
-            step_fn=compiled,
+            step_fn=steps,
+            trim=trim,
             frozen=frozen,
             iterators=iterators,
             mesh=mesh,
@@ -222,7 +228,7 @@ def train(
             rng=rng,
             log=log,
             progress=progress,
-            perf=perf,
+            peak_tflops=config.get("peak_tflops", 0.0) or nominal_peak_tflops(),
             profiler=Profiler(workdir, config.get("profile_steps")),
         )
         summary = _loop(run, state, host_batch, start_step)
@@ -230,25 +236,23 @@ def train(
     return summary
 
 
-def _step_perf(config, model, stage, optimizer, compiled, args) -> StepPerf:
-    """Model FLOPs per step (XLA's count of the step without rematerialisation) and the
-    chip's peak (``config.peak_tflops``, else :data:`perf.PEAK_TFLOPS`)."""
-    flops = None
+def _model_flops_ratio(model, stage, optimizer, jitted, args) -> float:
+    """Model FLOPs / XLA's FLOPs of the step: 1 without rematerialisation; else the
+    recomputation's share, from the same step lowered (not compiled) without remat."""
     if model.config.llm.remat_policy == "none" and model.config.clip.remat == "none":
-        flops = xla_flops(compiled)
-    else:  # lower (not compile) the same step without remat: recomputation is not model work
-        plain = Exo2Ego(without_remat(model.config))
-        state, frozen, batch, rng = args
-        jitted = jit_train_step(
-            plain,
-            stage,
-            optimizer,
-            state_shardings=shardings_of(state),
-            frozen_shardings=shardings_of(frozen),
-            batch_shardings=shardings_of(batch),
-        )
-        flops = xla_flops(jitted.lower(state, frozen, batch, rng))
-    return StepPerf(flops, config.get("peak_tflops", 0.0) or nominal_peak_tflops())
+        return 1.0
+    state, frozen, batch, rng = args
+    plain = jit_train_step(
+        Exo2Ego(without_remat(model.config)),
+        stage,
+        optimizer,
+        state_shardings=shardings_of(state),
+        frozen_shardings=shardings_of(frozen),
+        batch_shardings=shardings_of(batch),
+    )
+    model_flops = xla_flops(plain.lower(*args))
+    all_flops = xla_flops(jitted.lower(*args))
+    return model_flops / all_flops if model_flops and all_flops else 1.0
 
 
 def _tokens_in(batch: Mapping[str, Any]) -> int:
@@ -314,12 +318,14 @@ class _Window:
     steps: list[int] = dataclasses.field(default_factory=list)
     metrics: list[dict] = dataclasses.field(default_factory=list)
     tokens: int = 0
+    flops: float | None = 0.0  # model FLOPs per device of the window (None: unknown)
     start: float = dataclasses.field(default_factory=time.time)
 
-    def add(self, step: int, metrics: dict, tokens: int) -> None:
+    def add(self, step: int, metrics: dict, tokens: int, flops: float | None) -> None:
         self.steps.append(step)
         self.metrics.append(metrics)
         self.tokens += tokens
+        self.flops = None if flops is None or self.flops is None else self.flops + flops
 
     def read(self) -> tuple[list[float], dict[str, float]]:
         """One host transfer: every step's loss and the last step's scalar metrics."""
@@ -411,11 +417,11 @@ def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> di
     with _Preemption() as preemption:
         try:
             while step < run.total_steps:
-                state, metrics = run.step_fn(
+                state, metrics, flops = run.step_fn(
                     state, run.frozen, batch, jax.random.fold_in(run.rng, step)
                 )
                 step += 1
-                window.add(step, metrics, tokens)
+                window.add(step, metrics, tokens, flops)
                 bar.update(1)
                 last = step == run.total_steps
                 preempted = preemption.reached(step)
@@ -432,7 +438,7 @@ def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> di
                         lr=float(run.schedule(step - 1)),
                         steps_per_s=len(window.steps) / dt,
                         tokens_per_s=window.tokens / dt,
-                        **run.perf.scalars(len(window.steps) / dt),
+                        **perf_scalars(window.flops, dt, run.peak_tflops),
                         **{f"skipped_{k}": float(v) for k, v in skipped.items()},
                     )
                     if writer is not None:
@@ -460,7 +466,7 @@ def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> di
                     break
                 if not last:
                     run.profiler.step(step)
-                    host_batch = {k: next(it) for k, it in run.iterators.items()}
+                    host_batch = run.trim({k: next(it) for k, it in run.iterators.items()})
                     batch = sharding_lib.shard_batch(host_batch, run.mesh, rules)
                     tokens = _tokens_in(host_batch) * jax.process_count()
         finally:

@@ -52,22 +52,16 @@ def xla_flops(compiled_or_lowered: Any) -> float | None:
     return flops or None
 
 
-class StepPerf:
-    """Model FLOPs of one step and the chip's peak; :meth:`scalars` turns steps/s into
-    ``model_tflops_per_device`` and ``mfu``."""
-
-    def __init__(self, flops_per_step: float | None, peak_tflops: float | None):
-        self.flops_per_step = flops_per_step
-        self.peak_tflops = peak_tflops
-
-    def scalars(self, steps_per_s: float) -> dict[str, float]:
-        if not self.flops_per_step:
-            return {}
-        tflops = self.flops_per_step * steps_per_s / 1e12
-        out = {"model_tflops_per_device": tflops}
-        if self.peak_tflops:
-            out["mfu"] = tflops / self.peak_tflops
-        return out
+def perf_scalars(flops: float | None, seconds: float, peak_tflops: float | None) -> dict:
+    """``model_tflops_per_device`` (and ``mfu`` against ``peak_tflops``) of ``flops`` model
+    FLOPs per device done in ``seconds``; empty when the FLOPs are unknown."""
+    if not flops:
+        return {}
+    tflops = flops / max(seconds, 1e-9) / 1e12
+    out = {"model_tflops_per_device": tflops}
+    if peak_tflops:
+        out["mfu"] = tflops / peak_tflops
+    return out
 
 
 class Profiler:

@@ -8,16 +8,19 @@ plan measures exactly the program that trains.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import flax.struct
 import jax
+import jax.numpy as jnp
 import optax
 
 from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax import stages
 from exo2ego_jax.models.exo2ego import Exo2Ego, Params
+from exo2ego_jax.training.perf import xla_flops
 
 
 @flax.struct.dataclass
@@ -79,3 +82,74 @@ def jit_train_step(
         out_shardings=(state_shardings, None),
         donate_argnums=(0,),
     )
+
+
+class CompiledSteps:
+    """The train step compiled once per batch shape (text lengths are padded per batch to a
+    bucket, so a handful of shapes occur), with each shape's model FLOPs.
+
+    ``model_flops_ratio`` converts XLA's FLOP count of a compiled step into model FLOPs
+    (below 1 with rematerialisation: recomputed activations are not model work).
+    """
+
+    def __init__(self, jitted, *, log=None, model_flops_ratio: float = 1.0):
+        self._jitted, self._log, self._ratio = jitted, log, model_flops_ratio
+        self._compiled: dict[Any, Any] = {}
+        self.flops: dict[Any, float | None] = {}
+        self.seconds: dict[Any, float] = {}
+
+    @staticmethod
+    def key(batch: Any) -> Any:
+        return tuple((jax.tree_util.keystr(p), tuple(x.shape)) for p, x in _leaves(batch))
+
+    def compiled(self, state: TrainState, frozen: Params, batch: Any, rng: jax.Array):
+        """The executable for ``batch``'s shapes (compiled on first use)."""
+        key = self.key(batch)
+        if key not in self._compiled:
+            t0 = time.time()
+            executable = self._jitted.lower(state, frozen, batch, rng).compile()
+            self.seconds[key] = time.time() - t0
+            flops = xla_flops(executable)
+            self.flops[key] = flops * self._ratio if flops else None
+            self._compiled[key] = executable
+            if self._log is not None:
+                shapes = sorted({s for _, s in key if len(s) == 2})  # the text arrays
+                self._log(
+                    f"compiled the train step for text shapes {shapes} in "
+                    f"{self.seconds[key]:.1f}s ({len(self._compiled)} shape(s) so far)"
+                )
+        return self._compiled[key]
+
+    def __call__(self, state: TrainState, frozen: Params, batch: Any, rng: jax.Array):
+        """``(state, metrics, model FLOPs of this step or None)``."""
+        executable = self.compiled(state, frozen, batch, rng)
+        state, metrics = executable(state, frozen, batch, rng)
+        return state, metrics, self.flops[self.key(batch)]
+
+
+def _leaves(tree: Any):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def cast_frozen(frozen: Params, dtype: Any) -> Params:
+    """The frozen parameters' floating leaves in ``dtype`` (the compute dtype), keeping
+    their shardings; the float32 originals are donated. A frozen 7B LLM in bfloat16 holds
+    14.5 GB instead of 29: it is only ever read in the compute dtype. Arrays or
+    ``ShapeDtypeStruct`` s (for planning) alike."""
+    dtype = jnp.dtype(dtype)
+
+    def target(x):
+        return dtype if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+
+    if all(target(x) == x.dtype for x in jax.tree.leaves(frozen)):
+        return frozen
+    if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(frozen)):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, target(x), sharding=x.sharding), frozen
+        )
+    cast = jax.jit(
+        lambda t: jax.tree.map(lambda x: x.astype(target(x)), t),
+        out_shardings=shardings_of(frozen),
+        donate_argnums=0,
+    )
+    return cast(frozen)

@@ -24,6 +24,7 @@ from pathlib import Path
 import jax
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
 
 from exo2ego_jax.config_lib import ConfigError
 from exo2ego_jax.runtime import load_tokenizer_checked
@@ -58,6 +59,46 @@ def dataset_for(stream: str, stage: StageConfig, config: ml_collections.ConfigDi
         "pair": "ego_exo_clip",
         "instruct": "ego_it",
     }[stream]
+
+
+TEXT_KEYS = ("input_ids", "labels", "attention_mask")
+
+
+def length_buckets(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+    """The text lengths a batch is padded to: ``config.data.length_buckets`` (each < the
+    maximum), or powers of two from 16, and always ``config.data.max_text_len``."""
+    top = config.data.max_text_len
+    given = tuple(config.data.get("length_buckets", ()) or ())
+    if given:
+        return tuple(sorted({int(b) for b in given if 0 < b < top} | {top}))
+    out, b = [], 16
+    while b < top:
+        out.append(b)
+        b *= 2
+    return (*out, top)
+
+
+def trim_to_buckets(host_batch: dict, buckets: tuple[int, ...]) -> dict:
+    """Each stream's text arrays cut to its longest row rounded up to a bucket.
+
+    Rows are right-padded, so only padding is removed (VideoLLaMA2 pads a batch to its
+    longest row too). All processes agree on the length (one tiny all-gather per step on a
+    multi-host run), so the global batch keeps one shape.
+    """
+    names = [k for k, b in host_batch.items() if "attention_mask" in b]
+    longest = np.asarray(
+        [int(np.asarray(host_batch[k]["attention_mask"]).sum(1).max()) for k in names], np.int32
+    )
+    if jax.process_count() > 1 and names:
+        longest = np.asarray(multihost_utils.process_allgather(longest)).max(0)
+    out = dict(host_batch)
+    for name, n in zip(names, longest, strict=True):
+        length = next(b for b in buckets if b >= n) if n <= buckets[-1] else int(n)
+        out[name] = {
+            k: (np.asarray(v)[:, :length] if k in TEXT_KEYS else v)
+            for k, v in host_batch[name].items()
+        }
+    return out
 
 
 def check_text_room(config: ml_collections.ConfigDict, tokenizer) -> None:
@@ -103,6 +144,7 @@ def make_streams(config: ml_collections.ConfigDict, stage: StageConfig) -> dict[
         num_epochs=None,  # endless: the trainer counts steps
         workers=config.data.workers,
         on_bad_video=config.data.on_bad_video,
+        frames_dtype="uint8",  # 4x fewer bytes to the device, normalised there (clip_features)
     )
     streams = {}
     for name in stage.batches:
