@@ -223,17 +223,6 @@ def test_hf_mistral_tokenizer_and_config(setup):
 def test_peft_adapter_on_base_matches(setup, tmp_path):
     config, trained, out = setup
     llm = trained.model.config.llm
-    adapter_cfg = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
-    assert adapter_cfg["r"] == llm.lora.rank == 8 and adapter_cfg["lora_alpha"] == 16
-    assert adapter_cfg["base_model_name_or_path"] == config.init.llm
-    assert adapter_cfg["target_modules"] == list(llm.lora.targets)
-    tensors = safetensors.torch.load_file(out / "peft_adapter" / "adapter_model.safetensors")
-    a = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
-    b = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
-    assert tuple(tensors[a].shape) == (8, llm.intermediate_size)  # [r, in]
-    assert tuple(tensors[b].shape) == (llm.hidden_size, 8)  # [out, r]
-    assert len(tensors) == 2 * 7 * llm.num_layers
-
     # Base: our pre-LoRA weights, saved by save_mistral.
     flat = traverse_util.flatten_dict(_host_llm(trained))
     base_params = _without_lora(_host_llm(trained))
@@ -252,7 +241,18 @@ def test_peft_adapter_on_base_matches(setup, tmp_path):
     print(f"PEFT adapter on base vs ours, spliced video prompt: max|logit diff| = {diff2:.2e}")
     assert diff2 < TOL
 
-    # And back into JAX: the same adapters.
+    # The layout, and back into JAX: the same adapters.
+    adapter_cfg = json.loads((out / "peft_adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == llm.lora.rank == 8 and adapter_cfg["lora_alpha"] == 16
+    assert adapter_cfg["base_model_name_or_path"] == config.init.llm
+    assert adapter_cfg["target_modules"] == list(llm.lora.targets)
+    tensors = safetensors.torch.load_file(out / "peft_adapter" / "adapter_model.safetensors")
+    a = "base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"
+    b = "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight"
+    assert tuple(tensors[a].shape) == (8, llm.intermediate_size)  # [r, in]
+    assert tuple(tensors[b].shape) == (llm.hidden_size, 8)  # [out, r]
+    assert len(tensors) == 2 * 7 * llm.num_layers
+
     lora, adapters = peft_adapter.load_peft_adapter(out / "peft_adapter", llm)
     assert (lora.rank, lora.alpha, lora.targets) == (8, 16, llm.lora.targets)
     got = traverse_util.flatten_dict(adapters)
@@ -325,9 +325,15 @@ def test_mapping_reloads_f_and_g(setup):
         diff = float(jnp.abs(got - want).max())
         print(f"mapping_{name}.safetensors vs the model's {name}: max|diff| = {diff:.2e}")
         assert float(jnp.abs(want).max()) > 0.1 and diff == 0.0
-    keys = safetensors.torch.load_file(out / "mapping_F.safetensors")
-    assert tuple(keys["resnet.stem.conv.kernel"].shape) == (7, 7, cfg.llm.hidden_size, 8)
-    assert tuple(keys["resnet.up_1.norm.scale"].shape) == (8,)  # demo: norm="layer"
+    # The documented key layout, read without our loader: path joined by ".", Flax layout.
+    for name in ("F", "G"):
+        tensors = safetensors.torch.load_file(out / f"mapping_{name}.safetensors")
+        flat = traverse_util.flatten_dict(jax.tree.map(np.asarray, trained.params[name]))
+        assert tensors.keys() == {".".join(p) for p in flat}
+        for p, v in flat.items():
+            np.testing.assert_array_equal(tensors[".".join(p)].numpy(), v)
+    assert tuple(tensors["resnet.stem.conv.kernel"].shape) == (7, 7, cfg.llm.hidden_size, 8)
+    assert tuple(tensors["resnet.up_1.norm.scale"].shape) == (8,)  # demo: norm="layer"
 
 
 # ----------------------------------------------------------------------------- record, errors
