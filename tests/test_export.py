@@ -45,6 +45,7 @@ from exo2ego_jax.models.mistral import MistralLM
 from exo2ego_jax.tools import export as export_lib
 from exo2ego_jax.training import checkpoints
 from exo2ego_jax.weights import mapping_net, peft_adapter
+from exo2ego_jax.weights.hf_clip import load_clip_vision
 from exo2ego_jax.weights.hf_mistral import save_mistral
 from exo2ego_jax.weights.mm_projector import load_mm_projector
 from input_pipeline.templates import VIDEO_TOKEN_INDEX
@@ -410,7 +411,7 @@ def _tuple(items) -> str:
 
 @pytest.mark.slow
 def test_command_line(setup, tmp_path):
-    config, _, out = setup
+    config, trained, out = setup
     flags = [
         "--config=configs/eval.py:demo",
         f"--config.data.tokenizer={config.data.tokenizer}",
@@ -418,11 +419,23 @@ def test_command_line(setup, tmp_path):
         "--config.init.clip=",
         f"--config.init.stages={_tuple(config.init.stages)}",
     ]
-    run = _cli(*flags, f"--out={tmp_path / 'cli'}", "--what=projector,mapping")
+    run = _cli(*flags, f"--out={tmp_path / 'cli'}", "--what=projector,mapping,clip")
     assert run.returncode == 0, run.stderr
     for name in ("mm_projector.safetensors", "mapping_F.safetensors", "mapping_G.json"):
         assert (tmp_path / "cli" / name).read_bytes() == (out / name).read_bytes(), name
     assert not (tmp_path / "cli" / "hf_mistral").exists()
+    # The ego CLIP tower (opt-in): a HF CLIPVisionModel holding the model's tower.
+    transformers.CLIPVisionModel.from_pretrained(tmp_path / "cli" / "clip_vision")
+    _, clip = load_clip_vision(tmp_path / "cli" / "clip_vision")
+    want = traverse_util.flatten_dict(
+        jax.tree.map(np.asarray, trained.params["ego_encoder"]["clip"])
+    )
+    got = traverse_util.flatten_dict(clip)
+    assert got.keys() == want.keys()
+    for k, v in got.items():
+        np.testing.assert_array_equal(np.asarray(v), want[k], err_msg=str(k))
+    record = json.loads((tmp_path / "cli" / "export.json").read_text())
+    assert record["parts"]["clip"]["base_weights"] == "random initialisation"
 
     bad = _cli(
         *flags, "--config.model.lora.enabled=False", f"--out={tmp_path / 'x'}", "--what=peft"

@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -203,11 +202,6 @@ def plan_parts(
 # ----------------------------------------------------------------------------- writers
 
 
-def _host(tree: Any) -> Any:
-    """Numpy copies of a (sharded, fully addressable) params subtree."""
-    return jax.tree.map(np.asarray, tree)
-
-
 def _copy_tokenizer(src: str, dst: Path) -> list[str]:
     """Copies the tokenizer files of ``src`` into ``dst`` verbatim; returns their names."""
     copied = []
@@ -220,7 +214,7 @@ def _copy_tokenizer(src: str, dst: Path) -> list[str]:
 
 def _write_hf(trained: runtime.Trained, tokenizer_dir: str, dst: Path, dtype: str | None) -> dict:
     llm = trained.model.config.llm
-    hf_mistral.save_mistral(llm, _host(trained.params["llm"]), dst, dtype=dtype)
+    hf_mistral.save_mistral(llm, trained.params["llm"], dst, dtype=dtype)
     files = _copy_tokenizer(tokenizer_dir, dst)
     # config.json's special ids from the tokenizer the model was trained with.
     cfg_file = dst / "config.json"
@@ -234,7 +228,7 @@ def _write_hf(trained: runtime.Trained, tokenizer_dir: str, dst: Path, dtype: st
 def _write_peft(trained: runtime.Trained, dst: Path, base: str | None, dtype: str | None) -> dict:
     llm = trained.model.config.llm
     peft_adapter.save_peft_adapter(
-        llm, _host(trained.params["llm"]), dst, base_model_name_or_path=base, dtype=dtype
+        llm, trained.params["llm"], dst, base_model_name_or_path=base, dtype=dtype
     )
     cfg = peft_adapter.adapter_config(llm.lora, base)
     keep = ("r", "lora_alpha", "lora_dropout", "target_modules", "base_model_name_or_path")
@@ -243,7 +237,7 @@ def _write_peft(trained: runtime.Trained, dst: Path, base: str | None, dtype: st
 
 def _write_projector(trained: runtime.Trained, out: Path, with_bin: bool) -> dict:
     cfg = trained.model.config.connector
-    params = _host(trained.params["ego_encoder"]["connector"])
+    params = trained.params["ego_encoder"]["connector"]
     files = [mm_projector.save_mm_projector(cfg, params, out / PROJECTOR_FILE, PROJECTOR_PREFIX)]
     if with_bin:
         bin_file = out / Path(PROJECTOR_FILE).with_suffix(".bin").name
@@ -264,7 +258,7 @@ def _write_mapping(trained: runtime.Trained, out: Path, nets: dict[str, dict]) -
             cfg.mapping,
             cfg.llm.hidden_size,
             cfg.visual_grid,
-            _host(trained.params[name]),
+            trained.params[name],
             out / f"mapping_{name}.safetensors",
             info={"name": name, "direction": direction[name]},
         )
@@ -274,7 +268,7 @@ def _write_mapping(trained: runtime.Trained, out: Path, nets: dict[str, dict]) -
 
 def _write_clip(trained: runtime.Trained, dst: Path) -> dict:
     clip = trained.model.config.clip
-    hf_clip.save_clip_vision(clip, _host(trained.params["ego_encoder"]["clip"]), dst)
+    hf_clip.save_clip_vision(clip, trained.params["ego_encoder"]["clip"], dst)
     return {"path": f"{CLIP_DIR}/"}
 
 
