@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -45,9 +46,11 @@ from exo2ego_jax.models.mistral import MistralLM
 from exo2ego_jax.tools import export as export_lib
 from exo2ego_jax.training import checkpoints
 from exo2ego_jax.weights import mapping_net, peft_adapter
+from exo2ego_jax.weights.errors import CheckpointError
 from exo2ego_jax.weights.hf_clip import load_clip_vision
 from exo2ego_jax.weights.hf_mistral import save_mistral
 from exo2ego_jax.weights.mm_projector import load_mm_projector
+from exo2ego_jax.weights.tensors import TensorSource
 from input_pipeline.templates import VIDEO_TOKEN_INDEX
 from input_pipeline.tokenizer import load_tokenizer, train_demo_tokenizer
 
@@ -446,3 +449,27 @@ def test_command_line(setup, tmp_path):
         bad.stderr
     )
     assert not (tmp_path / "x").exists()
+
+
+def test_bfloat16_and_refused_files(setup, tmp_path):
+    """``--dtype=bfloat16`` stores bfloat16 (the merge in float32 first); adapters and mapping
+    files this model cannot run exactly are refused naming the field."""
+    _, trained, out = setup
+    llm = trained.model.config.llm
+    save_mistral(llm, trained.params["llm"], tmp_path / "bf16", dtype="bfloat16")
+    hf_cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    source = TensorSource(tmp_path / "bf16")
+    assert hf_cfg["torch_dtype"] == "bfloat16"
+    assert {str(source.dtype(n)) for n in source.names()} == {"bfloat16"}
+    f32 = TensorSource(out / "hf_mistral")
+    name = "model.layers.0.self_attn.q_proj.weight"  # a merged kernel: bf16 of the f32 merge
+    np.testing.assert_array_equal(source.read(name), f32.read(name).astype(source.dtype(name)))
+
+    shutil.copytree(out / "peft_adapter", tmp_path / "rs")
+    cfg = json.loads((tmp_path / "rs" / "adapter_config.json").read_text())
+    (tmp_path / "rs" / "adapter_config.json").write_text(json.dumps({**cfg, "use_rslora": True}))
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: field 'use_rslora' = True"):
+        peft_adapter.load_peft_adapter(tmp_path / "rs", llm)
+    shutil.copy(out / "mapping_F.safetensors", tmp_path / "lonely.safetensors")
+    with pytest.raises(CheckpointError, match=r"lonely.json: missing"):
+        mapping_net.load_mapping(tmp_path / "lonely.safetensors")
