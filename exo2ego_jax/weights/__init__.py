@@ -1,5 +1,5 @@
 """External weights in and out: Hugging Face CLIP / Mistral, the VideoLLaMA2 projector, and
-the converted checkpoint written by ``tools.convert``.
+the converted checkpoint written by ``tools.convert``, the parts ``tools.export`` writes.
 
 =====================  =================================================================
 ``errors``             :class:`CheckpointError`, the one error every reader raises
@@ -12,6 +12,8 @@ the converted checkpoint written by ``tools.convert``.
 ``hf_clip``            HF CLIP vision tower <-> ``CLIPVisionTower``
 ``hf_mistral``         HF ``MistralForCausalLM`` <-> ``MistralLM``
 ``mm_projector``       VideoLLaMA2 ``mm_projector`` <-> ``STCConnector``
+``peft_adapter``       ``MistralLM``'s LoRA adapters <-> a Hugging Face PEFT adapter
+``mapping_net``        the mapping networks F / G <-> safetensors + the JSON of their config
 ``converted``          restoring a ``tools.convert`` checkpoint into sharded arrays
 ``hf``                 the public HF entry points (load / save CLIP and Mistral)
 =====================  =================================================================

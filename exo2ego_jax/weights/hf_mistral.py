@@ -239,24 +239,35 @@ def save_mistral(
     out_dir: str | os.PathLike,
     *,
     max_shard_bytes: int = 5 * 2**30,
+    dtype: Any = None,
 ) -> os.PathLike:
     """Writes an HF ``MistralForCausalLM`` directory (``config.json`` + safetensors).
 
     LoRA adapters (if the config has LoRA) are merged into their kernels tensor by tensor as
-    they are written. Tensors keep the params' dtype; ``config.json`` records it as
-    ``torch_dtype``.
+    they are written (in float32, then cast). Tensors keep the params' dtype unless
+    ``dtype`` (``float32`` / ``bfloat16`` / ``float16``) is given; ``config.json`` records
+    it as ``torch_dtype``.
     """
     config = module_or_config
     if isinstance(module_or_config, MistralLM):
         config = module_or_config.config
     params = plain_params(params)
     first = get_param(params, ("embed_tokens", "embedding"), "model.embed_tokens.weight")
+    out_dtype = np.dtype(first.dtype if dtype is None else dtype)
     torch_dtype = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}.get(
-        np.dtype(first.dtype).name, "float32"
+        out_dtype.name, None if dtype is not None else "float32"
     )
+    if torch_dtype is None:
+        raise CheckpointError(
+            f"save_mistral: dtype {out_dtype.name} is not a checkpoint dtype; use float32, "
+            "bfloat16 or float16"
+        )
+    tensors = iter_hf_tensors(config, params)
+    if dtype is not None:
+        tensors = ((name, a.astype(out_dtype, copy=False)) for name, a in tensors)
     return write_safetensors(
         out_dir,
-        iter_hf_tensors(config, params),
+        tensors,
         max_shard_bytes=max_shard_bytes,
         config=to_hf_config(dataclasses.replace(config, lora=None), torch_dtype=torch_dtype),
     )

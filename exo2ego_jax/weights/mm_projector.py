@@ -22,14 +22,15 @@ converter). Files are read through :class:`~exo2ego_jax.weights.tensors.TensorSo
 
 from __future__ import annotations
 
+import io
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from exo2ego_jax.models.connector import STCConnector, STCConnectorConfig
 from exo2ego_jax.weights.errors import CheckpointError
@@ -40,8 +41,9 @@ from exo2ego_jax.weights.param_map import (
     iter_hf_tensors,
     read_params,
 )
-from exo2ego_jax.weights.safetensors_format import SINGLE_FILE, write_safetensors
+from exo2ego_jax.weights.safetensors_format import write_safetensors_file
 from exo2ego_jax.weights.tensors import TensorSource
+from input_pipeline import atomic
 
 Params = dict[str, Any]
 
@@ -296,19 +298,35 @@ def load_mm_projector(
 def save_mm_projector(
     config: STCConnectorConfig, params: Params, path: str | os.PathLike, prefix: str = ""
 ) -> Path:
-    """Writes connector params as safetensors with VideoLLaMA2's key names (atomically).
+    """Writes connector params with VideoLLaMA2's key names (atomically).
 
-    ``path`` ending in ``.safetensors`` is the file written; any other path is a directory
-    that receives ``mm_projector.safetensors``. ``prefix`` (e.g. ``"model.mm_projector."``)
-    is prepended to every key; ``params`` may be ``{"params": ...}`` and boxed. Returns the
-    written file.
+    ``path`` ending in ``.safetensors`` is the file written; ``.bin`` writes a PyTorch state
+    dict (``torch.save``, as VideoLLaMA2's own ``mm_projector.bin``; needs torch); any other
+    path is a directory that receives ``mm_projector.safetensors``. ``prefix`` (e.g.
+    ``"model.mm_projector."``, which VideoLLaMA2's ``pretrain_mm_mlp_adapter`` loader needs:
+    it keeps only keys containing ``mm_projector.``) is prepended to every key; ``params``
+    may be ``{"params": ...}`` and boxed. Returns the written file.
     """
     path = Path(path)
-    file = path if path.suffix == ".safetensors" else path / "mm_projector.safetensors"
+    file = path if path.suffix in (".safetensors", ".bin") else path / "mm_projector.safetensors"
     # Validate every tensor before touching disk.
     tensors = list(iter_hf_tensors(param_mappings(config, prefix), params))
+    if file.suffix == ".bin":
+        return _save_torch_state_dict(file, tensors)
+    return write_safetensors_file(file, tensors)
+
+
+def _save_torch_state_dict(file: Path, tensors: list[tuple[str, Any]]) -> Path:
+    """``torch.save`` of ``{name: tensor}`` into ``file``, atomically."""
+    try:
+        import torch  # optional dependency: only the PyTorch .bin format needs it
+    except ImportError as e:
+        raise CheckpointError(
+            f"{file}: writing a PyTorch .bin state dict needs torch; `pip install torch` (CPU "
+            "build is enough) or write mm_projector.safetensors instead"
+        ) from e
+    state = {name: torch.from_numpy(np.array(a, copy=True)) for name, a in tensors}
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     file.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{file.name}.tmp-", dir=file.parent) as tmp:
-        out = write_safetensors(Path(tmp) / "out", tensors, max_shard_bytes=2**62)
-        os.replace(out / SINGLE_FILE, file)
-    return file
+    return atomic.write_bytes(file, buffer.getvalue())

@@ -248,6 +248,34 @@ def _write_one(file: Path, tensors: list[tuple[str, np.ndarray]], metadata: dict
             )
 
 
+def write_safetensors_file(
+    file: str | os.PathLike,
+    tensors: Iterable[tuple[str, np.ndarray]],
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Writes ``(name, array)`` pairs as one ``.safetensors`` file, atomically.
+
+    Every tensor is held until the header is written (use :func:`write_safetensors` to
+    stream a large model into shards). The file is written beside ``file`` under a
+    temporary name and renamed over it, so ``file`` is never half-written. ``metadata`` is
+    the header's ``__metadata__`` (strings only; default ``{"format": "pt"}``).
+    """
+    file = Path(file)
+    items = [(name, np.asarray(arr)) for name, arr in tensors]
+    names = [n for n, _ in items]
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{file}: a tensor name is given twice")
+    file.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.tmp-", dir=file.parent)
+    os.close(fd)
+    try:
+        _write_one(Path(tmp), items, metadata)
+        os.replace(tmp, file)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return file
+
+
 def write_safetensors(
     out_dir: str | os.PathLike,
     tensors: Iterable[tuple[str, np.ndarray]],
