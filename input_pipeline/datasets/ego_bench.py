@@ -161,9 +161,7 @@ class EgoBench(WorldBuilder):
             # The EgoBench reader refuses a malformed file outright: a benchmark is scored
             # on all of its items or not at all. The report still counts them, and refuses
             # an empty task file.
-            self.new_report(split, f"egobench/{split}/ (the {split} task files)").add_read(
-                len(records)
-            )
+            self.new_report(split, f"egobench/{split}/").add_read(len(records))
             splits[split] = [(r["item_id"], r) for r in records]
         return splits
 
