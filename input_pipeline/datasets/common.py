@@ -329,7 +329,7 @@ class WorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if missing and self.CHECKS_VIDEOS and self.options.missing_videos == "skip":
                 report.skip(
                     "video file missing",
-                    f"{report.file}: record {key!r}: {missing[0]} is not under the data root",
+                    f"{report.file}: record {key!r}: {missing[0]} not found under the data root",
                 )
                 continue
             report.keep()

@@ -106,7 +106,9 @@ class EgoClip(WorldBuilder):
                 report.skip("malformed row", str(e))
                 continue
             if not record["text"]:
-                report.skip("empty clip_text", f"{CSV_FILE}: {w} field 'clip_text' is empty")
+                report.skip(
+                    "empty clip_text", f"{CSV_FILE}: {w} field 'clip_text' has no words but tags"
+                )
                 continue
             if not record["end"] >= record["start"]:
                 report.skip(

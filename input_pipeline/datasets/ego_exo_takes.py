@@ -110,8 +110,8 @@ class Takes:
             else:
                 report.note(
                     "camera not used as an exo view (not a static exo camera id)",
-                    f"{TAKES_FILE}: {w}: camera {cam_id!r} does not match exo_cameras "
-                    f"{self.options.exo_cameras!r}",
+                    f"{TAKES_FILE}: {w}: camera {cam_id!r} (is_ego false) does not match "
+                    f"exo_cameras '{self.options.exo_cameras}'",
                 )
 
         ego = None
@@ -127,7 +127,7 @@ class Takes:
             )
         if not self._present(ego):
             return TakeProblem(
-                "ego video file missing", f"{TAKES_FILE}: {w}: {ego} is not under the data root"
+                "ego video file missing", f"{TAKES_FILE}: {w}: {ego} not found under the data root"
             )
 
         exo, kept_cams = [], []
@@ -143,7 +143,7 @@ class Takes:
             elif not self._present(path):
                 report.note(
                     "exo view dropped: video file missing",
-                    f"{TAKES_FILE}: {w}: {path} is not under the data root",
+                    f"{TAKES_FILE}: {w}: {path} not found under the data root",
                 )
             else:
                 exo.append(path)
