@@ -369,7 +369,7 @@ HEADER = (ROOT / "egoclip/egoclip.csv").read_bytes().decode("utf-8", "replace").
 def test_empty_files_are_clear_errors(tmp_path, capsys, name, files, message):
     root = _root_with(tmp_path, files)
     out = tmp_path / "out"
-    rc = main(["--world", str(root), "--out", str(out), "--datasets", name, "--no-tokenizer"])
+    rc = main(["--world", str(root), "--out", str(out), "--datasets", name, "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2
     assert err.startswith(f"error: {message}")
