@@ -158,6 +158,36 @@ def test_ego_exo4d_missing_videos_kept_on_request(tmp_path):
     assert "ego video file missing" not in _report(path)["skipped"]
 
 
+def test_collage_streams_are_never_views(tmp_path):
+    """A stream flagged ``is_collage`` (the preview mosaics) is not a view, whatever camera
+    lists it; nor is a stream whose ``relative_path`` is null."""
+    fav = {
+        cam: {stream: {"relative_path": f"frame_aligned_videos/{cam}.mp4", "is_collage": False}}
+        for cam, stream in [("aria01", "rgb"), ("cam01", "0"), ("cam02", "0"), ("cam03", "0")]
+    }
+    fav["cam01"]["0"]["is_collage"] = True
+    fav["cam03"]["0"]["relative_path"] = None
+    take = {
+        "take_uid": "t0",
+        "take_name": "t",
+        "root_dir": "takes/t",
+        "frame_aligned_videos": fav,
+        "capture": {"cameras": [{"cam_id": c, "is_ego": c == "aria01"} for c in fav]},
+    }
+    ann = {"annotations": {"t0": [{"descriptions": [{"text": "C waves.", "timestamp": 1.0}]}]}}
+    root = _root_with(
+        tmp_path,
+        {
+            "takes.json": json.dumps([take]),
+            "annotations/atomic_descriptions_train.json": json.dumps(ann),
+            **{f"takes/t/frame_aligned_videos/{c}.mp4": "" for c in fav},
+        },
+    )
+    build("ego_exo_clip", root, tmp_path / "out")
+    (rec,) = _records(tmp_path / "out", "ego_exo_clip").values()
+    assert [_s(c) for c in rec["exo_cams"]] == ["cam02"]
+
+
 def test_default_ceiling_aborts_naming_offenders(tmp_path):
     with pytest.raises(AnnotationError) as e:
         build("ego_exo_clip", ROOT, tmp_path)
