@@ -44,6 +44,8 @@ __all__ = ["EgoClip", "clean_narration"]
 CSV_FILE = "egoclip/egoclip.csv"
 COLUMNS = ("video_uid", "clip_start", "clip_end", "clip_text")
 _TAG = re.compile(r"#(?:C|O|unsure|summary)\b\s*", re.IGNORECASE)
+_INT = r"\s*(?:0|[1-9][0-9]*)\s*"
+_INTS = re.compile(rf"\[(?:{_INT}(?:,{_INT})*)?\s*\]")  # "[93]", "[192, 115, 12]", "[]"
 
 
 def clean_narration(text: str) -> str:
@@ -59,6 +61,8 @@ def _int_list(value: str, *, file: str, where: str, name: str) -> list[int]:
     """EgoClip's ``tag_verb`` / ``tag_noun`` (a Python list literal such as ``"[0, 3]"``)."""
     if value in (None, ""):
         return []
+    if _INTS.fullmatch(value):  # the usual form, without the cost of literal_eval
+        return [int(x) for x in value.strip()[1:-1].split(",") if x.strip()]
     try:
         out = ast.literal_eval(value)  # literals only: never evaluates code
         if isinstance(out, int):
@@ -97,6 +101,7 @@ class EgoClip(WorldBuilder):
     def _records(self, root: Path, report: BuildReport) -> Iterator[tuple[str, dict]]:
         template = self.options.egoclip_template
         chunked = self.options.egoclip_chunked
+        resolved: dict[str, str] = {}  # template path -> checked path (one per video)
         for line, row in iter_csv_rows(root, CSV_FILE, delimiter="\t", report=report):
             i = report.read - 1  # the row's index among the data rows
             w = f"line {line}"
@@ -124,17 +129,16 @@ class EgoClip(WorldBuilder):
                         "clip runs into the next 600 s chunk: end clamped to its chunk's end",
                         f"{CSV_FILE}: {w}: clip_end {clamped} s",
                     )
-            try:
-                record["video"] = resolve_in_root(
-                    root,
-                    template.format(video_uid=record["video_uid"], **chunk),
-                    file=CSV_FILE,
-                    where=w,
-                    field="video_uid",
-                )
-            except AnnotationError as e:
-                report.skip("video path outside the data root", str(e))
-                continue
+            rel = template.format(video_uid=record["video_uid"], **chunk)
+            if rel not in resolved:
+                try:
+                    resolved[rel] = resolve_in_root(
+                        root, rel, file=CSV_FILE, where=w, field="video_uid"
+                    )
+                except AnnotationError as e:
+                    report.skip("video path outside the data root", str(e))
+                    continue
+            record["video"] = resolved[rel]
             yield record["id"], record
 
 
