@@ -26,8 +26,9 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from tensorflow_datasets.core import shuffle
 
-from input_pipeline.datasets import AnnotationError, BuildOptions, build, open_dataset
+from input_pipeline.datasets import AnnotationError, BuildOptions, build, open_dataset, tfds_spill
 from input_pipeline.datasets.common import _KeySet
 from input_pipeline.datasets.ego_clip import EgoClip
 from input_pipeline.datasets.report import BuildReport
@@ -274,6 +275,24 @@ def test_egoclip_is_streamed(tmp_path):
     tracemalloc.stop()
     assert n == report.read == 40_000
     assert peak < size / 10, f"peak {peak} B while reading a {size} B file"
+
+
+def test_big_splits_spill_to_disk_without_tensorflow(tmp_path, monkeypatch):
+    """Past tfds_spill.SPILL_ABOVE bytes TFDS's writer moves records to bucket files, which it
+    opens with tf.io.gfile: without TensorFlow that failed for any split over 1 GB (EgoClip).
+    Forced here for every record: the same records come out, in the same order."""
+    build("ego_clip", ROOT, tmp_path / "memory", options=LENIENT)
+    monkeypatch.setattr(tfds_spill, "SPILL_ABOVE", 0)
+    spilled, add = [], shuffle.Shuffler._add_to_bucket
+    monkeypatch.setattr(
+        shuffle.Shuffler, "_add_to_bucket", lambda *a: (spilled.append(1), add(*a))[1]
+    )
+    build("ego_clip", ROOT, tmp_path / "spilled", options=LENIENT)
+    assert len(spilled) == 5  # every kept record went through a bucket file
+    source = [open_dataset("ego_clip", tmp_path / d)[0] for d in ("memory", "spilled")]
+    assert [_s(r["id"]) for r in source[0]] == [_s(r["id"]) for r in source[1]]
+    assert [_s(r["video"]) for r in source[0]] == [_s(r["video"]) for r in source[1]]
+    assert shuffle.MAX_MEM_BUFFER_SIZE == 1000 << 20  # TFDS's own setting is restored
 
 
 def test_key_set_tells_repeats():

@@ -30,6 +30,7 @@ import tensorflow_datasets as tfds
 from input_pipeline.annotations import AnnotationError
 from input_pipeline.datasets.options import BuildOptions
 from input_pipeline.datasets.report import BuildReport, summary_lines
+from input_pipeline.datasets.tfds_spill import tf_free_spill
 
 __all__ = [
     "WorldBuilder",
@@ -416,7 +417,9 @@ def build_dataset(
     ``options`` (:class:`BuildOptions`) say how the annotation files are read; what was
     kept and skipped is in the dataset's ``metadata.json`` (``build_report``).
 
-    TFDS writes into ``<data_dir>/.tmp-build-<hex>/`` and only a complete build is renamed
+    TFDS writes into ``<data_dir>/.tmp-build-<hex>/`` (spilling records past
+    :data:`~.tfds_spill.SPILL_ABOVE` bytes to bucket files there, :mod:`.tfds_spill`) and
+    only a complete build is renamed
     to ``<data_dir>/<name>/<config>/<version>``; an existing dataset is replaced in one
     rename (``overwrite``), else kept (``exist_ok``) or refused (FileExistsError). An
     interrupted build leaves no directory that TFDS would take for a dataset.
@@ -438,9 +441,10 @@ def build_dataset(
     tmp = data_dir / f".tmp-build-{builder_cls.name}-{secrets.token_hex(4)}"
     try:
         builder = builder_cls(data_dir=tmp, file_format="array_record", options=options, **kwargs)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(world))
-        )
+        with tf_free_spill():  # big splits spill to disk, without TensorFlow
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(world))
+            )
         built = Path(os.fspath(builder.data_dir))
         target.parent.mkdir(parents=True, exist_ok=True)
         _swap_into_place(built, target)

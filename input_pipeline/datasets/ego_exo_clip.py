@@ -33,7 +33,7 @@ from input_pipeline.datasets.common import (
     read_json,
     time_feature,
 )
-from input_pipeline.datasets.ego_exo_takes import TakeProblem, Takes
+from input_pipeline.datasets.ego_exo_takes import TakeProblem, Takes, TakeViews
 from input_pipeline.datasets.options import BuildOptions
 from input_pipeline.datasets.report import BuildReport
 
@@ -151,7 +151,7 @@ class EgoExoClip(WorldBuilder):
                         yield record["id"], record
 
     def _record(
-        self, d: Any, key: str, rel: str, wd: str, take, half: float, report: BuildReport
+        self, d: Any, key: str, rel: str, wd: str, take: TakeViews, half: float, report: BuildReport
     ) -> dict | None:
         """The record of description ``d``, or None (counted in ``report``)."""
         try:
