@@ -4,16 +4,24 @@ CLI::
 
     python -m input_pipeline.prepare --world demo_data/world --out demo_data/prepared
     python -m input_pipeline.prepare --world W --out D --datasets ego_exo_clip --window 0.68
+    python -m input_pipeline.prepare --world /data/egoexo --out D --datasets ego_exo_clip \
+        --ego-exo-downscaled 448 --max-bad-fraction 0.05
 
 writes ``<out>/<dataset>/[<config>/]1.0.0/`` (TFDS ArrayRecord, readable with
 ``tfds.data_source(name, data_dir=out)``) and ``<out>/tokenizer/`` (trained on the text of
 the prepared datasets). Each piece is built in a temporary directory and renamed into place;
-existing pieces are kept unless ``--overwrite``.
+existing pieces are kept unless ``--overwrite``. At the end it prints, per dataset and split,
+the records read, kept, skipped and filtered, by reason, naming the first offenders
+(:func:`dataset_summary`); a split with more than ``--max-bad-fraction`` skipped aborts its
+build. The reading options (:class:`~input_pipeline.datasets.BuildOptions`) are documented
+in docs/data.md, "Reading real downloads".
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import secrets
 import shutil
@@ -21,10 +29,18 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from input_pipeline.datasets import BUILDERS, AnnotationError, build, open_dataset
+from input_pipeline.datasets import (
+    BUILDERS,
+    EGOCLIP_LAYOUTS,
+    AnnotationError,
+    BuildOptions,
+    build,
+    open_dataset,
+    summary_lines,
+)
 from input_pipeline.egobench import BENCHMARKS
 
-__all__ = ["corpus_text", "prepare", "main"]
+__all__ = ["corpus_text", "dataset_summary", "prepare", "main"]
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -63,13 +79,16 @@ def prepare(
     *,
     datasets: Sequence[str] | None = None,
     window_s: float | None = None,
+    options: BuildOptions | None = None,
     tokenizer: bool = True,
     vocab_size: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Path]:
     """Build ``datasets`` (default: all) of the data root ``world`` into ``out``, then the
-    demo tokenizer (needs every dataset). Returns ``{name: directory}``."""
+    demo tokenizer (needs every dataset). ``options`` say how the annotation files are read
+    (default :class:`BuildOptions`). Returns ``{name: directory}``; :func:`dataset_summary`
+    of a directory tells what was kept and skipped."""
     import tensorflow_datasets as tfds
     from tqdm import tqdm
 
@@ -83,10 +102,37 @@ def prepare(
     done: dict[str, Path] = {}
     for name in tqdm(names, desc="preparing datasets", unit="dataset", disable=not progress):
         window = window_s if name == "ego_exo_clip" else None
-        done[name] = build(name, world, out, window_s=window, overwrite=overwrite, exist_ok=True)
+        done[name] = build(
+            name,
+            world,
+            out,
+            window_s=window,
+            options=options,
+            overwrite=overwrite,
+            exist_ok=True,
+        )
     if tokenizer:
         done["tokenizer"] = build_tokenizer(out, overwrite=overwrite, vocab_size=vocab_size)
     return done
+
+
+def dataset_summary(path: str | os.PathLike, options: BuildOptions | None = None) -> list[str]:
+    """The build summary of the prepared dataset at ``path`` (its version directory): per
+    split, records read, kept, skipped and filtered by reason, with the first offenders.
+    With ``options``, a line warns when the dataset was built with other ones."""
+    meta_file = Path(path) / "metadata.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    reports = meta.get("build_report", {}).values()
+    lines = [line for report in reports for line in summary_lines(report)]
+    if not lines:
+        lines = [f"{path}: no build report (built before reports were recorded)"]
+    wanted = json.loads(json.dumps(dataclasses.asdict(options or BuildOptions())))
+    if options is not None and meta.get("build_options") not in (None, wanted):
+        lines.append(
+            f"  warning: built with other options {meta['build_options']}; pass --overwrite "
+            "to rebuild with the requested ones"
+        )
+    return lines
 
 
 def build_tokenizer(
@@ -115,6 +161,82 @@ def build_tokenizer(
     return target
 
 
+def _options_parser(p: argparse.ArgumentParser) -> None:
+    """The :class:`BuildOptions` flags (dashes or underscores; docs/data.md)."""
+    d = BuildOptions()
+    g = p.add_argument_group("reading real downloads (docs/data.md)")
+
+    def flag(name: str, **kw) -> None:
+        g.add_argument(f"--{name}", f"--{name.replace('-', '_')}", **kw)
+
+    flag(
+        "max-bad-fraction",
+        type=float,
+        default=d.max_bad_fraction,
+        help="abort a split when more than this fraction of its records is skipped "
+        f"(malformed, unusable, missing video; default {d.max_bad_fraction}; 1 = never)",
+    )
+    flag(
+        "missing-videos",
+        choices=("skip", "keep"),
+        default=d.missing_videos,
+        help="skip records whose video file is absent (default), or keep them for the "
+        "pipeline's on_bad_video",
+    )
+    flag(
+        "ego-exo-downscaled",
+        type=int,
+        default=d.ego_exo_downscaled,
+        metavar="SIZE",
+        help="read Ego-Exo4D's downscaled videos (448: frame_aligned_videos/downscaled/448/); "
+        "default: the full-size frame-aligned videos",
+    )
+    flag(
+        "exo-cameras",
+        default=d.exo_cameras,
+        metavar="REGEX",
+        help=f"camera ids that are static exo views (default {d.exo_cameras!r}; the hand-held "
+        "'mobile' camera is not)",
+    )
+    flag(
+        "subjects",
+        default=",".join(d.subjects),
+        help="narration_subject values kept, comma-separated (default C, the camera wearer; "
+        "'all' keeps every subject)",
+    )
+    flag(
+        "require-ego-visible",
+        action="store_true",
+        help="drop atomic descriptions marked ego_visible false (default: keep)",
+    )
+    flag(
+        "drop-unsure",
+        action="store_true",
+        help="drop atomic descriptions marked unsure (default: keep)",
+    )
+    flag(
+        "egoclip-videos",
+        default=d.egoclip_videos,
+        metavar="LAYOUT",
+        help=f"EgoClip video layout: one of {', '.join(EGOCLIP_LAYOUTS)} (default "
+        f"{d.egoclip_videos}) or a template with {{video_uid}} and optionally {{chunk}}",
+    )
+
+
+def _options(a: argparse.Namespace) -> BuildOptions:
+    subjects = [x.strip() for x in a.subjects.split(",") if x.strip()]
+    return BuildOptions(
+        max_bad_fraction=a.max_bad_fraction,
+        missing_videos=a.missing_videos,
+        ego_exo_downscaled=a.ego_exo_downscaled,
+        exo_cameras=a.exo_cameras,
+        subjects=() if subjects in ([], ["all"]) else tuple(subjects),
+        require_ego_visible=a.require_ego_visible,
+        drop_unsure=a.drop_unsure,
+        egoclip_videos=a.egoclip_videos,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="python -m input_pipeline.prepare",
@@ -131,15 +253,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-tokenizer", action="store_true", help="skip the demo tokenizer")
     p.add_argument("--vocab-size", type=int, help="demo tokenizer vocabulary (1024)")
     p.add_argument("--overwrite", action="store_true", help="rebuild existing datasets")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _options_parser(p)
     a = p.parse_args(argv)
     names = [n.strip() for n in a.datasets.split(",") if n.strip()]
     try:
+        options = _options(a)
         done = prepare(
             a.world,
             a.out,
             datasets=names,
             window_s=a.window,
+            options=options,
             tokenizer=not a.no_tokenizer,
             vocab_size=a.vocab_size,
             overwrite=a.overwrite,
@@ -148,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     except (AnnotationError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for name, path in done.items():
+        if name != "tokenizer":
+            print("\n".join(dataset_summary(path, options)))
     for name, path in done.items():
         print(f"{name}: {path}")
     return 0

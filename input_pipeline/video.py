@@ -31,7 +31,6 @@ __all__ = [
 ]
 
 
-
 class VideoDecodeError(RuntimeError):
     """A video could not be decoded: missing, empty, corrupt or truncated file, or a time
     window outside the video. The message names the file, the reason and what to do."""
@@ -252,5 +251,3 @@ def _decode_indices(container, st, fps: float, idx: np.ndarray, path) -> dict:
             "The file is probably truncated; re-create or re-download it",
         )
     return got
-
-

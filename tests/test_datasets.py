@@ -173,9 +173,11 @@ def test_window_is_configurable(world, tmp_path):
 
 
 def _mini_world(root: Path, record: dict) -> Path:
-    """A data root holding only an EgoIT file with one record."""
+    """A data root holding only an EgoIT file with one record (and GOOD's video file)."""
     (root / "egoit").mkdir(parents=True)
     (root / "egoit/egoit_instructions.json").write_text(json.dumps([record]))
+    (root / "videos").mkdir()
+    (root / "videos/a.mp4").touch()
     return root
 
 
@@ -204,9 +206,14 @@ def test_missing_fields_are_named(tmp_path):
     ):
         build("ego_it", root, tmp_path / "out")
 
+    # A malformed take is skipped with its descriptions; here that is all of them.
     root = tmp_path / "b"
     (root / "annotations").mkdir(parents=True)
     (root / "takes.json").write_text(json.dumps([{"take_uid": "t0", "take_name": "t"}]))
+    one = {"descriptions": [{"text": "C waves.", "timestamp": 1.0}]}
+    (root / "annotations/atomic_descriptions_train.json").write_text(
+        json.dumps({"annotations": {"t0": [one]}})
+    )
     with pytest.raises(AnnotationError, match=r"takes\.json: take 't0' has no field 'root_dir'"):
         build("ego_exo_clip", root, tmp_path / "out")
 

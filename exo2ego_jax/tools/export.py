@@ -324,7 +324,7 @@ def export(
     record: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "stages": [{k: s[k] for k in ("stage", "workdir", "step")} for s in stages],
         "pretrained": {
             f: resolved.config.init.get(f, "") for f in ("llm", "clip", "mm_projector", "converted")

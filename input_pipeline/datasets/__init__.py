@@ -10,7 +10,9 @@ name               source files (under the data root)                     used b
 ``ego_bench``      egobench/** (eight benchmarks, one split each)         evaluation
 =================  =====================================================  ==================
 
-Build: :func:`build` (or ``python -m input_pipeline.prepare``). Read:
+Build: :func:`build` (or ``python -m input_pipeline.prepare``), with :class:`BuildOptions`
+for real downloads (skip ceiling, missing videos, Ego-Exo4D views and filters, EgoClip
+layout); each split's :class:`BuildReport` lands in ``metadata.json``. Read:
 ``tfds.data_source(name, data_dir=...)`` (or :func:`open_dataset`, which also returns the
 data root the relative video paths refer to).
 """
@@ -29,13 +31,19 @@ from input_pipeline.datasets.ego_clip import EgoClip
 from input_pipeline.datasets.ego_exo_clip import EgoExoClip, window_config
 from input_pipeline.datasets.ego_it import EgoIt
 from input_pipeline.datasets.exo_clip_text import ExoClipText
+from input_pipeline.datasets.options import EGOCLIP_LAYOUTS, BuildOptions
+from input_pipeline.datasets.report import BuildReport, summary_lines
 
 __all__ = [
     "BUILDERS",
+    "EGOCLIP_LAYOUTS",
     "AnnotationError",
+    "BuildOptions",
+    "BuildReport",
     "build",
     "open_dataset",
     "resolve_in_root",
+    "summary_lines",
     "window_config",
 ]
 
@@ -54,14 +62,17 @@ def build(
     data_dir: str | os.PathLike,
     *,
     window_s: float | None = None,
+    options: BuildOptions | None = None,
     overwrite: bool = False,
     exist_ok: bool = False,
 ) -> Path:
     """Build dataset ``name`` from the data root ``world`` into ``data_dir`` (atomically).
 
-    ``window_s`` selects the clip length of ``ego_exo_clip`` (default config: 1 s). An
+    ``window_s`` selects the clip length of ``ego_exo_clip`` (default config: 1 s);
+    ``options`` how the annotation files are read (default :class:`BuildOptions`). An
     existing dataset is replaced (``overwrite``), kept (``exist_ok``) or refused
-    (FileExistsError). Returns the dataset's version directory.
+    (FileExistsError). Returns the dataset's version directory; its ``metadata.json``
+    holds the ``build_report`` of every split.
     """
     if name not in BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(BUILDERS)}")
@@ -69,7 +80,13 @@ def build(
         raise ValueError("window_s only applies to ego_exo_clip")
     config = window_config(window_s) if window_s is not None else None
     return build_dataset(
-        BUILDERS[name], world, data_dir, config=config, overwrite=overwrite, exist_ok=exist_ok
+        BUILDERS[name],
+        world,
+        data_dir,
+        config=config,
+        options=options,
+        overwrite=overwrite,
+        exist_ok=exist_ok,
     )
 
 

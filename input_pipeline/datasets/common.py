@@ -1,6 +1,7 @@
 """Shared pieces of the dataset builders: field access, file reading, the TFDS base builder
 and atomic builds. The error type and the path rule every builder uses are
-:mod:`input_pipeline.annotations`.
+:mod:`input_pipeline.annotations`; the skip tally is :mod:`.report`, the options
+:mod:`.options`.
 
 Every builder reads annotation files of a *data root* (the demo world, or a real download
 laid out the same way) and writes an ArrayRecord TFDS dataset that stores **relative video
@@ -12,7 +13,7 @@ TFDS 4.9 builds ArrayRecord datasets without TensorFlow, and ``tfds.data_source`
 from __future__ import annotations
 
 import csv
-import io
+import dataclasses
 import json
 import logging
 import math
@@ -27,13 +28,18 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from input_pipeline.annotations import AnnotationError
+from input_pipeline.datasets.options import BuildOptions
+from input_pipeline.datasets.report import BuildReport, summary_lines
+from input_pipeline.datasets.tfds_spill import tf_free_spill
 
 __all__ = [
     "WorldBuilder",
     "build_dataset",
+    "csv_header",
     "field",
+    "flag",
+    "iter_csv_rows",
     "opt_time",
-    "read_csv",
     "read_json",
     "time_feature",
     "times_feature",
@@ -106,6 +112,24 @@ def number(record: Any, name: str, *, file: str, where: str, default: Any = ...)
         ) from None
 
 
+_TRUE = {"true": True, "1": True, "false": False, "0": False}
+
+
+def flag(record: Any, name: str, *, file: str, where: str, default: Any = ...) -> bool:
+    """A yes/no field: JSON true/false, 1/0, or the strings ``"true"``/``"false"``/``"1"``/
+    ``"0"`` (Ego-Exo4D writes ``ego_visible: "0"``, and ``is_ego`` as text in places)."""
+    value = field(record, name, file=file, where=where, default=default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE:
+        return _TRUE[value.strip().lower()]
+    raise AnnotationError(
+        f"{file}: {where} field {name!r} must be true or false (or 1 / 0), got {value!r:.80}"
+    )
+
+
 def opt_time(record: Any, name: str, *, file: str, where: str) -> float:
     """An optional time in seconds; NaN when absent (= the start / end of the video)."""
     value = number(record, name, file=file, where=where, default=None)
@@ -115,26 +139,77 @@ def opt_time(record: Any, name: str, *, file: str, where: str) -> float:
 # ----------------------------------------------------------------------------- files
 
 
-def read_json(root: Path, rel: str) -> Any:
+def _annotation_file(root: Path, rel: str) -> Path:
+    """``root / rel``, or an :class:`AnnotationError` when it is missing or empty."""
     path = root / rel
     if not path.is_file():
         raise AnnotationError(f"{rel}: annotation file not found under the data root {root}")
+    if path.stat().st_size == 0:
+        raise AnnotationError(f"{rel}: the file is empty (0 bytes); nothing to build from it")
+    return path
+
+
+def read_json(root: Path, rel: str) -> Any:
+    """The parsed JSON file ``rel`` of the data root (missing, empty or invalid: an error)."""
+    path = _annotation_file(root, rel)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise AnnotationError(f"{rel}: not valid JSON ({e})") from e
 
 
-def read_csv(root: Path, rel: str, *, delimiter: str = ",", required: Iterable[str] = ()) -> list:
-    """Rows of a CSV/TSV file with a header, as dicts; checks the ``required`` columns."""
-    path = root / rel
-    if not path.is_file():
-        raise AnnotationError(f"{rel}: annotation file not found under the data root {root}")
-    reader = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")), delimiter=delimiter)
-    missing = [c for c in required if c not in (reader.fieldnames or [])]
+def csv_header(root: Path, rel: str, *, delimiter: str, required: Iterable[str]) -> list[str]:
+    """The header of a CSV/TSV file, checked to hold the ``required`` columns."""
+    with _annotation_file(root, rel).open(encoding="utf-8", errors="replace", newline="") as f:
+        header = next(csv.reader(f, delimiter=delimiter), [])
+    missing = [c for c in required if c not in header]
     if missing:
-        raise AnnotationError(f"{rel}: missing column(s) {missing} (header: {reader.fieldnames})")
-    return list(reader)
+        sep = "tab" if delimiter == "\t" else repr(delimiter)
+        raise AnnotationError(
+            f"{rel}: missing column(s) {missing} in the header {header[:12]} (a {sep}-separated "
+            "file whose first line names the columns)"
+        )
+    return header
+
+
+def iter_csv_rows(
+    root: Path, rel: str, *, delimiter: str, report: BuildReport
+) -> Iterator[tuple[int, dict[str, str]]]:
+    """``(line, row)`` of every well-formed data row of a CSV/TSV file, **streamed**.
+
+    Rows are dicts keyed by the header (:func:`csv_header` checks it first). A row that is
+    not valid UTF-8, cannot be parsed (e.g. a quote left open) or has the wrong number of
+    fields is counted in ``report`` (read and skipped) and left out, as EgoVLP's
+    ``pd.read_csv(..., error_bad_lines=False)`` leaves it out; blank lines are not rows.
+    """
+    with (root / rel).open(encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader)
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                report.add_read()
+                report.skip("unparseable row", f"{rel}: line {reader.line_num}: {e}")
+                continue
+            if not row:
+                continue
+            report.add_read()
+            where = f"{rel}: line {reader.line_num}"
+            if len(row) != len(header):
+                report.skip(
+                    "wrong number of fields",
+                    f"{where}: {len(row)} fields, the header has {len(header)}",
+                )
+                continue
+            try:
+                delimiter.join(row).encode("utf-8")
+            except UnicodeEncodeError:
+                report.skip("not valid UTF-8", f"{where}: bytes that are not UTF-8")
+                continue
+            yield reader.line_num, dict(zip(header, row, strict=True))
 
 
 # ----------------------------------------------------------------------------- features
@@ -158,8 +233,15 @@ def times_feature() -> tfds.features.Tensor:
 class WorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Base of the builders: reads annotations from ``dl_manager.manual_dir`` (the data root).
 
-    Subclasses define ``_features()`` and ``_parse(root) -> {split: [(key, example)]}``.
-    Parsing happens before anything is written, so a malformed annotation fails fast.
+    Subclasses define ``_features()`` and ``_parse(root) -> {split: records}``, where
+    ``records`` iterates ``(key, example)`` (a generator, so a big file is streamed) and
+    counts what it reads, skips and filters in ``self.new_report(split, file)``. File-level
+    problems (a missing, empty or unreadable file) raise in ``_parse``, before anything is
+    written. Per record, this base class then skips repeated keys and (with
+    ``options.missing_videos == "skip"``) records whose video file is absent, and at the
+    end of each split refuses to finish when nothing was kept or more than
+    ``options.max_bad_fraction`` was skipped (:meth:`BuildReport.check`); the build
+    directory is then discarded. The reports go to ``metadata.json`` (``build_report``).
     """
 
     VERSION = tfds.core.Version(VERSION)
@@ -169,6 +251,14 @@ class WorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         "or a real download in the same layout) as manual_dir; see docs/data.md."
     )
     DESCRIPTION = ""
+    #: Whether ``options.missing_videos`` applies (EgoBench keeps every item).
+    CHECKS_VIDEOS = True
+
+    def __init__(self, *, options: BuildOptions | None = None, **kwargs):
+        self.options = options or BuildOptions()
+        self._reports: dict[str, BuildReport] = {}
+        self._video_exists: dict[str, bool] = {}
+        super().__init__(**kwargs)
 
     @tfds.core.utils.classproperty
     @classmethod
@@ -188,11 +278,18 @@ class WorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _features(self) -> dict:
         raise NotImplementedError
 
-    def _parse(self, root: Path) -> dict[str, list[tuple[str, dict]]]:
+    def _parse(self, root: Path) -> dict[str, Iterable[tuple[str, dict]]]:
         raise NotImplementedError
 
     def _extra_metadata(self, root: Path) -> dict:
         return {}
+
+    def new_report(self, split: str, file: str) -> BuildReport:
+        """The report of ``split`` (read from ``file``), which ``_parse``'s records fill."""
+        config = self.builder_config
+        name = self.name if config is None else f"{self.name}/{config.name}"
+        self._reports[split] = BuildReport(name, split, file)
+        return self._reports[split]
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -204,41 +301,102 @@ class WorldBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         )
 
     def _split_generators(self, dl_manager):
-        root = Path(os.fspath(dl_manager.manual_dir)).absolute()
-        splits = self._parse(root)
+        self._root = Path(os.fspath(dl_manager.manual_dir)).absolute()
+        splits = self._parse(self._root)
         self.info.metadata.update(
-            source_root=os.fspath(root),
-            missing_videos=_count_missing(root, splits),
-            **self._extra_metadata(root),
+            source_root=os.fspath(self._root),
+            build_options=dataclasses.asdict(self.options),
+            missing_videos=0,
+            build_report={},
+            **self._extra_metadata(self._root),
         )
-        return {name: self._generate_examples(records) for name, records in splits.items()}
+        return {
+            name: self._generate_examples((self._reports[name], records))
+            for name, records in splits.items()
+        }
 
-    def _generate_examples(self, records: list[tuple[str, dict]]) -> Iterator[tuple[str, dict]]:
-        yield from records
+    def _generate_examples(
+        self, split: tuple[BuildReport, Iterable[tuple[str, dict]]]
+    ) -> Iterator[tuple[str, dict]]:
+        """The records of one split, less repeated keys and missing videos; then the
+        verdict on the split (:meth:`BuildReport.check`)."""
+        report, records = split
+        seen = _KeySet()
+        for key, example in records:
+            if not seen.add(key):
+                report.skip("repeated id", f"{report.file}: id {key!r} appears again")
+                continue
+            missing = self._missing_videos(example)
+            if missing and self.CHECKS_VIDEOS and self.options.missing_videos == "skip":
+                report.skip(
+                    "video file missing",
+                    f"{report.file}: record {key!r}: {missing[0]} not found under the data root",
+                )
+                continue
+            report.keep()
+            yield key, example
+        report.check(self.options.max_bad_fraction)
+        self._finish(report)
+
+    def _missing_videos(self, example: Mapping[str, Any]) -> list[str]:
+        """The video files ``example`` names that are absent (each file checked once)."""
+        paths = [example[k] for k in ("video", "ego_video") if k in example]
+        for k in ("exo_videos", "videos"):
+            paths.extend(example.get(k, ()))
+        missing = []
+        for rel in paths:
+            if rel not in self._video_exists:
+                self._video_exists[rel] = (self._root / rel).is_file()
+            if not self._video_exists[rel]:
+                missing.append(rel)
+        return missing
+
+    def _finish(self, report: BuildReport) -> None:
+        """Store and log the verdict of a finished split."""
+        stored = report.to_json()
+        self.info.metadata["build_report"] = {
+            **self.info.metadata["build_report"],
+            report.split: stored,
+        }
+        missing = sorted(p for p, ok in self._video_exists.items() if not ok)
+        self.info.metadata["missing_videos"] = len(missing)
+        if missing and (not self.CHECKS_VIDEOS or self.options.missing_videos == "keep"):
+            log.warning(
+                "%d of %d video files named by %s are missing under %s (e.g. %s); their "
+                "records are kept and the pipeline's on_bad_video decides",
+                len(missing),
+                len(self._video_exists),
+                self.name,
+                self._root,
+                missing[:3],
+            )
+        for line in summary_lines(stored):
+            log.info("%s", line)
 
 
-def _count_missing(root: Path, splits: Mapping[str, list[tuple[str, dict]]]) -> int:
-    """Warn about records whose video files are absent (the pipeline's ``on_bad_video``
-    decides whether they are skipped or fatal; a partial download is legitimate)."""
-    paths = set()
-    for records in splits.values():
-        for _, ex in records:
-            for key in ("video", "ego_video"):
-                if key in ex:
-                    paths.add(ex[key])
-            for key in ("exo_videos", "videos"):
-                paths.update(ex.get(key, ()))
-    missing = sorted(p for p in paths if not (root / p).is_file())
-    if missing:
-        log.warning(
-            "%d of %d video files referenced by the annotations are missing under %s "
-            "(e.g. %s); their records are kept and the pipeline's on_bad_video decides",
-            len(missing),
-            len(paths),
-            root,
-            missing[:3],
-        )
-    return len(missing)
+class _KeySet:
+    """The keys of a split seen so far: canonical non-negative integers below 10**8 (EgoClip's
+    ``clip_idx``) as bits (4 M keys in 0.5 MB), any other key in a set."""
+
+    def __init__(self):
+        self._bits = bytearray()
+        self._other: set[str] = set()
+
+    def add(self, key: str) -> bool:
+        """Add ``key``; False when it was already there."""
+        if key.isascii() and key.isdigit() and len(key) <= 8 and (key == "0" or key[0] != "0"):
+            k = int(key)
+            byte, bit = k >> 3, 1 << (k & 7)
+            if byte >= len(self._bits):
+                self._bits.extend(bytes(byte + 1 - len(self._bits)))
+            if self._bits[byte] & bit:
+                return False
+            self._bits[byte] |= bit
+            return True
+        if key in self._other:
+            return False
+        self._other.add(key)
+        return True
 
 
 # ----------------------------------------------------------------------------- atomic build
@@ -250,12 +408,18 @@ def build_dataset(
     data_dir: str | os.PathLike,
     *,
     config: str | tfds.core.BuilderConfig | None = None,
+    options: BuildOptions | None = None,
     overwrite: bool = False,
     exist_ok: bool = False,
 ) -> Path:
     """Build one dataset of ``world`` into ``data_dir`` atomically; return its directory.
 
-    TFDS writes into ``<data_dir>/.tmp-build-<hex>/`` and only a complete build is renamed
+    ``options`` (:class:`BuildOptions`) say how the annotation files are read; what was
+    kept and skipped is in the dataset's ``metadata.json`` (``build_report``).
+
+    TFDS writes into ``<data_dir>/.tmp-build-<hex>/`` (spilling records past
+    :data:`~.tfds_spill.SPILL_ABOVE` bytes to bucket files there, :mod:`.tfds_spill`) and
+    only a complete build is renamed
     to ``<data_dir>/<name>/<config>/<version>``; an existing dataset is replaced in one
     rename (``overwrite``), else kept (``exist_ok``) or refused (FileExistsError). An
     interrupted build leaves no directory that TFDS would take for a dataset.
@@ -276,10 +440,11 @@ def build_dataset(
         )
     tmp = data_dir / f".tmp-build-{builder_cls.name}-{secrets.token_hex(4)}"
     try:
-        builder = builder_cls(data_dir=tmp, file_format="array_record", **kwargs)
-        builder.download_and_prepare(
-            download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(world))
-        )
+        builder = builder_cls(data_dir=tmp, file_format="array_record", options=options, **kwargs)
+        with tf_free_spill():  # big splits spill to disk, without TensorFlow
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(world))
+            )
         built = Path(os.fspath(builder.data_dir))
         target.parent.mkdir(parents=True, exist_ok=True)
         _swap_into_place(built, target)

@@ -126,6 +126,7 @@ class EgoBench(WorldBuilder):
     """Evaluation items of the eight EgoBench benchmarks (zero-shot, held-out videos)."""
 
     DESCRIPTION = __doc__
+    CHECKS_VIDEOS = False  # an evaluation set stays whole; the pipeline's on_bad_video decides
 
     def _features(self) -> dict:
         text = tfds.features.Text
@@ -157,6 +158,10 @@ class EgoBench(WorldBuilder):
                 if split == "qaego4d":
                     _check_qaego4d(loaded, root)
                 records = [_record(split, it, base, *_answer(split, it)) for it in loaded]
+            # The EgoBench reader refuses a malformed file outright: a benchmark is scored
+            # on all of its items or not at all. The report still counts them, and refuses
+            # an empty task file.
+            self.new_report(split, f"egobench/{split}/").add_read(len(records))
             splits[split] = [(r["item_id"], r) for r in records]
         return splits
 

@@ -1,33 +1,47 @@
 """``ego_exo_clip``: Ego-ExoClip pairs cut around Ego-Exo4D atomic narrations.
 
-One record per atomic description of a non-rejected annotation pass: the narration, its
-timestamp, a clip window ``[t - w/2, t + w/2]`` (clamped to the take) and the relative
-paths of the take's ego video and of every exo video, time-synchronised (frame-aligned
-videos), so that the same window cuts a synchronized ego/exo pair (method.md §5; the paper's
-clips average 0.68 s).
+One record per kept atomic description: the narration, its timestamp, a clip window
+``[t - w/2, t + w/2]`` (clamped to the take) and the relative paths of the take's ego video
+and of every exo video, time-synchronised (frame-aligned videos), so that the same window
+cuts a synchronized ego/exo pair (method.md §5; the paper's clips average 0.68 s).
 
-Reads ``takes.json`` and ``annotations/atomic_descriptions_{train,val}.json`` under the data
-root (train is required; val adds a ``val`` split when present).
+Reads ``takes.json`` (the view rules are :mod:`.ego_exo_takes`) and
+``annotations/atomic_descriptions_{train,val}.json`` under the data root (train is required;
+val adds a ``val`` split when present and not empty). A description is **skipped** (counted)
+when its take is unusable or it is malformed, else **filtered** when a rejected annotation
+pass or an option excludes it (``narration_subject``, ``ego_visible``, ``unsure``; see
+:class:`~input_pipeline.datasets.options.BuildOptions`), else kept.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
+import logging
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from input_pipeline.annotations import AnnotationError, resolve_in_root
-from input_pipeline.datasets.common import WorldBuilder, field, number, read_json, time_feature
+from input_pipeline.annotations import AnnotationError
+from input_pipeline.datasets.common import (
+    WorldBuilder,
+    field,
+    flag,
+    number,
+    read_json,
+    time_feature,
+)
+from input_pipeline.datasets.ego_exo_takes import TakeProblem, Takes, TakeViews
+from input_pipeline.datasets.options import BuildOptions
+from input_pipeline.datasets.report import BuildReport
 
 __all__ = ["EgoExoClip", "EgoExoClipConfig", "window_config"]
 
-TAKES_FILE = "takes.json"
+log = logging.getLogger(__name__)
+
 ANNOTATION_FILE = "annotations/atomic_descriptions_{split}.json"
-EGO_STREAM = "rgb"  # readable_stream_id of the Aria RGB stream ("214-1")
-EXO_STREAM = "0"
 
 
 @dataclasses.dataclass
@@ -79,126 +93,121 @@ class EgoExoClip(WorldBuilder):
             "best_exo": np.int64,  # index into exo_videos (0 when not annotated)
         }
 
-    def _parse(self, root: Path) -> dict[str, list[tuple[str, dict]]]:
-        takes = _read_takes(root)
+    def _parse(self, root: Path) -> dict[str, Iterator[tuple[str, dict]]]:
+        takes = Takes(root, self.options)
         out = {}
         for split in ("train", "val"):
             rel = ANNOTATION_FILE.format(split=split)
             if split != "train" and not (root / rel).is_file():
                 continue
-            out[split] = self._records(read_json(root, rel), rel, takes)
+            data = read_json(root, rel)
+            annotations = field(data, "annotations", file=rel, where="the file", types=dict)
+            if split != "train" and not annotations:
+                log.warning("%s annotates no take; the val split is left out", rel)
+                continue
+            out[split] = self._records(annotations, rel, takes, self.new_report(split, rel))
         return out
 
-    def _records(self, data, rel: str, takes: dict[str, dict]) -> list[tuple[str, dict]]:
-        annotations = field(data, "annotations", file=rel, where="the file", types=dict)
+    def _records(
+        self, annotations: dict, rel: str, takes: Takes, report: BuildReport
+    ) -> Iterator[tuple[str, dict]]:
+        """The records of one annotation file (the module docstring's rules)."""
         half = self.builder_config.window_s / 2
-        records = []
         for take_uid, passes in annotations.items():
             where = f"annotations[{take_uid!r}]"
-            if take_uid not in takes:
-                raise AnnotationError(f"{rel}: {where} names a take that is not in {TAKES_FILE}")
-            take = takes[take_uid]
             if not isinstance(passes, list):
-                raise AnnotationError(f"{rel}: {where} must be a list of annotation passes")
+                report.add_read()
+                report.skip(
+                    "malformed annotation pass",
+                    f"{rel}: {where} must be a list of annotation passes",
+                )
+                continue
             for p, ann in enumerate(passes):
                 w = f"{where}[{p}]"
-                if field(ann, "rejected", file=rel, where=w, default=False):
+                try:
+                    uid = str(
+                        field(ann, "annotation_uid", file=rel, where=w, default=f"{take_uid}_{p}")
+                    )
+                    descs = field(ann, "descriptions", file=rel, where=w, types=list)
+                    rejected = flag(ann, "rejected", file=rel, where=w, default=False)
+                except AnnotationError as e:
+                    report.add_read()
+                    report.skip("malformed annotation pass", str(e))
                     continue
-                uid = str(
-                    field(ann, "annotation_uid", file=rel, where=w, default=f"{take_uid}_{p}")
-                )
-                descs = field(ann, "descriptions", file=rel, where=w, types=list)
+                report.add_read(len(descs))
+                if rejected:
+                    report.filter(
+                        "annotation pass rejected (rejected: true)", f"{rel}: {w}", len(descs)
+                    )
+                    continue
+                take = takes.get(str(take_uid), report)
+                if isinstance(take, TakeProblem):
+                    report.skip(take.reason, take.detail, len(descs))
+                    continue
                 for k, d in enumerate(descs):
                     wd = f"{w}.descriptions[{k}]"
-                    t = number(d, "timestamp", file=rel, where=wd)
-                    start = max(0.0, t - half)
-                    end = min(take["duration"], t + half)
-                    if not end > start:
-                        raise AnnotationError(
-                            f"{rel}: {wd} timestamp {t} lies outside the take "
-                            f"(0 to {take['duration']} s)"
-                        )
-                    best = field(d, "best_exo", file=rel, where=wd, default={})
-                    best_cam = best.get("cam_id") if isinstance(best, dict) else None
-                    cams = take["exo_cams"]
-                    records.append(
-                        (
-                            f"{uid}_{k}",
-                            {
-                                "id": f"{uid}_{k}",
-                                "take_uid": take_uid,
-                                "take_name": take["name"],
-                                "text": field(d, "text", file=rel, where=wd, types=str).strip(),
-                                "timestamp": t,
-                                "start": start,
-                                "end": end,
-                                "ego_video": take["ego"],
-                                "exo_videos": take["exo"],
-                                "exo_cams": cams,
-                                "best_exo": cams.index(best_cam) if best_cam in cams else 0,
-                            },
-                        )
-                    )
-        return records
+                    record = self._record(d, f"{uid}_{k}", rel, wd, take, half, report)
+                    if record is not None:
+                        yield record["id"], record
 
-
-def _read_takes(root: Path) -> dict[str, dict]:
-    """take_uid -> {name, duration, ego (path), exo (paths), exo_cams} from takes.json."""
-    takes = read_json(root, TAKES_FILE)
-    if not isinstance(takes, list):
-        raise AnnotationError(f"{TAKES_FILE}: expected a list of takes")
-    out = {}
-    for i, take in enumerate(takes):
-        w = f"take {i}"
-        uid = field(take, "take_uid", file=TAKES_FILE, where=w, types=str)
-        w = f"take {uid!r}"
-        root_dir = field(take, "root_dir", file=TAKES_FILE, where=w, types=str)
-        fav = field(take, "frame_aligned_videos", file=TAKES_FILE, where=w, types=dict)
-        capture = field(take, "capture", file=TAKES_FILE, where=w, types=dict)
-        cameras = field(capture, "cameras", file=TAKES_FILE, where=f"{w}.capture", types=list)
-        ego, exo, exo_cams = None, [], []
-        for c, cam in enumerate(cameras):
-            cam_id = field(cam, "cam_id", file=TAKES_FILE, where=f"{w}.capture.cameras[{c}]")
-            is_ego = field(cam, "is_ego", file=TAKES_FILE, where=f"{w}.capture.cameras[{c}]")
-            stream = EGO_STREAM if is_ego else EXO_STREAM
-            if cam_id not in fav or stream not in fav[cam_id]:
-                if is_ego:
-                    raise AnnotationError(
-                        f"{TAKES_FILE}: {w} has no frame_aligned_videos[{cam_id!r}][{stream!r}] "
-                        "for its ego camera"
-                    )
-                continue  # an exo camera without a frame-aligned video is not usable
-            video = f"frame_aligned_videos[{cam_id!r}][{stream!r}]"
-            rel = field(
-                fav[cam_id][stream],
-                "relative_path",
-                file=TAKES_FILE,
-                where=f"{w}.{video}",
-                types=str,
+    def _record(
+        self, d: Any, key: str, rel: str, wd: str, take: TakeViews, half: float, report: BuildReport
+    ) -> dict | None:
+        """The record of description ``d``, or None (counted in ``report``)."""
+        try:
+            t = number(d, "timestamp", file=rel, where=wd)
+            text = field(d, "text", file=rel, where=wd, types=str).strip()
+            subject = _subject(d, rel, wd)
+            visible = flag(d, "ego_visible", file=rel, where=wd, default=True)
+            unsure = flag(d, "unsure", file=rel, where=wd, default=False)
+            best = field(d, "best_exo", file=rel, where=wd, default={})
+        except AnnotationError as e:
+            report.skip("malformed description", str(e))
+            return None
+        start, end = max(0.0, t - half), min(take.duration, t + half)
+        if not end > start:
+            report.skip(
+                "timestamp outside the take",
+                f"{rel}: {wd} timestamp {t} lies outside the take (0 to {take.duration} s)",
             )
-            path = resolve_in_root(
-                root,
-                f"{root_dir}/{rel}",
-                file=TAKES_FILE,
-                where=w,
-                field=f"root_dir + {video}.relative_path",
-            )
-            if is_ego:
-                ego = path
-            else:
-                exo.append(path)
-                exo_cams.append(str(cam_id))
-        if ego is None or not exo:
-            raise AnnotationError(
-                f"{TAKES_FILE}: {w} needs an ego camera (is_ego true) and at least one exo "
-                "camera with frame-aligned videos"
-            )
-        duration = number(take, "duration_sec", file=TAKES_FILE, where=w, default=math.inf)
-        out[uid] = {
-            "name": str(field(take, "take_name", file=TAKES_FILE, where=w, default=uid)),
-            "duration": duration,
-            "ego": ego,
-            "exo": exo,
-            "exo_cams": exo_cams,
+            return None
+        if not text:
+            report.skip("empty text", f"{rel}: {wd} field 'text' is empty")
+            return None
+        if reason := _filtered(self.options, subject, visible, unsure):
+            report.filter(reason, f"{rel}: {wd}: {text[:60]!r} (narration_subject {subject!r})")
+            return None
+        best_cam = best.get("cam_id") if isinstance(best, dict) else None
+        cams = list(take.exo_cams)
+        return {
+            "id": key,
+            "take_uid": take.uid,
+            "take_name": take.name,
+            "text": text,
+            "timestamp": t,
+            "start": start,
+            "end": end,
+            "ego_video": take.ego,
+            "exo_videos": list(take.exo),
+            "exo_cams": cams,
+            "best_exo": cams.index(best_cam) if best_cam in cams else 0,
         }
-    return out
+
+
+def _subject(d: Any, rel: str, wd: str) -> str | None:
+    """Who a description is about: ``narration_subject`` (the documented sample) or
+    ``subject`` (the documented field list), ``"C"`` = the camera wearer; None if absent."""
+    name = "narration_subject" if isinstance(d, dict) and "narration_subject" in d else "subject"
+    value = field(d, name, file=rel, where=wd, types=str, default=None)
+    return None if value is None else value.strip()
+
+
+def _filtered(options: BuildOptions, subject: str | None, visible: bool, unsure: bool) -> str:
+    """The option that drops a well-formed description, or ``""``."""
+    if options.subjects and subject is not None and subject not in options.subjects:
+        return f"narration_subject not {' / '.join(options.subjects)} (option subjects)"
+    if options.require_ego_visible and not visible:
+        return "not visible from the ego view (option require_ego_visible)"
+    if options.drop_unsure and unsure:
+        return "annotator unsure of the objects (option drop_unsure)"
+    return ""

@@ -3,6 +3,7 @@ of ``egoit/egoit_instructions.json``; the conversation is kept turn by turn."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import tensorflow_datasets as tfds
@@ -31,20 +32,21 @@ class EgoIt(WorldBuilder):
             "conversations": tfds.features.Sequence({"from": text(), "value": text()}),
         }
 
-    def _parse(self, root: Path) -> dict[str, list[tuple[str, dict]]]:
-        records = []
-        for r in read_conversation_file(root, JSON_FILE):
-            records.append(
-                (
-                    r["id"],
-                    {
-                        "id": r["id"],
-                        "video": r["video"],
-                        "start": r["start"],
-                        "end": r["end"],
-                        "kind": str(r["raw"].get("kind") or ""),
-                        "conversations": r["conversations"],
-                    },
-                )
-            )
-        return {"train": records}
+    def _parse(self, root: Path) -> dict[str, Iterator[tuple[str, dict]]]:
+        records = read_conversation_file(root, JSON_FILE, self.new_report("train", JSON_FILE))
+        return {"train": _examples(records)}
+
+
+def _examples(records: Iterator[dict]) -> Iterator[tuple[str, dict]]:
+    for r in records:
+        yield (
+            r["id"],
+            {
+                "id": r["id"],
+                "video": r["video"],
+                "start": r["start"],
+                "end": r["end"],
+                "kind": str(r["raw"].get("kind") or ""),
+                "conversations": r["conversations"],
+            },
+        )

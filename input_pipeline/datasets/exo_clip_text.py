@@ -7,6 +7,7 @@ first question without ``<video>`` (unused by the caption stages, kept for compl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import tensorflow_datasets as tfds
@@ -35,21 +36,22 @@ class ExoClipText(WorldBuilder):
             "text": text(),
         }
 
-    def _parse(self, root: Path) -> dict[str, list[tuple[str, dict]]]:
-        records = []
-        for r in read_conversation_file(root, JSON_FILE):
-            prompt = r["conversations"][0]["value"].replace("<video>", "").strip()
-            records.append(
-                (
-                    r["id"],
-                    {
-                        "id": r["id"],
-                        "video": r["video"],
-                        "start": r["start"],
-                        "end": r["end"],
-                        "prompt": prompt,
-                        "text": r["conversations"][1]["value"].strip(),
-                    },
-                )
-            )
-        return {"train": records}
+    def _parse(self, root: Path) -> dict[str, Iterator[tuple[str, dict]]]:
+        records = read_conversation_file(root, JSON_FILE, self.new_report("train", JSON_FILE))
+        return {"train": _examples(records)}
+
+
+def _examples(records: Iterator[dict]) -> Iterator[tuple[str, dict]]:
+    for r in records:
+        prompt = r["conversations"][0]["value"].replace("<video>", "").strip()
+        yield (
+            r["id"],
+            {
+                "id": r["id"],
+                "video": r["video"],
+                "start": r["start"],
+                "end": r["end"],
+                "prompt": prompt,
+                "text": r["conversations"][1]["value"].strip(),
+            },
+        )
