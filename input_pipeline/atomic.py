@@ -25,14 +25,22 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Writes ``data`` to ``path`` atomically (temporary file + rename); returns the path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{secrets.token_hex(4)}")
-    try:
+    with staged_file(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def staged_file(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``target`` to write; when the block ends without an error it
+    replaces ``target`` (``os.replace``), otherwise it is removed."""
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        yield tmp
+        os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
 
 
 def swap_dir_into_place(new: str | os.PathLike, target: str | os.PathLike) -> Path:

@@ -23,12 +23,11 @@ import argparse
 import dataclasses
 import json
 import os
-import secrets
-import shutil
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from input_pipeline import atomic
 from input_pipeline.datasets import (
     BUILDERS,
     EGOCLIP_LAYOUTS,
@@ -146,18 +145,8 @@ def build_tokenizer(
     if target.exists() and not overwrite:
         print(f"keeping {target} (pass --overwrite to retrain)", file=sys.stderr)
         return target
-    tmp = data_dir / f".tmp-{TOKENIZER_DIR}-{secrets.token_hex(4)}"
-    try:
-        train_demo_tokenizer(corpus_text(data_dir), tmp, vocab_size or DEFAULT_VOCAB_SIZE)
-        if target.exists():
-            old = data_dir / f".old-{TOKENIZER_DIR}-{secrets.token_hex(4)}"
-            target.rename(old)
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic.staged_dir(target) as stage:
+        train_demo_tokenizer(corpus_text(data_dir), stage, vocab_size or DEFAULT_VOCAB_SIZE)
     return target
 
 

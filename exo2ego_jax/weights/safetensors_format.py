@@ -31,6 +31,7 @@ import ml_dtypes
 import numpy as np
 
 from exo2ego_jax.weights.errors import CheckpointError
+from input_pipeline import atomic
 
 #: safetensors dtype tag -> numpy dtype (the tags we can read and write).
 DTYPES: dict[str, np.dtype] = {
@@ -266,13 +267,8 @@ def write_safetensors_file(
     if len(set(names)) != len(names):
         raise CheckpointError(f"{file}: a tensor name is given twice")
     file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{file.name}.tmp-", dir=file.parent)
-    os.close(fd)
-    try:
-        _write_one(Path(tmp), items, metadata)
-        os.replace(tmp, file)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with atomic.staged_file(file) as tmp:
+        _write_one(tmp, items, metadata)
     return file
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 
+from input_pipeline import atomic
 from input_pipeline.annotations import AnnotationError
 from input_pipeline.datasets.options import BuildOptions
 from input_pipeline.datasets.report import BuildReport, summary_lines
@@ -447,18 +448,8 @@ def build_dataset(
             )
         built = Path(os.fspath(builder.data_dir))
         target.parent.mkdir(parents=True, exist_ok=True)
-        _swap_into_place(built, target)
+        atomic.swap_dir_into_place(built, target)
         log.info("built %s", target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
-
-
-def _swap_into_place(new: Path, target: Path) -> None:
-    if target.exists():
-        old = target.parent / f".old-{target.name}-{secrets.token_hex(4)}"
-        target.rename(old)
-        new.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        new.rename(target)
