@@ -138,3 +138,17 @@ def test_quickstart_notebook_runs_in_quick_mode(tmp_path, monkeypatch):
     assert match, chat
     assert match.group(1) not in ("''", '""'), chat
     assert chat.startswith("Q: ") and "\nA: " in chat
+
+
+def test_install_cell_has_one_marked_url_and_the_text_matches_the_code():
+    from exo2ego_jax.demo import runner
+
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    text = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    assert code.count("# <-- SET THIS") == 1 and 'REPO_URL = ""  # <-- SET THIS' in code
+    assert "github.com/exo2ego-jax/exo2ego-jax" not in code  # no placeholder repository
+    assert "uploaded_checkout()" in code  # the other way in, said in the text too
+    assert "Set `REPO_URL`" in text and "uploaded" in text
+    takes = re.findall(r"`runner\.WORLD_TAKES` \((\d+)\) takes", text)
+    assert takes == [str(runner.WORLD_TAKES)], takes
