@@ -22,6 +22,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "VideoDecodeError",
+    "denormalize_frames",
     "load_clip",
     "normalize_frames",
     "probe",
@@ -258,3 +259,11 @@ def normalize_frames(frames: np.ndarray) -> np.ndarray:
     """``uint8[..., 3]`` RGB -> ``float32[..., 3]`` normalised with the CLIP mean and std."""
     x = np.asarray(frames, np.float32) / 255.0
     return (x - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+
+
+def denormalize_frames(frames: np.ndarray) -> np.ndarray:
+    """:func:`normalize_frames` undone: ``float32[..., 3]`` -> ``uint8[..., 3]`` RGB (what the
+    model saw, e.g. to show it)."""
+    x = np.asarray(frames, np.float32) * np.asarray(CLIP_STD, np.float32)
+    x = x + np.asarray(CLIP_MEAN, np.float32)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
