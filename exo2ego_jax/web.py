@@ -414,7 +414,9 @@ def build_app(web: WebChat) -> Any:
         turns_state = gr.State([])
         with gr.Row():
             with gr.Column(scale=2):
-                upload = gr.File(label="Upload a video", type="filepath", elem_id="upload")
+                upload = gr.File(
+                    label="Upload a video", type="filepath", height=120, elem_id="upload"
+                )
                 examples = gr.Dataset(
                     components=[gr.Textbox(visible=False)],
                     samples=[[ex.label] for ex in web.examples],
@@ -425,10 +427,11 @@ def build_app(web: WebChat) -> Any:
                     visible=bool(web.examples),
                 )
                 status = gr.Markdown("Upload a video or click an example clip.", elem_id="status")
+                columns = min(m.num_frames, 8)
                 strip = gr.Gallery(
                     label="Frames the model sees",
-                    columns=min(m.num_frames, 8),
-                    height="auto",
+                    columns=columns,
+                    height=60 + 110 * -(-m.num_frames // columns),
                     allow_preview=False,
                     elem_id="frames",
                 )
@@ -441,7 +444,9 @@ def build_app(web: WebChat) -> Any:
                         0.05, 1.0, value=web.config.chat.top_p, step=0.05, label="Top-p"
                     )
             with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="Conversation", elem_id="chat", height=420)
+                chatbot = gr.Chatbot(
+                    label="Conversation", elem_id="chat", height=420, render_markdown=False
+                )  # the model's text as it is
                 question = gr.Textbox(
                     label="Question", placeholder=QUESTION, elem_id="question", lines=1
                 )
