@@ -1,5 +1,6 @@
-# Quick start (fresh machine):  make demo   |   make test
-# Both create/reuse the virtualenv in .venv and install the package with its dev extras.
+# Quick start (fresh machine):  make demo   |   make web (after make demo)   |   make test
+# All create/reuse the virtualenv in .venv and install the package with its dev and web
+# extras (the web chat's Gradio; the demo itself needs neither).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -7,16 +8,21 @@ STAMP  := $(VENV)/.installed-stamp
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-m 'not slow'"`.
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo web test lint bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,web]'
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(PY) main.py --demo --workdir=workdirs/demo
+
+# The web chat about the demo's stage-3 model (docs/web.md): http://127.0.0.1:7860
+web: $(STAMP)
+	$(PY) -m exo2ego_jax.web --workdir=workdirs/demo --data_dir=demo_data \
+		--compilation_cache=workdirs/demo/jax_cache
 
 # Two workers, one file each at a time (module fixtures stay in one process): most of the
 # suite's time is single-threaded XLA compilation, so this halves it on 2 cores.
