@@ -123,12 +123,13 @@ class Video:
 
 @dataclasses.dataclass(frozen=True)
 class Reply:
-    """One update of an answer: the text so far, then (``done``) its timings line."""
+    """One update of an answer: the text so far, then (``done``) its timings."""
 
     text: str
     done: bool = False
-    timings: str = ""
+    timings: str = ""  # the line shown under the answer
     error: str = ""
+    stats: Timings | None = None  # the numbers behind ``timings``
 
 
 def example_clips(data_root: str | Path, n: int) -> list[Example]:
@@ -374,7 +375,8 @@ class WebChat:
             text += piece
             yield Reply(text)
         lowered = lowered_programs() - before
-        yield Reply(text, True, timings=self.timings_line(video, timings, lowered))
+        line = self.timings_line(video, timings, lowered)
+        yield Reply(text, True, timings=line, stats=timings)
 
     @staticmethod
     def timings_line(video: Video, t: Timings, lowered: int) -> str:

@@ -38,25 +38,12 @@ def _save_stage(workdir, stage: int, model, params) -> None:
     ckpt.close()
 
 
-def tiny_stage3(root: Path) -> tuple[ml_collections.ConfigDict, Path]:
-    """A tiny world (6 takes, 2 held out) + its tokenizer under ``root``, and stage 0..3
-    checkpoints of the demo-size model (random init, each stage's leaves perturbed).
-
-    Returns ``(config, world)``: ``configs/eval.py:demo`` pointed at them (no pretrained
-    demo LM / CLIP; chat answers of 6 new tokens).
-    """
-    world = generate_world(
-        root / "world",
-        seed=0,
-        num_takes=6,
-        heldout_takes=2,
-        size=64,
-        fps=6,
-        workers=1,
-        progress=False,
-    )
-    prepared = root / "prepared"
-    prepare(world, prepared, progress=False)
+def tiny_eval_config(root: Path) -> ml_collections.ConfigDict:
+    """``configs/eval.py:demo`` pointed at the world, tokenizer and stage checkpoints that
+    :func:`tiny_stage3` makes under ``root`` (no pretrained demo LM / CLIP; chat answers of
+    6 new tokens)."""
+    root = Path(root)
+    world, prepared = root / "world", root / "prepared"
     config = eval_config.get_config("demo")
     config.data.world_dir, config.data.prepared_dir = str(world), str(prepared)
     config.data.tokenizer = str(prepared / "tokenizer")
@@ -66,6 +53,27 @@ def tiny_stage3(root: Path) -> tuple[ml_collections.ConfigDict, Path]:
     config.eval.data_root = str(world)
     config.eval.out_dir = str(root / "eval")
     config.chat.max_new_tokens = 6
+    return config
+
+
+def tiny_stage3(root: Path) -> tuple[ml_collections.ConfigDict, Path]:
+    """A tiny world (6 takes, 2 held out) + its tokenizer under ``root``, and stage 0..3
+    checkpoints of the demo-size model (random init, each stage's leaves perturbed).
+
+    Returns ``(tiny_eval_config(root), world)``.
+    """
+    world = generate_world(
+        Path(root) / "world",
+        seed=0,
+        num_takes=6,
+        heldout_takes=2,
+        size=64,
+        fps=6,
+        workers=1,
+        progress=False,
+    )
+    prepare(world, Path(root) / "prepared", progress=False)
+    config = tiny_eval_config(root)
 
     model = Exo2Ego(config_lib.build_model_config(config.model))
     mesh, rules = (

@@ -38,7 +38,7 @@ BROWSER_FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
-    "--window-size=1280,1000",
+    "--window-size=1280,1100",
 )
 
 
@@ -331,7 +331,7 @@ def test_browser_asks_about_an_upload_and_survives_a_broken_file(
         assert answer == cli_answer
         seen = driver.execute_script("return window.seen;")
         print(f"answer bubble states seen while streaming: {seen}")
-        assert seen and seen[-1] == answer
+        assert len(seen) >= 2 and seen[-1] == answer  # streamed: several states shown
         assert all(answer.startswith(s) for s in seen), seen
         assert "prefill" in text("timings") and "0 program(s) compiled" in text("timings")
         if shot := os.environ.get("EXO2EGO_SCREENSHOT"):
