@@ -238,7 +238,7 @@ def report(args, config, runs, starts, loads, conditions) -> str:
         "Start-up of `python -m exo2ego_jax.web` (a fresh process each: import, model load, "
         "compiling the decode programs of a first question and a follow-up, page up):",
         "",
-        "| compilation cache | imports (s) | model load (s) | warm-up compile (s) | "
+        "| compilation cache | interpreter + imports (s) | model load (s) | warm-up compile (s) | "
         "page up (s) | command to serving (s) | programs from the cache / compiled |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]

@@ -91,4 +91,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     w.max_turns = 4  # earlier (question, answer) turns kept in the prompt of a follow-up
     w.num_examples = 8  # held-out EgoMCQ clips of eval.data_root offered as examples
     w.max_queue = 16  # questions waiting for the model; more are turned away ("queue full")
+    w.warmup_buckets = 2  # 64-token prompt buckets compiled at start-up (first question: 1)
     return c

@@ -282,6 +282,7 @@ RANGES: tuple[_Range, ...] = (
     ("web.max_turns", *_int(0)),
     ("web.num_examples", *_int(0)),
     ("web.max_queue", *_int(1)),
+    ("web.warmup_buckets", *_int(1)),
 )
 
 

@@ -12,9 +12,10 @@ into the prompt, ``config.web.max_turns`` of them). Under the chat: the frames t
 Everything here is plumbing around :class:`exo2ego_jax.chat.ChatSession`: answers come from
 the same decode engine as the command-line chat (``models.decode.decoder``), so for one
 video and question the two give the same greedy tokens. The model is compiled at start-up
-(:meth:`WebChat.warm_up`: a first question and a follow-up on a blank clip); prompts are
-padded to 64-token buckets (``decode.bucket``), so a new question of the same bucket compiles
-nothing (the timings line counts the programs lowered for each answer).
+(:meth:`WebChat.warm_up`: the first ``config.web.warmup_buckets`` prompt buckets, on a blank
+clip); prompts are padded to 64-token buckets (``decode.bucket``), so a new question of a
+compiled bucket compiles nothing (the timings line counts the programs lowered for each
+answer); a longer conversation compiles each further bucket once.
 
 Safety: the server opens only files Gradio itself uploaded (checked to lie in Gradio's
 upload directory) and the example clips of a server-side list (chosen by index); uploads are
@@ -49,6 +50,7 @@ from exo2ego_jax.chat import ChatSession, History, Timings, load_frames
 from exo2ego_jax.config_lib import ConfigError
 from exo2ego_jax.demo.chat_check import QUESTION, heldout_clips
 from exo2ego_jax.eval.scoring import clip_frames_fn
+from exo2ego_jax.models import decode
 from input_pipeline.egobench import Clip
 from input_pipeline.video import VideoDecodeError, denormalize_frames, probe
 
@@ -388,14 +390,22 @@ class WebChat:
         )
 
     def warm_up(self) -> float:
-        """Compiles the decode programs of a first question and of a follow-up (a blank
-        clip); returns the seconds it took."""
+        """Compiles the decode programs of the first ``config.web.warmup_buckets`` prompt
+        buckets (a question about a blank clip, then follow-ups after an earlier turn
+        long enough to reach each next bucket); returns the seconds it took."""
         m = self.trained_model_config
         size = m.clip.image_size
         blank = Video("warm-up", np.zeros((m.num_frames, size, size, 3), np.float32), 0.0)
         start = time.perf_counter()
-        first = [r for r in self.ask(QUESTION, blank)][-1].text
-        _ = [r for r in self.ask("And then?", blank, [(QUESTION, first)])]
+        first = decode.bucket(len(self.session.prompt_ids(QUESTION)))
+        buckets = self.web.warmup_buckets if self.web.max_turns else 1
+        for target in range(first, first + buckets * decode.PROMPT_BUCKET, decode.PROMPT_BUCKET):
+            turns, earlier = [], ""
+            while decode.bucket(len(self.session.prompt_ids(QUESTION, turns))) < target:
+                earlier += " and then"  # a few tokens at a time: no bucket is skipped
+                turns = [(QUESTION, earlier.strip())]
+            for _ in self.ask(QUESTION, blank, turns):
+                pass
         return time.perf_counter() - start
 
 

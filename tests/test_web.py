@@ -24,6 +24,7 @@ from eval_helpers import tiny_stage3
 from exo2ego_jax import chat, web
 from exo2ego_jax.config_lib import ConfigError
 from exo2ego_jax.eval.scoring import clip_frames_fn
+from exo2ego_jax.models import decode
 from input_pipeline.video import load_clip
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,12 +133,17 @@ def test_follow_ups_keep_the_conversation_and_do_not_recompile(app, video):
     assert answer == session.ask(clip.frames, follow, history=turns, stream=_quiet)
     assert len(session.prompt_ids(follow, turns)) > len(session.prompt_ids(follow))
 
-    # A new question of the same 64-token prompt bucket compiles nothing (the warm-up did).
+    # New questions compile nothing: prompts are padded to 64-token buckets and the warm-up
+    # compiled the first two (config.web.warmup_buckets).
     before = web.lowered_programs()
-    for question in ("Where am I?", "What colour is the bowl on the table?"):
+    long = "What happened before that, and after it? " * 8
+    buckets = set()
+    for question in ("Where am I?", "What colour is the bowl on the table?", long):
+        buckets.add(decode.bucket(len(session.prompt_ids(question))))
         reply = _final(app.ask(question, clip))
         assert "0 program(s) compiled" in reply.timings, reply.timings
     assert web.lowered_programs() == before
+    assert len(buckets) == 2  # both warmed-up buckets were used
 
     # Only the last max_turns turns go into the prompt.
     turns = [("Where am I?", "at a table"), (QUESTION, first)]
