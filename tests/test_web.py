@@ -3,7 +3,11 @@ input, and a real browser (headless Chromium driven by Selenium) using the page.
 
 The browser test needs Debian's ``chromium`` and ``chromium-driver`` and the ``web`` extra
 (gradio, selenium); without them it is skipped, unless ``EXO2EGO_REQUIRE_BROWSER=1`` (CI)
-makes it fail. ``EXO2EGO_SCREENSHOT=PATH`` saves the page after the first answer.
+makes it fail. ``EXO2EGO_SCREENSHOT=PATH`` saves the page after the first answer; after
+``make demo``, retake docs/web.png on the demo model with::
+
+    EXO2EGO_WEB_WORKDIR=workdirs/demo EXO2EGO_SCREENSHOT=docs/web.png \
+        .venv/bin/python -m pytest tests/test_web.py -k browser -n 0
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import pytest
 from eval_helpers import tiny_stage3
 
+from configs import demo as demo_configs
 from exo2ego_jax import chat, web
 from exo2ego_jax.config_lib import ConfigError
 from exo2ego_jax.eval.scoring import clip_frames_fn
@@ -49,6 +54,12 @@ def _quiet(message: str) -> None:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """A tiny random stage-3 model on a tiny world; with ``EXO2EGO_WEB_WORKDIR=workdirs/demo``
+    (and ``EXO2EGO_WEB_DATA_DIR``, default ``demo_data``) the trained demo model instead,
+    e.g. to retake docs/web.png after ``make demo``."""
+    if workdir := os.environ.get("EXO2EGO_WEB_WORKDIR"):
+        data_dir = Path(os.environ.get("EXO2EGO_WEB_DATA_DIR", "demo_data"))
+        return demo_configs.eval_config(workdir, data_dir, chat=True), data_dir / "world"
     config, world = tiny_stage3(tmp_path_factory.mktemp("web"))
     config.chat.max_new_tokens = 12  # a few pieces to stream
     return config, world
