@@ -61,6 +61,8 @@ DEMO_NOTE = (
     f"example clip and ask, e.g., *{QUESTION}*"
 )
 INSTALL_HINT = "pip install -e '.[web]'"
+#: Where the server listens unless ``--host`` / ``--share`` say otherwise.
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
 
 
 def import_gradio() -> Any:
@@ -508,7 +510,15 @@ def build_app(web: WebChat) -> Any:
     return page.queue(max_size=web.web.max_queue, default_concurrency_limit=1)
 
 
-def launch(page: Any, web: WebChat, *, host: str, port: int, share: bool, block=True):
+def launch(
+    page: Any,
+    web: WebChat,
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    share: bool = False,
+    block: bool = True,
+):
     """Serves ``page`` on ``host:port``; returns Gradio's ``(app, local_url, share_url)``."""
     gr = import_gradio()
     return page.launch(
@@ -529,38 +539,42 @@ def launch(page: Any, web: WebChat, *, host: str, port: int, share: bool, block=
 
 # ----------------------------------------------------------------------------- command line
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config",
-    None,
-    "A stage-3 model's eval config, e.g. configs/eval.py:paper (default: the demo's).",
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string("workdir", "workdirs/demo", "The demo's workdir (no --config).")
-_DATA = flags.DEFINE_string("data_dir", "demo_data", "The demo's data directory (no --config).")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (0.0.0.0: every one).")
-_PORT = flags.DEFINE_integer("port", 7860, "Port to serve on.")
-_SHARE = flags.DEFINE_bool("share", False, "Also serve through a public Gradio share link.")
-_CACHE = flags.DEFINE_string(
-    "compilation_cache", "", "Persistent XLA compilation cache directory (faster restarts)."
-)
+
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a program: ``main.py`` defines
+    ``--config`` / ``--workdir`` too, and both modules may be imported in one process)."""
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "A stage-3 model's eval config, e.g. configs/eval.py:paper (default: the demo's).",
+        lock_config=True,
+    )
+    flags.DEFINE_string("workdir", "workdirs/demo", "The demo's workdir (without --config).")
+    flags.DEFINE_string("data_dir", "demo_data", "The demo's data directory (without --config).")
+    flags.DEFINE_string("host", DEFAULT_HOST, "Interface to bind (0.0.0.0: every one).")
+    flags.DEFINE_integer("port", DEFAULT_PORT, "Port to serve on.")
+    flags.DEFINE_bool("share", False, "Also serve through a public Gradio share link.")
+    flags.DEFINE_string(
+        "compilation_cache", "", "Persistent XLA compilation cache directory (faster restarts)."
+    )
 
 
-def config_from_flags() -> ml_collections.ConfigDict:
+def config_from_flags(fv: flags.FlagValues) -> ml_collections.ConfigDict:
     """``--config`` as given, or the demo's eval config for ``--workdir`` / ``--data_dir``."""
-    if _CONFIG.value is not None:
-        if flags.FLAGS["workdir"].present or flags.FLAGS["data_dir"].present:
-            raise app.UsageError(
+    if fv.config is not None:
+        if fv["workdir"].present or fv["data_dir"].present:
+            raise ConfigError(
                 "--workdir / --data_dir pick the demo model; with --config set "
                 "--config.init.stages and --config.data.tokenizer instead"
             )
-        return _CONFIG.value
-    workdir = Path(_WORKDIR.value)
+        return fv.config
+    workdir = Path(fv.workdir)
     if not (workdir / "stage3").is_dir():
         raise ConfigError(
             f"{workdir / 'stage3'}: no demo model there. Train it with `make demo` (or pass "
             "--workdir of a finished demo, or --config=configs/eval.py:paper ... for another)"
         )
-    return demo_configs.eval_config(workdir, _DATA.value, chat=True)
+    return demo_configs.eval_config(workdir, fv.data_dir, chat=True)
 
 
 def use_compilation_cache(path: str) -> None:
@@ -576,16 +590,18 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger().setLevel(logging.INFO)
-    config = config_from_flags()
+    fv = flags.FLAGS
+    config = config_from_flags(fv)
     gr = import_gradio()  # before the model loads: a missing extra fails at once
-    use_compilation_cache(_CACHE.value)
+    use_compilation_cache(fv.compilation_cache)
     start = time.perf_counter()
     web = WebChat.from_config(config, upload_dir=gr.utils.get_upload_folder(), log=logging.info)
     loaded = time.perf_counter() - start
     warm = web.warm_up()
     logging.info("model loaded in %.1f s, decode programs compiled in %.1f s", loaded, warm)
-    launch(build_app(web), web, host=_HOST.value, port=_PORT.value, share=_SHARE.value)
+    launch(build_app(web), web, host=fv.host, port=fv.port, share=fv.share)
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -246,7 +246,7 @@ def test_command_line_names_a_missing_demo_model(tmp_path):
     first = out.stderr.strip().splitlines()[0]
     assert first.startswith("web.py: error:") and "no demo model" in first
     assert "make demo" in first
-    assert web._HOST.default == "127.0.0.1" and web._SHARE.default is False
+    assert web.DEFAULT_HOST == "127.0.0.1"
 
 
 # ----------------------------------------------------------------------------- the browser
