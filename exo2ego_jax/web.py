@@ -519,22 +519,29 @@ def launch(
     share: bool = False,
     block: bool = True,
 ):
-    """Serves ``page`` on ``host:port``; returns Gradio's ``(app, local_url, share_url)``."""
+    """Serves ``page`` on ``host:port``; returns Gradio's ``(app, local_url, share_url)``
+    (``block``: only once the server stops)."""
     gr = import_gradio()
-    return page.launch(
+    served = page.launch(
         server_name=host,
         server_port=port,
         share=share,
         max_file_size=int(web.web.max_upload_mb * 2**20),
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         ssr_mode=False,
         show_error=False,
-        quiet=not block,
+        quiet=True,
         theme=gr.themes.Default(
             font=("ui-sans-serif", "system-ui", "sans-serif"),  # no web fonts: works offline
             font_mono=("ui-monospace", "monospace"),
         ),
     )
+    _, local_url, share_url = served
+    where = f"{local_url} (bound to {host})" + (f" and {share_url} (public)" if share_url else "")
+    logging.info("serving on %s; stop with Ctrl-C", where)
+    if block:
+        page.block_thread()
+    return served
 
 
 # ----------------------------------------------------------------------------- command line
@@ -588,7 +595,8 @@ def use_compilation_cache(path: str) -> None:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    for quiet in ("absl", "httpx"):  # Orbax's per-step lines; Gradio's own HTTP requests
+        logging.getLogger(quiet).setLevel(logging.WARNING)
     logging.getLogger().setLevel(logging.INFO)
     fv = flags.FLAGS
     config = config_from_flags(fv)
