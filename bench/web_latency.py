@@ -236,7 +236,7 @@ def report(args, config, runs, starts, loads, conditions) -> str:
     lines += [
         "",
         "Start-up of `python -m exo2ego_jax.web` (a fresh process each: import, model load, "
-        "compiling the decode programs of a first question and a follow-up, page up):",
+        "compiling the decode programs of the first `web.warmup_buckets` prompt buckets, page up):",
         "",
         "| compilation cache | interpreter + imports (s) | model load (s) | warm-up compile (s) | "
         "page up (s) | command to serving (s) | programs from the cache / compiled |",

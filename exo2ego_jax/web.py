@@ -276,10 +276,16 @@ class WebChat:
                     f"{self.web.max_upload_mb:g} MB this server accepts: upload a shorter clip."
                 )
             try:
-                video = self._decode(name, p, Clip(p), check_duration=True)
-            except VideoDecodeError as e:
-                reason = str(e).replace(repr(str(p)), repr(name)).replace(str(p), name)
-                return None, f"**Could not read {name}.** {reason}"
+                seconds = probe(p)["duration"]  # not a video: fails here, before decoding
+                if seconds > self.web.max_seconds:
+                    return None, (
+                        f"**{name}** lasts {seconds:.0f} s, more than the "
+                        f"{self.web.max_seconds:g} s this server accepts: cut it shorter."
+                    )
+                video = self._decode(name, Clip(p))
+            except VideoDecodeError as e:  # its reason, without the server's path
+                reason = str(e).split(": ", 1)[-1].replace(str(p), name)
+                return None, f"**Could not read {name}**: {reason}"
             return video, self._loaded(video)
         except OSError as e:
             return None, f"**Could not read {name}**: {e.strerror or e}. Upload it again."
@@ -292,22 +298,17 @@ class WebChat:
             return None, "No such example."
         ex = self.examples[index]
         try:
-            video = self._decode(f"example {ex.label}", ex.clip.path, ex.clip)
+            video = self._decode(f"example {ex.label}", ex.clip)
         except VideoDecodeError as e:
             return None, f"**Could not read the example clip.** {e}"
         return video, f"{self._loaded(video)} Its narration: *{ex.reference}*."
 
-    def _decode(self, name: str, path: Path, clip: Clip, check_duration=False) -> Video:
+    def _decode(self, name: str, clip: Clip) -> Video:
+        """The model's frames of ``clip`` (a whole file: as the command-line chat decodes
+        it, ``chat.load_frames``)."""
         start = time.perf_counter()
-        if check_duration:
-            seconds = probe(path)["duration"]
-            if seconds > self.web.max_seconds:
-                raise VideoDecodeError(
-                    f"it lasts {seconds:.0f} s, more than the {self.web.max_seconds:g} s this "
-                    "server accepts. Cut it shorter and upload it again"
-                )
         if clip.start is None and clip.end is None:
-            frames = load_frames(self.trained_model_config, path)
+            frames = load_frames(self.trained_model_config, clip.path)
         else:
             frames = clip_frames_fn(self.trained_model_config)(clip)
         return Video(name, frames, time.perf_counter() - start)
@@ -321,7 +322,7 @@ class WebChat:
 
     def _delete_upload(self, p: Path) -> None:
         """Deletes an upload and the per-upload folder Gradio made for it, if now empty."""
-        if not p.is_relative_to(self.upload_dir) or p == self.upload_dir:
+        if not p.is_relative_to(self.upload_dir) or not p.is_file():
             return
         p.unlink(missing_ok=True)
         if p.parent != self.upload_dir:
