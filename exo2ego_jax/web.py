@@ -493,22 +493,26 @@ def build_app(web: WebChat) -> Any:
                 else:
                     yield now, [*turns, (q.strip(), reply.text)], reply.timings, gr.skip(), ""
 
+        page_only = dict(api_visibility="private")  # no API endpoints: the page's events only
         loaded = [video_state, turns_state, chatbot, strip, status, timings]
         upload.upload(
-            on_upload, [upload], [*loaded, upload], concurrency_id="decode", concurrency_limit=2
-        )
-        examples.click(on_example, [examples], loaded, concurrency_id="decode")
+            on_upload, [upload], [*loaded, upload], concurrency_id="decode", concurrency_limit=2,
+            **page_only,
+        )  # fmt: skip
+        examples.click(on_example, [examples], loaded, concurrency_id="decode", **page_only)
         ask_args = dict(
             fn=on_ask,
             inputs=[question, video_state, turns_state, chatbot, temperature, top_p],
             outputs=[chatbot, turns_state, timings, status, question],
             concurrency_id="generate",
             concurrency_limit=1,
+            **page_only,
         )
         ask_button.click(**ask_args)
         question.submit(**ask_args)
-        new_button.click(lambda: ([], [], ""), None, [chatbot, turns_state, timings])
-    return page.queue(max_size=web.web.max_queue, default_concurrency_limit=1)
+        new_button.click(lambda: ([], [], ""), None, [chatbot, turns_state, timings], **page_only)
+    # api_open=False: no REST route around the queue.
+    return page.queue(max_size=web.web.max_queue, default_concurrency_limit=1, api_open=False)
 
 
 def launch(
@@ -530,6 +534,8 @@ def launch(
         max_file_size=int(web.web.max_upload_mb * 2**20),
         prevent_thread_lock=True,
         ssr_mode=False,
+        run_history=False,  # the page records nothing, in the browser or elsewhere
+        footer_links=["gradio", "settings"],
         show_error=False,
         quiet=True,
         theme=gr.themes.Default(

@@ -12,6 +12,7 @@ makes it fail. ``EXO2EGO_SCREENSHOT=PATH`` saves the page after the first answer
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -19,6 +20,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,7 @@ BROWSER_FLAGS = (
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    "--disable-dev-shm-usage",  # containers often have a small /dev/shm
     "--window-size=1280,1100",
 )
 
@@ -319,6 +322,9 @@ def test_browser_asks_about_an_upload_and_survives_a_broken_file(
             page, app, host="127.0.0.1", port=port, share=False, block=False
         )
         assert url.startswith(f"http://127.0.0.1:{port}") and share_url is None
+        with urllib.request.urlopen(f"{url}gradio_api/info", timeout=10) as r:
+            api = json.load(r)
+        assert not api.get("named_endpoints") and not api.get("unnamed_endpoints")
         wait = WebDriverWait(driver, 60)
 
         def text(element_id: str) -> str:
