@@ -19,7 +19,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -234,7 +233,7 @@ def test_bad_files_give_a_message_and_the_app_keeps_answering(
 
 
 def test_gradio_is_an_optional_extra(monkeypatch):
-    code = "import sys, exo2ego_jax, exo2ego_jax.web; print('gradio' in sys.modules)"
+    code = "import sys, exo2ego_jax, exo2ego_jax.web, main; print('gradio' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
@@ -262,12 +261,13 @@ def test_command_line_names_a_missing_demo_model(tmp_path):
 # ----------------------------------------------------------------------------- the browser
 
 
-def _browser():
-    """A headless Chromium under Selenium, or skip (fail with EXO2EGO_REQUIRE_BROWSER=1)."""
+def _browser(profile: Path):
+    """A headless Chromium under Selenium (its profile in ``profile``), or skip (fail with
+    EXO2EGO_REQUIRE_BROWSER=1)."""
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     try:
         web.import_gradio()
-        from selenium import webdriver  # noqa: PLC0415  (optional: the web extra)
+        from selenium import webdriver  # noqa: PLC0415  (optional: the dev extra)
     except (ConfigError, ImportError) as e:
         missing.append(f"python packages ({e})")
     if missing:
@@ -278,10 +278,20 @@ def _browser():
     options = webdriver.ChromeOptions()
     for flag in BROWSER_FLAGS:
         options.add_argument(flag)
-    options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='exo2ego-chromium-')}")
+    options.add_argument(f"--user-data-dir={profile}")  # a fresh one
     options.binary_location = str(CHROMIUM)
     service = webdriver.ChromeService(executable_path=str(CHROMEDRIVER))
     return webdriver.Chrome(options=options, service=service)
+
+
+def test_a_missing_browser_fails_when_required(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys.modules[__name__], "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.delenv("EXO2EGO_REQUIRE_BROWSER", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no-chromium"):
+        _browser(tmp_path)
+    monkeypatch.setenv("EXO2EGO_REQUIRE_BROWSER", "1")
+    with pytest.raises(pytest.fail.Exception, match="EXO2EGO_REQUIRE_BROWSER=1"):
+        _browser(tmp_path)
 
 
 def _free_port() -> int:
@@ -308,10 +318,10 @@ new MutationObserver(() => {
 def test_browser_asks_about_an_upload_and_survives_a_broken_file(
     app, video, cli_answer, tmp_path, monkeypatch
 ):
-    from selenium.webdriver.common.by import By  # noqa: PLC0415  (optional: the web extra)
+    from selenium.webdriver.common.by import By  # noqa: PLC0415  (optional: the dev extra)
     from selenium.webdriver.support.ui import WebDriverWait  # noqa: PLC0415
 
-    driver = _browser()
+    driver = _browser(tmp_path / "chromium-profile")
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(app.upload_dir))  # where the app puts uploads
     page = web.build_app(app)
     asks = [f for f in page.fns.values() if f.name == "on_ask"]
