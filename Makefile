@@ -1,4 +1,4 @@
-# Quick start (fresh machine):  make demo   |   make test
+# Quick start (fresh machine):  make demo   |   make test   (then `make web` after the demo)
 # Both create/reuse the virtualenv in .venv. `make demo` installs the package and what the
 # demo needs (JAX for this machine's accelerator: cuda12 where nvidia-smi runs, tpu on a
 # TPU VM, CPU otherwise; override with ACCEL=gpu|tpu|cpu); `make test` adds the dev extra
@@ -29,11 +29,20 @@ $(VENV)/.demo-stamp: pyproject.toml | $(VENV)/bin/python
 
 $(VENV)/.test-stamp: pyproject.toml | $(VENV)/bin/python
 	$(if $(TORCH_INDEX),$(PIP) torch==2.13.0 --index-url $(TORCH_INDEX),)
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,web]'
+	touch $@
+
+$(VENV)/.web-stamp: pyproject.toml | $(VENV)/bin/python
+	$(PIP) -e '.[web]'
 	touch $@
 
 demo: $(VENV)/.demo-stamp
 	$(PY) main.py --demo --workdir=workdirs/demo
+
+# The web chat about the demo's stage-3 model (docs/web.md): http://127.0.0.1:7860
+web: $(VENV)/.web-stamp
+	$(PY) -m exo2ego_jax.web --workdir=workdirs/demo --data_dir=demo_data \
+		--compilation_cache=workdirs/demo/jax_cache
 
 # Two workers, one file each at a time (module fixtures stay in one process): most of the
 # suite's time is single-threaded XLA compilation, so this halves it on 2 cores.

@@ -9,6 +9,8 @@ Presets (the part after ``:``):
 * ``chat``: the demo paths, in chat mode (``run='chat'``): answer ``chat.question`` about
   ``chat.video``. ``paper,chat`` does the same with the paper preset.
 
+Every preset also carries ``web.*``, the web chat's limits (``python -m exo2ego_jax.web``).
+
 ``model`` / ``init`` / ``data`` / ``mesh`` come from ``configs/common.base_config(3, ...)``
 so the model is built exactly as stage 3 trained it; ``init.stages`` lists all four stage
 workdirs (params restored in order, stage 3 last).
@@ -80,4 +82,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     h.temperature = 0.0  # 0 = greedy
     h.top_p = 1.0
     h.seed = 0  # sampling only
+
+    # The web chat (``python -m exo2ego_jax.web``, docs/web.md); it also reads chat.*.
+    w = c.web = ml_collections.ConfigDict()
+    w.max_upload_mb = 50.0  # larger uploads are refused (by Gradio, and again on the server)
+    w.max_seconds = 600.0  # longer videos are refused (duration from the container)
+    w.max_question_chars = 1000
+    w.max_turns = 4  # earlier (question, answer) turns kept in the prompt of a follow-up
+    w.num_examples = 8  # held-out EgoMCQ clips of eval.data_root offered as examples
+    w.max_queue = 16  # questions waiting for the model; more are turned away ("queue full")
+    w.warmup_buckets = 2  # 64-token prompt buckets compiled at start-up (first question: 1)
     return c

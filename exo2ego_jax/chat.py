@@ -12,8 +12,11 @@ Decoding is a Python loop over the decode engine's jitted prefill and step
 prompt (video tokens in place of ``<video>``), then one single-token step per new token (the
 cache is donated and updated in place). After every
 token the text decoded so far is compared with what was already shown and the new piece
-is passed to ``stream``. Greedy by default; ``chat.temperature`` > 0 samples with
-``chat.top_p`` nucleus filtering.
+is passed to ``stream`` (:meth:`ChatSession.ask`) or yielded
+(:meth:`ChatSession.answer_pieces`, what the web app streams). Greedy by default;
+``chat.temperature`` > 0 samples with ``chat.top_p`` nucleus filtering. Follow-up questions
+pass the earlier ``(question, answer)`` turns as ``history`` (the ``mistral`` template's
+multi-turn prompt, the video in the first turn).
 
 The batch is padded to the number of devices a batch is split over (every row the same
 prompt): an uneven batch split is not possible on the mesh.
@@ -21,7 +24,9 @@ prompt): an uneven batch split is not possible on the mesh.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +44,23 @@ from input_pipeline.egobench import Clip
 from input_pipeline.templates import build_prompt
 
 Stream = Callable[[str], None]
+History = Sequence[tuple[str, str]]
+
+
+@dataclasses.dataclass
+class Timings:
+    """Where one answer's time went (filled in while it decodes)."""
+
+    video_s: float = 0.0  # the video decoded to frames (0 when frames were passed)
+    prefill_s: float = 0.0  # clip + prompt through the model, first token picked
+    decode_s: float = 0.0  # every single-token step after that
+    steps: int = 0  # single-token steps
+    tokens: int = 0  # answer tokens (EOS not counted)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decoding speed after the first token (0 when only one token was picked)."""
+        return self.steps / self.decode_s if self.steps and self.decode_s > 0 else 0.0
 
 
 def print_piece(piece: str) -> None:
@@ -61,13 +83,16 @@ def decode_tokens(
     temperature: float = 0.0,
     top_p: float = 1.0,
     seed: int = 0,
+    timings: Timings | None = None,
 ) -> Iterator[int]:
     """Yields the answer's token ids one at a time (stops after EOS, which is not yielded).
 
     Args:
       frames: ``float32[T, H, W, 3]`` CLIP-normalised frames.
       prompt_ids: ``int32[L]`` prompt with one ``<video>`` sentinel.
+      timings: filled in as tokens are picked (prefill, steps, tokens).
     """
+    timings = timings if timings is not None else Timings()
     model, tok = trained.model, trained.tokenizer
     b = trained.batch_ways
     length = decode.bucket(len(prompt_ids))
@@ -80,6 +105,7 @@ def decode_tokens(
     greedy = temperature <= 0.0
     rng = jax.random.key(seed)
     temp, nucleus = jnp.float32(max(temperature, 1e-6)), jnp.float32(top_p)
+    start = time.perf_counter()
     with trained.context():
         logits, cache, lengths = engine.prefill(
             trained.params,
@@ -90,9 +116,15 @@ def decode_tokens(
         )
         for t in range(max_new_tokens):
             key = None if greedy else jax.random.fold_in(rng, t)
-            token = int(_pick(logits, key, temp, nucleus, greedy)[0])
+            token = int(_pick(logits, key, temp, nucleus, greedy)[0])  # waits for the device
+            now = time.perf_counter()
+            if t == 0:
+                timings.prefill_s, start = now - start, now
+            else:
+                timings.decode_s, timings.steps = now - start, t
             if token == tok.eos_token_id:
                 return
+            timings.tokens = t + 1
             yield token
             if t + 1 == max_new_tokens:
                 return
@@ -101,13 +133,13 @@ def decode_tokens(
             logits, cache = engine.step(trained.params, tokens, lengths + t, cache)
 
 
-def stream_text(tokenizer: Any, token_ids: Iterator[int], stream: Stream = print_piece) -> str:
-    """Decodes ``token_ids`` incrementally, passing each new piece of text to ``stream``.
+def text_pieces(tokenizer: Any, token_ids: Iterator[int]) -> Iterator[str]:
+    """Decodes ``token_ids`` incrementally, yielding each new piece of text.
 
     The whole prefix is decoded after every token (a token's text can depend on its
     neighbours); a piece is held back while it ends in an incomplete UTF-8 sequence
     (``\\ufffd`` from byte fallback) or in whitespace (the template's space before ``</s>``).
-    Returns the concatenation of the pieces (the answer without surrounding whitespace).
+    The pieces add up to the answer without surrounding whitespace.
     """
     ids: list[int] = []
     shown = ""
@@ -117,8 +149,21 @@ def stream_text(tokenizer: Any, token_ids: Iterator[int], stream: Stream = print
         if text.endswith("\ufffd") or not text.startswith(shown) or len(text) == len(shown):
             continue
         piece, shown = text[len(shown) :], text
+        yield piece
+
+
+def stream_pieces(pieces: Iterable[str], stream: Stream = print_piece) -> str:
+    """Passes each piece to ``stream``; returns their concatenation."""
+    text = ""
+    for piece in pieces:
         stream(piece)
-    return shown
+        text += piece
+    return text
+
+
+def stream_text(tokenizer: Any, token_ids: Iterator[int], stream: Stream = print_piece) -> str:
+    """:func:`text_pieces` of ``token_ids`` passed to ``stream``; returns the answer."""
+    return stream_pieces(text_pieces(tokenizer, token_ids), stream)
 
 
 # ----------------------------------------------------------------------------- sessions
@@ -155,29 +200,56 @@ class ChatSession:
         question: str,
         *,
         stream: Stream = print_piece,
+        history: History = (),
     ) -> str:
-        """Streams the answer to ``question`` about ``video`` (a path or decoded frames)."""
-        c = self.config
-        model_config = self.trained.model.config
-        frames = video if isinstance(video, np.ndarray) else load_frames(model_config, video)
-        tok = self.trained.tokenizer
-        system = system_prompt(None, first_person=c.eval.first_person)
-        prompt = build_prompt(
-            tok,
+        """Streams the answer to ``question`` about ``video`` (a path or decoded frames)
+        after the earlier ``(question, answer)`` turns of ``history``."""
+        return stream_pieces(self.answer_pieces(video, question, history=history), stream)
+
+    def prompt_ids(self, question: str, history: History = ()) -> np.ndarray:
+        """``int32[L]``: the ``mistral`` prompt of ``question`` after ``history``, with the
+        ``<video>`` sentinel in the first turn."""
+        return build_prompt(
+            self.trained.tokenizer,
             question,
-            system=system,
+            system=system_prompt(None, first_person=self.config.eval.first_person),
+            history=history,
             video_token_index=self.trained.model.config.video_token_index,
         ).input_ids
+
+    def answer_pieces(
+        self,
+        video: str | Path | np.ndarray,
+        question: str,
+        *,
+        history: History = (),
+        temperature: float | None = None,
+        top_p: float | None = None,
+        timings: Timings | None = None,
+    ) -> Iterator[str]:
+        """Yields the answer's text piece by piece as it decodes (:func:`text_pieces`).
+
+        ``temperature`` / ``top_p`` default to ``config.chat``'s; ``timings`` is filled in.
+        """
+        c = self.config.chat
+        timings = timings if timings is not None else Timings()
+        start = time.perf_counter()
+        if isinstance(video, np.ndarray):
+            frames = video
+        else:
+            frames = load_frames(self.trained.model.config, video)
+            timings.video_s = time.perf_counter() - start
         tokens = decode_tokens(
             self.trained,
             frames,
-            prompt,
-            max_new_tokens=c.chat.max_new_tokens,
-            temperature=c.chat.temperature,
-            top_p=c.chat.top_p,
-            seed=c.chat.seed,
+            self.prompt_ids(question, history),
+            max_new_tokens=c.max_new_tokens,
+            temperature=c.temperature if temperature is None else temperature,
+            top_p=c.top_p if top_p is None else top_p,
+            seed=c.seed,
+            timings=timings,
         )
-        return stream_text(tok, tokens, stream)
+        return text_pieces(self.trained.tokenizer, tokens)
 
 
 def answer(

@@ -292,6 +292,16 @@ RANGES: tuple[_Range, ...] = (
     ("optim.grad_accum", *_int(1)),
     ("checkpoint.every_steps", *_int(1)),
     ("checkpoint.keep", *_int(1)),
+    ("chat.max_new_tokens", *_int(1)),
+    ("chat.temperature", *_num(0)),
+    ("chat.top_p", *_num(0, 1, lo_open=True)),
+    ("web.max_upload_mb", *_positive()),
+    ("web.max_seconds", *_positive()),
+    ("web.max_question_chars", *_int(1)),
+    ("web.max_turns", *_int(0)),
+    ("web.num_examples", *_int(0)),
+    ("web.max_queue", *_int(1)),
+    ("web.warmup_buckets", *_int(1)),
 )
 
 

@@ -24,6 +24,7 @@ __all__ = [
     "CLIP_MEAN",
     "CLIP_STD",
     "VideoDecodeError",
+    "denormalize_frames",
     "load_clip",
     "normalize_frames",
     "probe",
@@ -251,3 +252,11 @@ def _decode_indices(container, st, fps: float, idx: np.ndarray, path) -> dict:
             "The file is probably truncated; re-create or re-download it",
         )
     return got
+
+
+def denormalize_frames(frames: np.ndarray) -> np.ndarray:
+    """:func:`normalize_frames` undone: ``float32[..., 3]`` -> ``uint8[..., 3]`` RGB (what the
+    model saw, e.g. to show it)."""
+    x = np.asarray(frames, np.float32) * np.asarray(CLIP_STD, np.float32)
+    x = x + np.asarray(CLIP_MEAN, np.float32)
+    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)

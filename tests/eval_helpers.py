@@ -1,12 +1,91 @@
-"""Shared checks of written EgoBench predictions (test_evaluate.py, test_study.py)."""
+"""Shared pieces of the evaluation tests: a tiny trained-looking stage-3 model on a tiny
+world (test_evaluate.py, test_web.py), and checks of written EgoBench predictions
+(test_evaluate.py, test_study.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import jax
+import ml_collections
 import numpy as np
 
+from configs import common
+from configs import eval as eval_config
+from exo2ego_jax import config_lib, runtime, stages
+from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax.eval import evaluate, report, scoring
 from exo2ego_jax.eval import metrics as M
+from exo2ego_jax.models.exo2ego import Exo2Ego
+from exo2ego_jax.training import checkpoints
 from input_pipeline import egobench as tasks
+from input_pipeline.prepare import prepare
+from input_pipeline.synthetic import generate_world
+
+
+def _save_stage(workdir, stage: int, model, params) -> None:
+    """A stage checkpoint as the trainer writes it: the stage's trainable leaves, perturbed
+    so that each stage's hand-off changes the model."""
+    stage_cfg = config_lib.build_stage_config(common.base_config(stage, "demo").stage)
+    trainable, _ = stages.split_params(params, stages.trainable_patterns(stage_cfg, model))
+    rng = np.random.default_rng(stage)  # host-side noise: no per-shape device programs
+    trainable = jax.tree.map(
+        lambda x: np.asarray(x) + 0.01 * rng.standard_normal(x.shape, np.float32), trainable
+    )
+    ckpt = checkpoints.StageCheckpointer(workdir, async_save=False)
+    meta = {"stage": stage, **checkpoints.param_meta(trainable)}
+    ckpt.save(1, trainable, {"count": np.zeros((), np.int32)}, meta, {}, force=True)
+    ckpt.close()
+
+
+def tiny_eval_config(root: Path) -> ml_collections.ConfigDict:
+    """``configs/eval.py:demo`` pointed at the world, tokenizer and stage checkpoints that
+    :func:`tiny_stage3` makes under ``root`` (no pretrained demo LM / CLIP; chat answers of
+    6 new tokens)."""
+    root = Path(root)
+    world, prepared = root / "world", root / "prepared"
+    config = eval_config.get_config("demo")
+    config.data.world_dir, config.data.prepared_dir = str(world), str(prepared)
+    config.data.tokenizer = str(prepared / "tokenizer")
+    config.init.llm = ""  # no pretrained demo LM: random init, then the stage checkpoints
+    config.init.clip = ""
+    config.init.stages = tuple(str(root / f"stage{i}") for i in range(4))
+    config.eval.data_root = str(world)
+    config.eval.out_dir = str(root / "eval")
+    config.chat.max_new_tokens = 6
+    return config
+
+
+def tiny_stage3(root: Path) -> tuple[ml_collections.ConfigDict, Path]:
+    """A tiny world (6 takes, 2 held out) + its tokenizer under ``root``, and stage 0..3
+    checkpoints of the demo-size model (random init, each stage's leaves perturbed).
+
+    Returns ``(tiny_eval_config(root), world)``.
+    """
+    world = generate_world(
+        Path(root) / "world",
+        seed=0,
+        num_takes=6,
+        heldout_takes=2,
+        size=64,
+        fps=6,
+        workers=1,
+        progress=False,
+    )
+    prepare(world, Path(root) / "prepared", progress=False)
+    config = tiny_eval_config(root)
+
+    model = Exo2Ego(config_lib.build_model_config(config.model))
+    mesh, rules = (
+        sharding_lib.make_mesh(config.mesh.shape),
+        sharding_lib.rules_for(config.mesh.rules),
+    )
+    with sharding_lib.sharding_context(mesh, rules):
+        params, _ = runtime.init_params(model, mesh, rules, config.seed)
+        for i, wd in enumerate(config.init.stages):
+            _save_stage(wd, i, model, params)
+    return config, world
+
 
 MCQ_TASKS = ("egoschema", "qaego4d_close", "egotaskqa", "egoplan", "vlnqa", "egomcq")
 

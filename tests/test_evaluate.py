@@ -5,78 +5,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
-from eval_helpers import recompute_metrics
+from eval_helpers import recompute_metrics, tiny_stage3
 
-from configs import common
 from configs import eval as eval_config
-from exo2ego_jax import chat, config_lib, runtime, stages
-from exo2ego_jax import sharding as sharding_lib
+from exo2ego_jax import chat, config_lib, runtime
 from exo2ego_jax.eval import evaluate, report, scoring
-from exo2ego_jax.models.exo2ego import Exo2Ego
-from exo2ego_jax.training import checkpoints
 from input_pipeline import egobench as tasks
-from input_pipeline.prepare import prepare
-from input_pipeline.synthetic import generate_world
 
 MAX_ITEMS = 2  # per task: enough for every metric, small enough for CPU
 MIR_CLIPS = 3
 
 
-def _save_stage(workdir, stage: int, model, params) -> None:
-    """A stage checkpoint as the trainer writes it: the stage's trainable leaves, perturbed
-    so that each stage's hand-off changes the model."""
-    stage_cfg = config_lib.build_stage_config(common.base_config(stage, "demo").stage)
-    trainable, _ = stages.split_params(params, stages.trainable_patterns(stage_cfg, model))
-    rng = np.random.default_rng(stage)  # host-side noise: no per-shape device programs
-    trainable = jax.tree.map(
-        lambda x: np.asarray(x) + 0.01 * rng.standard_normal(x.shape, np.float32), trainable
-    )
-    ckpt = checkpoints.StageCheckpointer(workdir, async_save=False)
-    meta = {"stage": stage, **checkpoints.param_meta(trainable)}
-    ckpt.save(1, trainable, {"count": np.zeros((), np.int32)}, meta, {}, force=True)
-    ckpt.close()
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """Tiny world + its tokenizer, and stage 0..3 checkpoints of the demo-size model."""
-    root = tmp_path_factory.mktemp("evaluate")
-    world = generate_world(
-        root / "world",
-        seed=0,
-        num_takes=6,
-        heldout_takes=2,
-        size=64,
-        fps=6,
-        workers=1,
-        progress=False,
-    )
-    prepared = root / "prepared"
-    prepare(world, prepared, progress=False)
-    config = eval_config.get_config("demo")
-    config.data.world_dir, config.data.prepared_dir = str(world), str(prepared)
-    config.data.tokenizer = str(prepared / "tokenizer")
-    config.init.llm = ""  # no pretrained demo LM: random init, then the stage checkpoints
-    config.init.clip = ""
-    config.init.stages = tuple(str(root / f"stage{i}") for i in range(4))
-    config.eval.data_root = str(world)
+    config, world = tiny_stage3(tmp_path_factory.mktemp("evaluate"))
     config.eval.max_items = MAX_ITEMS
     config.eval.retrieval_max_clips = MIR_CLIPS
-    config.eval.out_dir = str(root / "eval")
-    config.chat.max_new_tokens = 6
-
-    model = Exo2Ego(config_lib.build_model_config(config.model))
-    mesh, rules = (
-        sharding_lib.make_mesh(config.mesh.shape),
-        sharding_lib.rules_for(config.mesh.rules),
-    )
-    with sharding_lib.sharding_context(mesh, rules):
-        params, _ = runtime.init_params(model, mesh, rules, config.seed)
-        for i, wd in enumerate(config.init.stages):
-            _save_stage(wd, i, model, params)
     return config, world
 
 

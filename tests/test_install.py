@@ -78,4 +78,4 @@ def test_makefile_installs_the_demo_without_the_dev_extra():
     make = (ROOT / "Makefile").read_text()
     demo_install = re.search(r"\.demo-stamp:.*?\n((?:\t.*\n)+)", make).group(1)
     assert "-e '.$(EXTRA)'" in demo_install and "dev" not in demo_install
-    assert re.search(r"\.test-stamp:.*?\n(?:\t.*\n)*\t\$\(PIP\) -e '\.\[dev\]'", make)
+    assert re.search(r"\.test-stamp:.*?\n(?:\t.*\n)*\t\$\(PIP\) -e '\.\[dev,web\]'", make)
