@@ -13,7 +13,7 @@ Evaluate a trained stage-3 model on EgoBench, or ask it about any ego video::
 Run the whole built-in demo (synthetic world -> datasets -> demo LM -> stages 0-3 ->
 synthetic EgoBench)::
 
-    python main.py --demo [--workdir=workdirs/demo] [--world_takes=N]
+    python main.py --demo [--quick] [--workdir=workdirs/demo] [--world_takes=N]
 """
 
 from __future__ import annotations
@@ -36,7 +36,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (default: config.workdir).")
 _DEMO = flags.DEFINE_bool("demo", False, "Run the full demo pipeline on the synthetic world.")
-_DATA = flags.DEFINE_string("data_dir", "demo_data", "Demo: where the world and datasets live.")
+_DATA = flags.DEFINE_string(
+    "data_dir", None, "Demo: where the world and datasets live (default demo_data)."
+)
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "Demo: the whole pipeline on a tiny world in a few minutes (first contact)."
+)
 _WORLD_TAKES = flags.DEFINE_integer(
     "world_takes",
     None,
@@ -100,7 +105,13 @@ def main(argv: list[str]) -> None:
     )
     if _DEMO.value:
         takes = {"world_takes": _WORLD_TAKES.value} if _WORLD_TAKES.value else {}
-        demo.run(workdir=_WORKDIR.value or "workdirs/demo", data_dir=_DATA.value, **takes)
+        suffix = "-quick" if _QUICK.value else ""  # never mixed with a full demo's files
+        demo.run(
+            workdir=_WORKDIR.value or f"workdirs/demo{suffix}",
+            data_dir=_DATA.value or f"demo_data{suffix}",
+            quick=_QUICK.value,
+            **takes,
+        )
         return
     config = _CONFIG.value
     if config is None:

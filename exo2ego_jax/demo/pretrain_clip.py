@@ -171,76 +171,21 @@ def pretrain(
             workers=workers,
             progress=progress,
         )
-    num_takes = int(corpus.takes.max()) + 1
-    num_val = int(round(num_takes * val_fraction))
-    is_val = corpus.takes >= num_takes - num_val
-    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
-    if len(train_idx) == 0:
-        raise ValueError(
-            f"val_fraction={val_fraction} holds out all {num_takes} corpus takes; render more "
-            "takes (num_takes) or lower val_fraction"
-        )
-    frames, labels = corpus.frames, corpus.labels
-    sizes = [len(v) for v in LABELS.values()]
-    tower, head = clip_lib.CLIPVisionTower(cfg), ReadoutHead(sum(sizes))
-    dense = DenseHead(len(LABELS["color"]), len(LABELS["shape"]))
-    grid = cfg.image_size // cfg.patch_size
-
-    def features(params, x):  # uint8 frames, CLIP-normalised on the device
-        return clip_lib.clip_features(cfg, params["tower"], x)  # [B, T, N, W]
-
-    def forward(params, x):
-        return head.apply({"params": params["head"]}, features(params, x))
-
-    k_tower, k_head = jax.random.split(jax.random.key(seed))
-    sample = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
-    params = {
-        "tower": jax.jit(tower.init)(k_tower, sample)["params"],
-        "head": head.init(k_head, jnp.zeros((1, num_frames, cfg.num_patches, cfg.hidden_size)))[
-            "params"
-        ],
-        "dense": dense.init(k_head, jnp.zeros((1, 1, cfg.num_patches, cfg.hidden_size)))["params"],
-    }
-    params = nn.unbox(params)
-    ce = optax.softmax_cross_entropy_with_integer_labels
-
-    def loss_fn(p, x, y, color, shape, where):
-        feats = features(p, x)
-        parts = _split_logits(head.apply({"params": p["head"]}, feats), sizes)
-        loss = sum(ce(lg, y[:, k]).mean() for k, lg in enumerate(parts))
-        if dense_weight:  # what is where in every frame: far more signal than a clip label
-            c_logits, s_logits, w_logits = dense.apply({"params": p["dense"]}, feats)
-            weight = jnp.where(color > 0, 1.0, _EMPTY_PATCH_WEIGHT)
-            per_patch = ce(c_logits, color) + ce(s_logits, shape)
-            loss_dense = (weight * per_patch).sum() / weight.sum() + ce(w_logits, where).mean()
-            loss = loss + dense_weight * loss_dense
-        return loss
-
-    rng = np.random.default_rng(seed)
-
-    def sample_batch() -> tuple[np.ndarray, ...]:
-        idx = rng.choice(train_idx, batch_size)
-        picks = np.sort(
-            np.stack([rng.choice(frames.shape[1], num_frames, replace=False) for _ in idx]), -1
-        )
-        xy = corpus.object_xy[idx[:, None], picks]
-        targets = dense_targets(xy, corpus.object_labels[idx], corpus.acted[idx], grid)
-        return frames[idx[:, None], picks], labels[idx], *targets
-
+    train_idx, val_idx = _split_takes(corpus, val_fraction)
+    model = _Classifier(cfg, num_frames, dense_weight)
     result = fit(
-        loss_fn,
-        params,
-        sample_batch,
+        model.loss,
+        model.init(seed),
+        _sampler(corpus, train_idx, batch_size, num_frames, model.grid, seed),
         steps=steps,
         lr=lr,
         desc="demo CLIP pretraining",
         progress=progress,
     )
     params = result.params
-
-    right = _right(forward, params, frames, labels, val_idx, num_frames, sizes)
+    sizes = [len(v) for v in LABELS.values()]
+    right = _right(model.forward, params, corpus.frames, corpus.labels, val_idx, num_frames, sizes)
     val_views = np.asarray(corpus.views)[val_idx]
-    accuracy = _accuracy(right)
     accuracy_by_view = {v: _accuracy(right[val_views == v]) for v in sorted(set(corpus.views))}
 
     out_dir = Path(out_dir)
@@ -254,9 +199,85 @@ def pretrain(
         "seconds": time.time() - t0,
         "clips": len(train_idx),
         "val_clips": len(val_idx),
-        "accuracy": accuracy,
+        "accuracy": _accuracy(right),
         "accuracy_by_view": accuracy_by_view,
     }
+
+
+def _split_takes(corpus, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(train clip indices, held-out clip indices)``: the last ``val_fraction`` of the
+    corpus's takes are held out (every clip of a take on one side)."""
+    num_takes = int(corpus.takes.max()) + 1
+    num_val = int(round(num_takes * val_fraction))
+    is_val = corpus.takes >= num_takes - num_val
+    train_idx, val_idx = np.flatnonzero(~is_val), np.flatnonzero(is_val)
+    if len(train_idx) == 0:
+        raise ValueError(
+            f"val_fraction={val_fraction} holds out all {num_takes} corpus takes; render more "
+            "takes (num_takes) or lower val_fraction"
+        )
+    return train_idx, val_idx
+
+
+class _Classifier:
+    """The tower with its two heads: clip-level labels (:class:`ReadoutHead`) and, with
+    ``dense_weight > 0``, what is where in every frame (:class:`DenseHead`)."""
+
+    def __init__(self, cfg: clip_lib.CLIPVisionConfig, num_frames: int, dense_weight: float):
+        self.cfg, self.num_frames, self.dense_weight = cfg, num_frames, dense_weight
+        self.sizes = [len(v) for v in LABELS.values()]
+        self.tower, self.head = clip_lib.CLIPVisionTower(cfg), ReadoutHead(sum(self.sizes))
+        self.dense = DenseHead(len(LABELS["color"]), len(LABELS["shape"]))
+        self.grid = cfg.image_size // cfg.patch_size
+
+    def init(self, seed: int):
+        cfg = self.cfg
+        k_tower, k_head = jax.random.split(jax.random.key(seed))
+        sample = jnp.zeros((1, cfg.image_size, cfg.image_size, 3), jnp.float32)
+        feats = jnp.zeros((1, self.num_frames, cfg.num_patches, cfg.hidden_size))
+        params = {
+            "tower": jax.jit(self.tower.init)(k_tower, sample)["params"],
+            "head": self.head.init(k_head, feats)["params"],
+            "dense": self.dense.init(k_head, feats[:, :1])["params"],
+        }
+        return nn.unbox(params)
+
+    def features(self, params, x):  # uint8 frames, CLIP-normalised on the device
+        return clip_lib.clip_features(self.cfg, params["tower"], x)  # [B, T, N, W]
+
+    def forward(self, params, x):
+        return self.head.apply({"params": params["head"]}, self.features(params, x))
+
+    def loss(self, p, x, y, color, shape, where):
+        ce = optax.softmax_cross_entropy_with_integer_labels
+        feats = self.features(p, x)
+        parts = _split_logits(self.head.apply({"params": p["head"]}, feats), self.sizes)
+        loss = sum(ce(lg, y[:, k]).mean() for k, lg in enumerate(parts))
+        if self.dense_weight:  # what is where in every frame: far more signal than a label
+            c_logits, s_logits, w_logits = self.dense.apply({"params": p["dense"]}, feats)
+            weight = jnp.where(color > 0, 1.0, _EMPTY_PATCH_WEIGHT)
+            per_patch = ce(c_logits, color) + ce(s_logits, shape)
+            loss_dense = (weight * per_patch).sum() / weight.sum() + ce(w_logits, where).mean()
+            loss = loss + self.dense_weight * loss_dense
+        return loss
+
+
+def _sampler(corpus, train_idx, batch_size: int, num_frames: int, grid: int, seed: int):
+    """``next_batch()`` of random training clips, ``num_frames`` random frames each (in
+    order), with their labels and dense targets."""
+    rng = np.random.default_rng(seed)
+    frames = corpus.frames
+
+    def sample_batch() -> tuple[np.ndarray, ...]:
+        idx = rng.choice(train_idx, batch_size)
+        picks = np.sort(
+            np.stack([rng.choice(frames.shape[1], num_frames, replace=False) for _ in idx]), -1
+        )
+        xy = corpus.object_xy[idx[:, None], picks]
+        targets = dense_targets(xy, corpus.object_labels[idx], corpus.acted[idx], grid)
+        return frames[idx[:, None], picks], corpus.labels[idx], *targets
+
+    return sample_batch
 
 
 def _right(forward, params, frames, labels, idx, num_frames, sizes) -> np.ndarray:

@@ -25,6 +25,8 @@ import logging
 import time
 from pathlib import Path
 
+import jax
+
 from configs import demo as demo_configs
 from exo2ego_jax import config_lib
 from exo2ego_jax.demo import chat_check
@@ -117,9 +119,33 @@ def check_demo_lm(path: Path, llm) -> None:
         )
 
 
-def evaluate_demo(workdir: Path, data_dir: Path, *, log=print) -> dict:
+#: ``--quick``: the whole pipeline on a tiny world in a few minutes (first contact, CI).
+#: Every piece still runs: world, datasets, both stand-ins, stages 0-3 with their Orbax
+#: hand-offs, EgoBench and the chat check, each much smaller.
+QUICK = {
+    "world": dict(num_takes=8, heldout_takes=2, size=64, fps=6),
+    "lm_steps": 30,
+    "clip_steps": 20,
+    "clip_takes": 4,
+    "stage": {"optim.num_steps": 4, "log_every": 2},
+    "eval": dict(max_items=2, retrieval_max_clips=3, open_max_new_tokens=8),
+    "chat_clips": 3,
+}
+
+
+def use_compilation_cache(workdir: Path) -> None:
+    """A persistent XLA cache in ``<workdir>/jax_cache`` (stages and reruns share programs);
+    an already configured cache is kept."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str((workdir / "jax_cache").absolute()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def evaluate_demo(workdir: Path, data_dir: Path, *, log=print, overrides=None) -> dict:
     """Step 5: the synthetic EgoBench with the stage-3 model; prints the results table."""
-    _, metrics = evaluate(demo_configs.eval_config(workdir, data_dir), log=log)
+    config = demo_configs.eval_config(workdir, data_dir)
+    config.eval.update(overrides or {})
+    _, metrics = evaluate(config, log=log)
     return metrics
 
 
@@ -128,17 +154,32 @@ def run(
     data_dir: str | Path = "demo_data",
     *,
     world_takes: int = WORLD_TAKES,
+    quick: bool = False,
     log=print,
 ) -> dict:
     """Runs the demo end to end; returns per-stage loss summaries, eval results and the chat
-    check's counts. ``world_takes``: size of the world if it has to be generated."""
+    check's counts. ``world_takes``: size of the world if it has to be generated;
+    ``quick``: the :data:`QUICK` sizes."""
     workdir, data_dir = Path(workdir), Path(data_dir)
     logging.getLogger("absl").setLevel(logging.WARNING)  # keep Orbax's INFO chatter quiet
+    use_compilation_cache(workdir)
     t0 = time.time()
-    prepare_data(data_dir, log=log, world_kwargs={"num_takes": world_takes})
+    if quick:
+        prepare_data(
+            data_dir,
+            log=log,
+            world_kwargs=QUICK["world"],
+            lm_steps=QUICK["lm_steps"],
+            clip_steps=QUICK["clip_steps"],
+            clip_takes=QUICK["clip_takes"],
+        )
+    else:
+        prepare_data(data_dir, log=log, world_kwargs={"num_takes": world_takes})
     results: dict = {"stages": {}}
     for stage in range(4):
-        config = demo_configs.stage_config(stage, workdir, data_dir)
+        config = demo_configs.stage_config(
+            stage, workdir, data_dir, **(QUICK["stage"] if quick else {})
+        )
         wd = Path(config.workdir)
         try:
             step, meta = checkpoints.read_meta(wd)
@@ -156,8 +197,10 @@ def run(
             f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
         )
         results["stages"][stage] = {k: summary[k] for k in ("first_loss", "last_loss", "steps")}
-    results["eval"] = evaluate_demo(workdir, data_dir, log=log)
-    check = chat_check.check(workdir, data_dir)
+    results["eval"] = evaluate_demo(
+        workdir, data_dir, log=log, overrides=QUICK["eval"] if quick else None
+    )
+    check = chat_check.check(workdir, data_dir, num_clips=QUICK["chat_clips"] if quick else 20)
     results["chat_check"] = {k: check[k] for k in ("question", "correct", "total", "parts")}
     parts = ", ".join(f"{k} {v}" for k, v in check["parts"].items())
     log(

@@ -46,7 +46,6 @@ from exo2ego_jax.training.step import (
     CompiledSteps,
     TrainState,
     abstract_of,
-    batch_shardings,
     cast_frozen,
     jit_train_step,
     shardings_of,
@@ -142,48 +141,22 @@ def train(
         f"jax {jax.__version__}; {jax.device_count()} devices ({jax.default_backend()}); "
         f"{jax.process_count()} processes; mesh {dict(mesh.shape)}; stage {stage.stage}"
     )
-    if streams is None:
-        streams = make_streams(config, stage)
-    missing = set(stage.batches) - set(streams)
-    if missing:
-        raise ConfigError(f"stage {stage.stage} needs input streams {sorted(missing)}")
-    streams = {k: streams[k] for k in stage.batches}
+    streams = _stage_streams(config, stage, streams)
     updates, steps_per_epoch = _steps(config, streams)
     optimizer = make_optimizer(config.optim, updates)
     accum = config.optim.grad_accum or 1
-    schedule = lambda step: make_schedule(config.optim, updates)(step // accum)  # noqa: E731
     # The loop counts micro-steps (one micro-batch each): `accum` of them per update.
     total_steps = updates * accum
 
     pretrained = runtime.read_pretrained(config.init)
     with sharding_lib.sharding_context(mesh, rules):
-        params, _ = runtime.build_params(resolved, model, mesh, pretrained, log=log)
+        state, frozen = _initial_state(resolved, model, mesh, optimizer, pretrained, log)
         del pretrained
-        trainable, frozen = stages.split_params(params, stages.trainable_patterns(stage, model))
-        del params
-        frozen = cast_frozen(frozen, model.config.llm.dtype)  # read only in the compute dtype
-        n_train = stages.count_params(trainable)
-        log(f"parameters: {stages.count_params(frozen) + n_train:,} total, {n_train:,} trainable")
-        # Moments are created sharded like their parameters (left alone, jit would put them
-        # all on one device or replicate them: they do not depend on parameter values).
-        opt_shardings = sharding_lib.optimizer_state_shardings(
-            optimizer, shardings_of(trainable), trainable
-        )
-        state = TrainState(
-            trainable, jax.jit(optimizer.init, out_shardings=opt_shardings)(trainable)
-        )
-
         ckpt = checkpoints.StageCheckpointer(
             workdir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
         )
         iterators = {k: s.iterator for k, s in streams.items()}
-        start_step = ckpt.latest_step() or 0
-        if start_step:
-            params, opt_state, _ = ckpt.restore(
-                start_step, abstract_of(state.params), abstract_of(state.opt_state), iterators
-            )
-            state = TrainState(params, opt_state)
-            log(f"resumed from {ckpt.directory}/{start_step}")
+        state, start_step = _resume(ckpt, state, iterators, log)
         if start_step >= total_steps:
             ckpt.close()
             log(f"stage {stage.stage} already finished ({start_step} of {total_steps} steps)")
@@ -195,25 +168,12 @@ def train(
                 "start_step": start_step,
                 "total_steps": total_steps,
             }
-
         buckets = length_buckets(config) if config.data.get("dynamic_length") else None
         trim = (lambda b: trim_to_buckets(b, buckets)) if buckets else (lambda b: b)  # noqa: E731
         host_batch = trim({k: next(it) for k, it in iterators.items()})
-        jitted = jit_train_step(
-            model,
-            stage,
-            optimizer,
-            state_shardings=shardings_of(state),
-            frozen_shardings=shardings_of(frozen),
-            batch_shardings=batch_shardings(host_batch, mesh, rules),
-        )
         rng = jax.random.key(config.seed + 1)
         batch = sharding_lib.shard_batch(host_batch, mesh, rules)
-        args = (state, frozen, batch, rng)
-        ratio = _model_flops_ratio(model, stage, optimizer, jitted, args)
-        steps = CompiledSteps(jitted, log=log, model_flops_ratio=ratio)
-        memory = _log_memory(steps.compiled(*args), log)
-
+        steps, memory = _compile(model, stage, optimizer, (state, frozen, batch, rng), log)
         run = _Run(
             resolved=resolved,
             workdir=workdir,
@@ -224,7 +184,7 @@ def train(
             mesh=mesh,
             ckpt=ckpt,
             total_steps=total_steps,
-            schedule=schedule,
+            schedule=lambda step: make_schedule(config.optim, updates)(step // accum),
             rng=rng,
             log=log,
             progress=progress,
@@ -234,6 +194,67 @@ def train(
         summary = _loop(run, state, host_batch, start_step)
         summary.update(memory=memory, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     return summary
+
+
+def _stage_streams(config, stage, streams: Mapping[str, Stream] | None) -> dict[str, Stream]:
+    """The stage's input streams (built from ``config.data`` unless given), in its order."""
+    if streams is None:
+        streams = make_streams(config, stage)
+    missing = set(stage.batches) - set(streams)
+    if missing:
+        raise ConfigError(f"stage {stage.stage} needs input streams {sorted(missing)}")
+    return {k: streams[k] for k in stage.batches}
+
+
+def _initial_state(resolved, model, mesh, optimizer, pretrained, log) -> tuple[TrainState, Any]:
+    """``(TrainState, frozen)``: the assembled parameters split into the stage's trainable
+    part (with fresh optimizer state) and the frozen rest (in the compute dtype). Call
+    inside the mesh / rules context."""
+    params, _ = runtime.build_params(resolved, model, mesh, pretrained, log=log)
+    trainable, frozen = stages.split_params(
+        params, stages.trainable_patterns(resolved.stage, model)
+    )
+    del params
+    frozen = cast_frozen(frozen, model.config.llm.dtype)  # read only in the compute dtype
+    n_train = stages.count_params(trainable)
+    log(f"parameters: {stages.count_params(frozen) + n_train:,} total, {n_train:,} trainable")
+    # Moments are created sharded like their parameters (left alone, jit would put them
+    # all on one device or replicate them: they do not depend on parameter values).
+    opt_shardings = sharding_lib.optimizer_state_shardings(
+        optimizer, shardings_of(trainable), trainable
+    )
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(trainable)
+    return TrainState(trainable, opt_state), frozen
+
+
+def _resume(ckpt, state: TrainState, iterators, log) -> tuple[TrainState, int]:
+    """The state of the latest checkpoint (iterators restored in place), and its step."""
+    start_step = ckpt.latest_step() or 0
+    if not start_step:
+        return state, 0
+    params, opt_state, _ = ckpt.restore(
+        start_step, abstract_of(state.params), abstract_of(state.opt_state), iterators
+    )
+    log(f"resumed from {ckpt.directory}/{start_step}")
+    return TrainState(params, opt_state), start_step
+
+
+def _compile(model, stage, optimizer, args, log) -> tuple[CompiledSteps, dict[str, float]]:
+    """``(CompiledSteps, memory)``: the jitted step compiled for the shapes of ``args =
+    (state, frozen, batch, rng)`` (a batch already on the mesh), and its per-device memory
+    (logged)."""
+    state, frozen, batch, _ = args
+    jitted = jit_train_step(
+        model,
+        stage,
+        optimizer,
+        state_shardings=shardings_of(state),
+        frozen_shardings=shardings_of(frozen),
+        batch_shardings=shardings_of(batch),
+    )
+    ratio = _model_flops_ratio(model, stage, optimizer, jitted, args)
+    steps = CompiledSteps(jitted, log=log, model_flops_ratio=ratio)
+    return steps, _log_memory(steps.compiled(*args), log)
 
 
 def _model_flops_ratio(model, stage, optimizer, jitted, args) -> float:
@@ -386,6 +407,25 @@ def _log_line(run: _Run, step: int, scalars: dict[str, float], writer) -> None:
         f.write(json.dumps({"step": step, **scalars}) + "\n")
 
 
+def _read_window(run: _Run, window: _Window, step: int) -> tuple[list[float], dict[str, float]]:
+    """The window's losses (raising :class:`TrainingDivergedError` at the first non-finite
+    one) and the scalars to log at ``step``: metrics, lr, throughput, MFU, skipped counts."""
+    step_losses, scalars = window.read()
+    bad = [i for i, x in enumerate(step_losses) if not math.isfinite(x)]
+    if bad:
+        raise _diverged(run, window.steps[bad[0]], step_losses[bad[0]])
+    skipped = _check_bad_fraction(run)
+    dt = max(time.time() - window.start, 1e-9)
+    scalars.update(
+        lr=float(run.schedule(step - 1)),
+        steps_per_s=len(window.steps) / dt,
+        tokens_per_s=window.tokens / dt,
+        **perf_scalars(window.flops, dt, run.peak_tflops),
+        **{f"skipped_{k}": float(v) for k, v in skipped.items()},
+    )
+    return step_losses, scalars
+
+
 def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> dict[str, Any]:
     """Steps from ``start_step`` to ``run.total_steps``; ``host_batch`` is the first batch.
 
@@ -427,20 +467,8 @@ def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> di
                 preempted = preemption.reached(step)
                 save = step % every == 0 or last or preempted
                 if save or step % config.log_every == 0:
-                    step_losses, scalars = window.read()
-                    bad = [i for i, x in enumerate(step_losses) if not math.isfinite(x)]
-                    if bad:
-                        raise _diverged(run, window.steps[bad[0]], step_losses[bad[0]])
+                    step_losses, scalars = _read_window(run, window, step)
                     losses += step_losses
-                    skipped = _check_bad_fraction(run)
-                    dt = max(time.time() - window.start, 1e-9)
-                    scalars.update(
-                        lr=float(run.schedule(step - 1)),
-                        steps_per_s=len(window.steps) / dt,
-                        tokens_per_s=window.tokens / dt,
-                        **perf_scalars(window.flops, dt, run.peak_tflops),
-                        **{f"skipped_{k}": float(v) for k, v in skipped.items()},
-                    )
                     if writer is not None:
                         _log_line(run, step, scalars, writer)
                     bar.set_postfix(
@@ -450,14 +478,9 @@ def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> di
                 if save:  # before the next batch is read: the iterators' state is this step's
                     meta = {**meta_base, **checkpoints.param_meta(state.params), "finished": last}
                     run.ckpt.save(
-                        step,
-                        state.params,
-                        state.opt_state,
-                        meta,
-                        config_json,
-                        run.iterators,
+                        step, state.params, state.opt_state, meta, config_json, run.iterators,
                         force=last or preempted,
-                    )
+                    )  # fmt: skip
                 if preempted:
                     run.log(
                         f"stage {stage_no}: stop requested (SIGTERM) at step {step}; checkpoint "
