@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from input_pipeline import templates
 from input_pipeline.datasets import open_dataset
 from input_pipeline.pipeline import (
+    NoReadableDataError,
     PipelineOptions,
     bench_items,
     make_pipeline,
@@ -260,6 +262,30 @@ def test_bad_video_raises_across_the_worker_boundary(world, prepared, tok, tmp_p
             num_epochs=1,
             workers=1,
         )
+
+
+def test_an_endless_stream_of_unreadable_videos_fails_fast(prepared, tok, tmp_path):
+    """With every video unreadable, an endless (training) stream used to loop forever
+    before yielding a batch; it now stops after ``max_consecutive_bad`` of them in a row,
+    naming the dataset and the first bad files, and counts what it read."""
+    it = iter(
+        make_pipeline(
+            "exo_caption", prepared, tok,
+            PipelineOptions(batch_size=2, num_epochs=None, video_root=str(tmp_path),
+                            max_consecutive_bad=40),
+        )
+    )  # fmt: skip
+    t = time.time()
+    with pytest.raises(NoReadableDataError) as err:
+        next(it)
+    assert time.time() - t < 60
+    message = str(err.value)
+    assert message.startswith("dataset 'exo_clip_text': 40 examples in a row could not be read")
+    assert ".mp4" in message and "Check the video paths" in message
+    # A stream with some readable examples counts what it read and skipped, per batch.
+    it = iter(make_pipeline("exo_caption", prepared, tok, PipelineOptions(batch_size=2)))
+    next(it)
+    assert (it.num_read, it.num_skipped) == (2, 0)
 
 
 # ----------------------------------------------------------------------------- evaluation
