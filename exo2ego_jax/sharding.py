@@ -57,6 +57,7 @@ from typing import Any, Literal, Protocol
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from flax.core import meta
 from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -432,8 +433,6 @@ def optimizer_state_shardings(optimizer: Any, param_shardings_tree: Any, params:
     ``jax.jit(optimizer.init, out_shardings=optimizer_state_shardings(...))`` instead.
     ``params`` may be arrays or ``ShapeDtypeStruct`` s.
     """
-    import optax  # local: the sharding vocabulary itself does not need optax
-
     leaves = jax.tree.leaves(param_shardings_tree)
     if not leaves:
         raise ValueError("optimizer_state_shardings needs at least one parameter sharding")

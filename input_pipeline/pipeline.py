@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -43,11 +44,14 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from input_pipeline import templates
 from input_pipeline.annotations import video_path
 from input_pipeline.datasets import open_dataset
+from input_pipeline.tokenizer import load_tokenizer
 from input_pipeline.video import VideoDecodeError, load_clip, normalize_frames
 
 __all__ = [
@@ -161,8 +165,6 @@ class PipelineOptions:
     def shard(self) -> tuple[int, int]:
         """(shard_index, shard_count), defaulting to this JAX process."""
         if self.shard_index is None or self.shard_count is None:
-            import jax
-
             index, count = jax.process_index(), jax.process_count()
         index = index if self.shard_index is None else self.shard_index
         count = count if self.shard_count is None else self.shard_count
@@ -209,8 +211,6 @@ class _ExampleFn:
     @property
     def tokenizer(self):
         if isinstance(self._tokenizer, (str, os.PathLike)):
-            from input_pipeline.tokenizer import load_tokenizer
-
             self._tokenizer = load_tokenizer(self._tokenizer)
         return self._tokenizer
 
@@ -590,8 +590,6 @@ def make_pipeline(
 def _ensure_flags_parsed() -> None:
     """Grain's worker processes read absl flags; outside an absl app (tests, notebooks,
     scripts) nobody parses them, so take their defaults."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -606,8 +604,6 @@ def bench_items(data_dir: str | os.PathLike, task: str) -> list[dict[str, Any]]:
     (list[int]), answer, videos, starts, ends, relevancy (float32[S]), extra (dict)``; the
     EPIC-MIR sentences are ``bench_metadata(...)["epic_mir_sentences"]``.
     """
-    import json
-
     source, _ = open_dataset("ego_bench", data_dir, task)
     items = []
     for i in range(len(source)):

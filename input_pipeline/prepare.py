@@ -27,6 +27,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import tensorflow_datasets as tfds
+from tqdm import tqdm
+
 from input_pipeline import atomic
 from input_pipeline.datasets import (
     BUILDERS,
@@ -38,6 +41,7 @@ from input_pipeline.datasets import (
     summary_lines,
 )
 from input_pipeline.egobench import BENCHMARKS
+from input_pipeline.tokenizer import DEFAULT_VOCAB_SIZE, train_demo_tokenizer
 
 __all__ = ["corpus_text", "dataset_summary", "prepare", "main"]
 
@@ -88,9 +92,6 @@ def prepare(
     demo tokenizer (needs every dataset). ``options`` say how the annotation files are read
     (default :class:`BuildOptions`). Returns ``{name: directory}``; :func:`dataset_summary`
     of a directory tells what was kept and skipped."""
-    import tensorflow_datasets as tfds
-    from tqdm import tqdm
-
     out = Path(out)
     names = list(datasets or BUILDERS)
     unknown = sorted(set(names) - set(BUILDERS))
@@ -138,8 +139,6 @@ def build_tokenizer(
     data_dir: str | os.PathLike, *, overwrite: bool = False, vocab_size: int | None = None
 ) -> Path:
     """Train the demo tokenizer on :func:`corpus_text` into ``<data_dir>/tokenizer`` (atomic)."""
-    from input_pipeline.tokenizer import DEFAULT_VOCAB_SIZE, train_demo_tokenizer
-
     data_dir = Path(data_dir)
     target = data_dir / TOKENIZER_DIR
     if target.exists() and not overwrite:

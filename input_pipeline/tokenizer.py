@@ -17,10 +17,19 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from input_pipeline.templates import template_text
 
 UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN = "<unk>", "<s>", "</s>", "<pad>"
 SPECIAL_TOKENS = (UNK_TOKEN, BOS_TOKEN, EOS_TOKEN, PAD_TOKEN)  # ids 0, 1, 2, 3
@@ -59,8 +68,6 @@ def _learn_bpe(texts: Iterable[str], vocab_size: int) -> tuple[list[str], list[l
 
     Returns the learned pieces in id order (alphabet first, then merges) and the merges.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     # Words contain no whitespace, so joining with spaces and splitting on whitespace hands
     # the trainer exactly the run-time words.
     corpus = (" ".join(_training_words(text)) for text in texts)
@@ -82,8 +89,6 @@ def _learn_bpe(texts: Iterable[str], vocab_size: int) -> tuple[list[str], list[l
 
 def _assemble(pieces: list[str], merges: list[list[str]]):
     """Build the run-time ``tokenizers.Tokenizer`` (Mistral tokenizer.json layout)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-
     vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *BYTE_TOKENS, *pieces))}
     model = models.BPE(
         vocab=vocab,
@@ -142,8 +147,6 @@ def train_demo_tokenizer(
         raise ValueError(f"vocab_size={vocab_size} is too small: need >= {_MIN_VOCAB_SIZE}")
     texts = list(texts)
     if add_template_text:
-        from input_pipeline.templates import template_text
-
         texts += template_text()
     pieces, merges = _learn_bpe(texts, vocab_size)
     tok = _assemble(pieces, merges)
@@ -191,8 +194,6 @@ def load_tokenizer(path: str | Path, *, verbatim: bool = True) -> PreTrainedToke
         raise FileNotFoundError(
             f"no tokenizer in {path}: expected tokenizer.json or tokenizer.model"
         )
-
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     loader = PreTrainedTokenizerFast if has_json and verbatim else AutoTokenizer
     try:

@@ -68,6 +68,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from flax import traverse_util
 from orbax.checkpoint import future as ocp_future
+from tqdm.auto import tqdm
 
 from exo2ego_jax.weights import hf_clip, hf_mistral, mm_projector
 from exo2ego_jax.weights.converted import FORMAT, FORMAT_VERSION
@@ -293,8 +294,6 @@ def convert(
     ~10 % smaller for float weights, but TensorStore then holds several compressed copies of
     a block while writing (measured ≈ 5 blocks above baseline instead of ≈ 2).
     """
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     t0 = time.time()
     leaves = plan(clip, llm, projector, dtype=dtype, block_mib=block_mib)
     out = Path(out).absolute()
