@@ -53,12 +53,15 @@ def test_base_install_needs_no_test_only_package():
         | {"sklearn", "peft"}
     )
     code = f"""
-import importlib, pkgutil, sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in {dev_only!r}:
-            raise ImportError(f'{{name}} is a dev-only package')
-sys.meta_path.insert(0, Block())
+import importlib, importlib.machinery, pkgutil, sys
+BLOCKED = {dev_only!r}
+class Hidden(importlib.machinery.PathFinder):  # as if the dev extra were not installed
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name.split('.')[0] in BLOCKED:
+            return None
+        return importlib.machinery.PathFinder.find_spec(name, path, target)
+sys.meta_path = [Hidden if f is importlib.machinery.PathFinder else f for f in sys.meta_path]
 import exo2ego_jax, input_pipeline, configs
 for pkg in (exo2ego_jax, input_pipeline, configs):
     for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):
