@@ -183,12 +183,18 @@ def test_every_numeric_field_is_range_checked_first(tmp_path, field, value, allo
     if field == "optim.num_epochs":
         c.optim.num_steps = -1  # epochs count only without a step count
     c.update_from_flattened_dict({field: value})
-    t = time.time()
     with pytest.raises(config_lib.ConfigError) as err:
-        train(c, tmp_path / "run", streams=streams_for(0), progress=False)
-    assert time.time() - t < 5  # before anything is built
+        config_lib.resolve(c)  # what train() (and evaluate, chat, memory_plan) calls first
     assert str(err.value).startswith(f"config.{field}=")
     assert allowed in str(err.value)
+
+
+def test_train_refuses_a_bad_value_before_building_anything(tmp_path):
+    c = _config(tmp_path, **{"optim.lr": -1e-4})
+    t = time.time()
+    with pytest.raises(config_lib.ConfigError, match=r"config.optim.lr=-0.0001: must be a number"):
+        train(c, tmp_path / "run", streams=streams_for(0), progress=False)
+    assert time.time() - t < 5 and not (tmp_path / "run").exists()
 
 
 def test_max_text_len_must_hold_the_templates_fixed_prompt(prepared):
