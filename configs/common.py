@@ -199,6 +199,9 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     # off), and the chip's peak TFLOP/s for the logged MFU (0 = from exo2ego_jax.training.perf).
     c.profile_steps = (0, 0)
     c.peak_tflops = 0.0
+    # PRNG of the dropout masks: "" (JAX's default, threefry2x32) | rbg | unsafe_rbg (cheap
+    # masks on accelerators; what MaxText uses for dropout).
+    c.prng_impl = ""
 
     # Where this stage's inputs come from. Earlier stages' workdirs (params only, restored in
     # order, later stages overriding earlier ones) and pretrained Hugging Face / VideoLLaMA2

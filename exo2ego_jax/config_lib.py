@@ -35,6 +35,9 @@ from exo2ego_jax.stages import StageConfig
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+PRNG_IMPLS = ("", "threefry2x32", "rbg", "unsafe_rbg")
+
+
 class ConfigError(ValueError):
     """A config field is invalid; the message names the field and what to do."""
 
@@ -381,6 +384,10 @@ def resolve(
     ``num_devices`` defaults to ``jax.device_count()``; ``check_inputs=False`` skips the
     checks of input paths (planning without data)."""
     check_ranges(config)
+    if config.get("prng_impl", "") not in PRNG_IMPLS:
+        raise ConfigError(
+            f"config.prng_impl={config.prng_impl!r}: use one of {PRNG_IMPLS} ('' = JAX's default)"
+        )
     n = num_devices if num_devices is not None else jax.device_count()
     shape = list(config.mesh.shape)
     if len(shape) != 3 or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):

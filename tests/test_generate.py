@@ -195,3 +195,11 @@ def test_unstacked_decoding_matches(setup):
     np.testing.assert_array_equal(a.tokens, b.tokens)
     unstacked = M.unstack_layers(params, module.config.num_layers)
     assert "layers" not in unstacked and unstacked["layers_1"]["mlp"]["up_proj"]["kernel"].ndim == 2
+
+
+def test_the_engine_unstacks_layers_only_when_a_second_copy_is_cheap():
+    from exo2ego_jax.models import decode
+
+    assert decode.should_unstack(M.tiny())  # a few MB: unstacked once per generate call
+    assert not decode.should_unstack(M.paper())  # 7B: never held twice
+    assert not decode.should_unstack(M.tiny(scan_layers=False))  # nothing to unstack

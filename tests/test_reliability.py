@@ -189,6 +189,14 @@ def test_every_numeric_field_is_range_checked_first(tmp_path, field, value, allo
     assert allowed in str(err.value)
 
 
+def test_unknown_prng_impl_is_refused(tmp_path):
+    c = _config(tmp_path, **{"prng_impl": "philox"})
+    with pytest.raises(config_lib.ConfigError, match=r"config.prng_impl='philox': use one of"):
+        config_lib.resolve(c)
+    for impl in ("", "rbg", "unsafe_rbg"):
+        config_lib.resolve(_config(tmp_path, **{"prng_impl": impl}))
+
+
 def test_train_refuses_a_bad_value_before_building_anything(tmp_path):
     c = _config(tmp_path, **{"optim.lr": -1e-4})
     t = time.time()

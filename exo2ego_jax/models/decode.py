@@ -37,6 +37,24 @@ from exo2ego_jax.models.mistral import KVCache, MistralLM, init_cache, unstack_l
 PROMPT_BUCKET = 64
 
 
+#: Layer weights up to this size are unstacked once per :func:`generate` call.
+UNSTACK_MAX_BYTES = 2**30
+
+
+def should_unstack(config: Any) -> bool:
+    """Whether :func:`generate` slices scanned layer weights out once before its decode loop
+    (faster: a scanned loop re-slices every layer's weights for every token) rather than per
+    token: only when a second copy of the layer weights is cheap (``UNSTACK_MAX_BYTES``;
+    never for a 7B model, whose layers would be held twice)."""
+    if not config.scan_layers:
+        return False
+    d, f, h = config.hidden_size, config.intermediate_size, config.head_dim
+    per_layer = d * h * (config.num_heads * 2 + config.num_kv_heads * 2) + 3 * d * f
+    return per_layer * config.num_layers * jnp.dtype(config.param_dtype).itemsize <= (
+        UNSTACK_MAX_BYTES
+    )
+
+
 def bucket(n: int, multiple: int = PROMPT_BUCKET) -> int:
     """``n`` rounded up to a multiple of ``multiple``."""
     return -(-n // multiple) * multiple
@@ -300,7 +318,7 @@ def generate(
     eos_token_id: int | None = None,
     pad_token_id: int = 0,
     cache_dtype: Any = None,
-    unstack_layers: bool = False,
+    unstack_layers: bool | None = None,
 ) -> GenerateOutput:
     """Greedy (``temperature == 0``) or temperature + top-p sampling.
 
@@ -315,7 +333,8 @@ def generate(
       eos_token_id: a row stops after emitting it; None never stops early.
       pad_token_id: fills the output after a row's EOS.
       cache_dtype: KV cache dtype (default: the model's compute dtype).
-      unstack_layers: for a module with ``scan_layers=True``, slice the per-layer weights
+      unstack_layers: None (default): the engine decides (:func:`should_unstack`); or, for a
+        module with ``scan_layers=True``, True to slice the per-layer weights
         out once before the decode loop instead of once per token (faster decoding, but the
         layer weights are held twice during the call). A module loaded with
         ``scan_layers=False`` needs neither.
@@ -351,6 +370,6 @@ def generate(
         greedy=greedy,
         eos_token_id=eos_token_id,
         pad_token_id=pad_token_id,
-        unstack=unstack_layers,
+        unstack=should_unstack(module.config) if unstack_layers is None else unstack_layers,
     )
     return GenerateOutput(tokens=tokens, lengths=lengths)
