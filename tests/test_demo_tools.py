@@ -1,5 +1,5 @@
-"""The demo's stand-in pretrained CLIP (``tools.pretrain_clip``) and the held-out chat check
-(``tools.chat_check``)."""
+"""The demo's stand-in pretrained CLIP (``demo.pretrain_clip``) and the held-out chat check
+(``demo.chat_check``)."""
 
 from __future__ import annotations
 

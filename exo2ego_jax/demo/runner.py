@@ -12,7 +12,7 @@
 4. stages 0 -> 1 -> 2 -> 3, each handing its weights to the next through Orbax checkpoints
    (``<workdir>/stageN``; a rerun resumes / skips finished stages)
 5. the synthetic EgoBench with the stage-3 model, and a results table;
-6. the chat check: "What is C doing?" about 20 held-out ego clips (``tools.chat_check``).
+6. the chat check: "What is C doing?" about 20 held-out ego clips (``exo2ego_jax.demo.chat_check``).
 
 Every step is restartable: finished pieces are found on disk and kept.
 """

@@ -9,7 +9,7 @@ dataclasses (``items.py``):
 * :class:`RetrievalBenchmark` for EPIC-KITCHENS-100 multi-instance retrieval (clips,
   sentences and the relevancy matrix).
 
-Evaluation (``exo2ego_jax.evaluate``) and the prepared ``ego_bench`` dataset
+Evaluation (``exo2ego_jax.eval.evaluate``) and the prepared ``ego_bench`` dataset
 (``input_pipeline.datasets.ego_bench``) both read EgoBench through :func:`load_task`.
 
 Every video path is resolved **inside** a data root
