@@ -138,12 +138,14 @@ def tiny(**overrides: Any) -> Exo2EgoConfig:
     return Exo2EgoConfig(**cfg)
 
 
-def without_remat(config: Exo2EgoConfig) -> Exo2EgoConfig:
-    """The same model with rematerialisation off (e.g. to count its model FLOPs)."""
+def for_flop_count(config: Exo2EgoConfig) -> Exo2EgoConfig:
+    """The same model with every layer unrolled and rematerialisation off: XLA's FLOP count
+    of its step is the model's FLOPs (a scanned loop body is counted once, and recomputed
+    activations are not model work)."""
     return dataclasses.replace(
         config,
-        clip=dataclasses.replace(config.clip, remat="none"),
-        llm=dataclasses.replace(config.llm, remat_policy="none"),
+        clip=dataclasses.replace(config.clip, remat="none", scan_layers=False),
+        llm=dataclasses.replace(config.llm, remat_policy="none", scan_layers=False),
     )
 
 

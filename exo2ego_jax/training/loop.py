@@ -38,16 +38,17 @@ from tqdm.auto import tqdm
 from exo2ego_jax import config_lib, runtime, stages
 from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax.config_lib import ConfigError, ResolvedConfig
-from exo2ego_jax.models.exo2ego import Exo2Ego, without_remat
+from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.training import checkpoints
 from exo2ego_jax.training.optim import make_optimizer, make_schedule
-from exo2ego_jax.training.perf import Profiler, nominal_peak_tflops, perf_scalars, xla_flops
+from exo2ego_jax.training.perf import Profiler, nominal_peak_tflops, perf_scalars
 from exo2ego_jax.training.step import (
     CompiledSteps,
     TrainState,
     abstract_of,
     cast_frozen,
     jit_train_step,
+    model_flops_per_device,
     shardings_of,
 )
 from exo2ego_jax.training.streams import Stream, length_buckets, make_streams, trim_to_buckets
@@ -254,28 +255,10 @@ def _compile(model, stage, optimizer, args, log) -> tuple[CompiledSteps, dict[st
         frozen_shardings=shardings_of(frozen),
         batch_shardings=shardings_of(batch),
     )
-    ratio = _model_flops_ratio(model, stage, optimizer, jitted, args)
-    steps = CompiledSteps(jitted, log=log, model_flops_ratio=ratio)
-    return steps, _log_memory(steps.compiled(*args), log)
-
-
-def _model_flops_ratio(model, stage, optimizer, jitted, args) -> float:
-    """Model FLOPs / XLA's FLOPs of the step: 1 without rematerialisation; else the
-    recomputation's share, from the same step lowered (not compiled) without remat."""
-    if model.config.llm.remat_policy == "none" and model.config.clip.remat == "none":
-        return 1.0
-    state, frozen, batch, rng = args
-    plain = jit_train_step(
-        Exo2Ego(without_remat(model.config)),
-        stage,
-        optimizer,
-        state_shardings=shardings_of(state),
-        frozen_shardings=shardings_of(frozen),
-        batch_shardings=shardings_of(batch),
+    steps = CompiledSteps(
+        jitted, log=log, count_flops=lambda b: model_flops_per_device(model, stage, optimizer, b)
     )
-    model_flops = xla_flops(plain.lower(*args))
-    all_flops = xla_flops(jitted.lower(*args))
-    return model_flops / all_flops if model_flops and all_flops else 1.0
+    return steps, _log_memory(steps.compiled(*args), log)
 
 
 def _tokens_in(batch: Mapping[str, Any]) -> int:

@@ -19,7 +19,7 @@ import optax
 
 from exo2ego_jax import sharding as sharding_lib
 from exo2ego_jax import stages
-from exo2ego_jax.models.exo2ego import Exo2Ego, Params
+from exo2ego_jax.models.exo2ego import Exo2Ego, Params, for_flop_count
 from exo2ego_jax.training.perf import xla_flops
 
 
@@ -84,16 +84,40 @@ def jit_train_step(
     )
 
 
+def model_flops_per_device(
+    model: Exo2Ego,
+    stage: stages.StageConfig,
+    optimizer: optax.GradientTransformation,
+    batch: Any,
+) -> float | None:
+    """Model FLOPs of one train step per device: XLA's count of the step lowered (not
+    compiled) from abstract shapes with every layer unrolled and no rematerialisation (a
+    compiled scanned loop counts its body once; recomputation is not model work), divided
+    by the devices the step runs on. ``batch``: arrays or ``ShapeDtypeStruct`` s."""
+    plain = Exo2Ego(for_flop_count(model.config))
+    params = plain.abstract_params()
+    trainable, frozen = stages.split_params(params, stages.trainable_patterns(stage, plain))
+    state = TrainState(trainable, jax.eval_shape(optimizer.init, trainable))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    step_fn = stages.make_train_step(plain, stage, optimizer)
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    use_rng = uses_dropout_rng(plain)
+
+    def step(state, frozen, batch, rng):
+        return step_fn(state.params, state.opt_state, frozen, batch, rng if use_rng else None)
+
+    # Lowered HLO is the global program (before SPMD partitioning): per device = / devices.
+    flops = xla_flops(jax.jit(step).lower(state, frozen, abstract, rng))
+    return flops / jax.device_count() if flops else None
+
+
 class CompiledSteps:
     """The train step compiled once per batch shape (text lengths are padded per batch to a
-    bucket, so a handful of shapes occur), with each shape's model FLOPs.
+    bucket, so a handful of shapes occur), with each shape's model FLOPs per device
+    (``count_flops(batch)``, e.g. :func:`model_flops_per_device`)."""
 
-    ``model_flops_ratio`` converts XLA's FLOP count of a compiled step into model FLOPs
-    (below 1 with rematerialisation: recomputed activations are not model work).
-    """
-
-    def __init__(self, jitted, *, log=None, model_flops_ratio: float = 1.0):
-        self._jitted, self._log, self._ratio = jitted, log, model_flops_ratio
+    def __init__(self, jitted, *, log=None, count_flops=None):
+        self._jitted, self._log, self._count = jitted, log, count_flops
         self._compiled: dict[Any, Any] = {}
         self.flops: dict[Any, float | None] = {}
         self.seconds: dict[Any, float] = {}
@@ -109,8 +133,7 @@ class CompiledSteps:
             t0 = time.time()
             executable = self._jitted.lower(state, frozen, batch, rng).compile()
             self.seconds[key] = time.time() - t0
-            flops = xla_flops(executable)
-            self.flops[key] = flops * self._ratio if flops else None
+            self.flops[key] = self._count(batch) if self._count is not None else None
             self._compiled[key] = executable
             if self._log is not None:
                 shapes = sorted({s for _, s in key if len(s) == 2})  # the text arrays
