@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -93,21 +94,27 @@ def model_flops_per_device(
     """Model FLOPs of one train step per device: XLA's count of the step lowered (not
     compiled) from abstract shapes with every layer unrolled and no rematerialisation (a
     compiled scanned loop counts its body once; recomputation is not model work), divided
-    by the devices the step runs on. ``batch``: arrays or ``ShapeDtypeStruct`` s."""
-    plain = Exo2Ego(for_flop_count(model.config))
-    params = plain.abstract_params()
-    trainable, frozen = stages.split_params(params, stages.trainable_patterns(stage, plain))
-    state = TrainState(trainable, jax.eval_shape(optimizer.init, trainable))
+    by the devices the step runs on. ``batch``: arrays or ``ShapeDtypeStruct`` s.
+
+    Lowered HLO is the global program (before SPMD partitioning), so it is counted outside
+    the run's mesh and rules (the abstract inputs carry no sharding).
+    """
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    step_fn = stages.make_train_step(plain, stage, optimizer)
-    rng = jax.eval_shape(lambda: jax.random.key(0))
-    use_rng = uses_dropout_rng(plain)
+    no_mesh = jax.sharding.AbstractMesh((), ())
+    with jax.sharding.use_abstract_mesh(no_mesh), nn.logical_axis_rules(()):
+        plain = Exo2Ego(for_flop_count(model.config))
+        params = plain.abstract_params()
+        patterns = stages.trainable_patterns(stage, plain)
+        trainable, frozen = stages.split_params(params, patterns)
+        state = TrainState(trainable, jax.eval_shape(optimizer.init, trainable))
+        step_fn = stages.make_train_step(plain, stage, optimizer)
+        rng = jax.eval_shape(lambda: jax.random.key(0))
+        use_rng = uses_dropout_rng(plain)
 
-    def step(state, frozen, batch, rng):
-        return step_fn(state.params, state.opt_state, frozen, batch, rng if use_rng else None)
+        def step(state, frozen, batch, rng):
+            return step_fn(state.params, state.opt_state, frozen, batch, rng if use_rng else None)
 
-    # Lowered HLO is the global program (before SPMD partitioning): per device = / devices.
-    flops = xla_flops(jax.jit(step).lower(state, frozen, abstract, rng))
+        flops = xla_flops(jax.jit(step).lower(state, frozen, abstract, rng))
     return flops / jax.device_count() if flops else None
 
 
