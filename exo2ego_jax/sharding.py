@@ -7,9 +7,13 @@ names. One rules table (a sequence of ``(logical_name, mesh_axes)`` pairs, as in
 never the model code.
 
 Parameter axes
-  ``embed``      model width of a transformer (LLM d_model, CLIP hidden size) and the input /
-                 output channels of convolutions and linear maps in the connector / mappings.
-  ``mlp``        hidden width of feed-forward blocks; wide output channels of convs.
+  ``embed``      model width of a transformer (LLM d_model, CLIP hidden size) and of the
+                 linear maps in the connector readout / the mappings' MLP kind.
+  ``mlp``        hidden width of feed-forward blocks; channels of the connector's depthwise
+                 and squeeze-excite convs.
+  ``conv_embed`` the model-width side of a dense conv kernel in F / G and the connectors
+                 (input channels, or output channels of F/G's head and the connector's conv3).
+  ``conv_mlp``   the other (wide) side of those kernels.
   ``heads``      query heads (fused ``heads * head_dim`` projections use ``heads``).
   ``kv_heads``   key / value heads (grouped-query attention).
   ``head_dim``   per-head width.
@@ -31,7 +35,10 @@ replaced, and optionally a run's own rows; docs/sharding.md has the full table)
                FSDP axis, so a mesh with ``tensor > 1`` has no idle devices.
   ``fsdp_tp``  FSDP over ``fsdp`` plus tensor parallelism: ``heads`` / ``kv_heads`` / ``mlp``
                / ``vocab`` and their activations on ``tensor``; batch over
-               ``('data', 'fsdp')``.
+               ``('data', 'fsdp')``. The dense conv kernels of F / G / the connectors keep the
+               ``fsdp`` layout (``conv_embed`` over ``('fsdp', 'tensor')``): XLA computes
+               wrong gradients for them with the Megatron-style kernel layouts
+               (docs/sharding.md, Known issues; tests/test_sharding_presets.py).
   ``dp``       parameters replicated; batch over all three mesh axes.
 
 Helpers
@@ -124,6 +131,8 @@ PARAM_AXES: tuple[str, ...] = (
     "vocab",
     "layers",
     "lora_rank",
+    "conv_embed",
+    "conv_mlp",
     "conv_space",
     "norm",
 )
@@ -156,7 +165,10 @@ _FSDP = ("fsdp", "tensor")  # the fsdp preset treats `tensor` as a second FSDP a
 #: whole on every device. ``mlp`` gets no FSDP fallback on purpose: besides biases, the arrays
 #: it would catch are the connector's depthwise and squeeze-excite convs, and sharding a
 #: grouped conv's channels makes XLA replicate its batch-sharded input ("involuntary full
-#: rematerialization").
+#: rematerialization"). ``conv_embed`` / ``conv_mlp`` (F/G's and the connectors' dense conv
+#: kernels) mirror ``embed`` / ``mlp`` here, but no preset gives them tensor parallelism: with
+#: the batch on ``('data', 'fsdp')``, kernels ``(fsdp, tensor)`` -- or ``(tensor, fsdp)`` once
+#: F/G's bottleneck channels sit on ``tensor`` -- make XLA (jax 0.10.2) compute wrong gradients.
 RULES: LogicalRules = (
     ("batch", _ALL),
     ("length", None),
@@ -167,6 +179,8 @@ RULES: LogicalRules = (
     ("act_vocab", None),
     ("embed", _FSDP),
     ("lora_rank", _FSDP),
+    ("conv_embed", _FSDP),
+    ("conv_mlp", None),
     ("mlp", None),
     ("heads", None),
     ("kv_heads", None),
@@ -197,7 +211,7 @@ PRESET_OVERRIDES: Mapping[str, Mapping[str, str | tuple[str, ...] | None]] = {
         "vocab": "tensor",
     },
     # Parameters replicated; the batch over every mesh axis.
-    "dp": {"embed": None, "lora_rank": None},
+    "dp": {"embed": None, "lora_rank": None, "conv_embed": None},
 }
 DEFAULT_PRESET = "fsdp"
 
