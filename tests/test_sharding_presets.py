@@ -188,24 +188,22 @@ SPEC_TABLE: list[tuple[str, tuple, tuple]] = [
     (_LAYER + "mlp/fc2/kernel",                        (N, N, FS),        (N, T, F)),
     (_LAYER + "layer_norm[12]/(scale|bias)",           (N, N),            (N, N)),
     (_CLIP + "(pre_layrnorm|post_layernorm)/(scale|bias)", (N,),          (N,)),
-    # STC connectors (conv2 is the depthwise 3x3 conv, se the squeeze-excite). The dense
-    # convs' kernels (conv_embed, conv_mlp) are laid out as under fsdp by every preset but dp
-    # (the XLA bug of docs/sharding.md, Known issues).
-    (_BLOCK + "(conv1|downsample)/conv/kernel",        (N, N, FS, N),     (N, N, FS, N)),
+    # STC connectors (conv2 is the depthwise 3x3 conv, se the squeeze-excite)
+    (_BLOCK + "(conv1|downsample)/conv/kernel",        (N, N, FS, N),     (N, N, F, T)),
     (_BLOCK + "conv2/conv/kernel",                     (N, N, N, N),      (N, N, N, T)),
-    (_BLOCK + "conv3/conv/kernel",                     (N, N, N, FS),     (N, N, N, FS)),
+    (_BLOCK + "conv3/conv/kernel",                     (N, N, N, FS),     (N, N, T, F)),
     (_BLOCK + r"\w+/bn/(scale|bias)",                  (N,),              (N,)),
     (_BLOCK + "se/fc1/kernel",                         (N, N, N, N),      (N, N, T, N)),
     (_BLOCK + "se/fc1/bias",                           (N,),              (N,)),
     (_BLOCK + "se/fc2/kernel",                         (N, N, N, N),      (N, N, N, T)),
     (_BLOCK + "se/fc2/bias",                           (N,),              (T,)),
-    (_CONN + "sampler_0/kernel",                       (N, N, N, FS, N),  (N, N, N, FS, N)),
-    (_CONN + "sampler_0/bias",                         (N,),              (N,)),
-    (_CONN + "readout_0/bias",                         (N,),              (T,)),
+    (_CONN + "sampler_0/kernel",                       (N, N, N, FS, N),  (N, N, N, F, T)),
+    (_CONN + "(sampler_0|readout_0)/bias",             (N,),              (T,)),
     (_CONN + "readout_0/kernel",                       (FS, N),           (F, T)),
     (_CONN + "readout_2/kernel",                       (N, FS),           (T, F)),
     (_CONN + "readout_2/bias",                         (FS,),             (F,)),
-    # mapping networks F and G (conv_embed, conv_mlp as the connector's dense convs)
+    # mapping networks F and G: kernels as under fsdp by every preset but dp (the XLA bug of
+    # docs/sharding.md, Known issues)
     (_CONV + "kernel",                                 (N, N, FS, N),     (N, N, FS, N)),
     (_CONV + "bias",                                   (N,),              (N,)),
     (_RESNET + "head/kernel",                          (N, N, N, FS),     (N, N, N, FS)),
@@ -463,7 +461,7 @@ REPRO_CASES = {
     # The swapped kernel layout avoids it in the three-layer stack, but not in F/G's whole
     # stack once the bottleneck's channels are on `tensor`.
     "tensor_fsdp": (7, ("tensor", "fsdp"), "tensor"),
-    # The layout every preset but dp now gives F/G's and the connectors' dense convs.
+    # The layout every preset but dp now gives F/G's conv kernels.
     "preset": (7, (("fsdp", "tensor"), None), "tensor"),
 }
 

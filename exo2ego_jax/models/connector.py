@@ -148,9 +148,9 @@ def _conv(
     Spatial kernel dims are never sharded. Flax rejects a logical name repeated within one
     array, so only the leading spatial dim is named ``conv_space`` and the others are None.
     Dense convs name their channels ``conv_embed`` (the block's in/out width side) and
-    ``conv_mlp`` (the bottleneck side), as F/G's convs do (their rules keep the kernels off
-    the layout XLA differentiates wrongly, docs/sharding.md); the depthwise and
-    squeeze-excite convs use ``mlp``.
+    ``conv_mlp`` (the bottleneck side): rules of their own, so a run can re-lay the
+    connector's kernels without touching the LLM's ``embed`` / ``mlp`` (docs/sharding.md,
+    Known issues); the depthwise and squeeze-excite convs use ``mlp``.
     """
     axes = ("conv_space",) + (None,) * (len(kernel) - 1) + tuple(channel_axes)
     return nn.Conv(
