@@ -7,9 +7,14 @@ names. One rules table (a sequence of ``(logical_name, mesh_axes)`` pairs, as in
 never the model code.
 
 Parameter axes
-  ``embed``      model width of a transformer (LLM d_model, CLIP hidden size) and the input /
-                 output channels of convolutions and linear maps in the connector / mappings.
-  ``mlp``        hidden width of feed-forward blocks; wide output channels of convs.
+  ``embed``      model width of a transformer (LLM d_model, CLIP hidden size) and of the
+                 linear maps in the connector readout / the mappings' MLP kind.
+  ``mlp``        hidden width of feed-forward blocks; channels of the connector's depthwise
+                 and squeeze-excite convs.
+  ``conv_embed`` the block-width side of the connectors' dense conv kernels (input
+                 channels; output channels of ``conv3``); ``conv_mlp`` the bottleneck side.
+  ``mapping_embed`` / ``mapping_mlp``  the same for F / G's conv kernels (output channels
+                 of the ``head`` on ``mapping_embed``).
   ``heads``      query heads (fused ``heads * head_dim`` projections use ``heads``).
   ``kv_heads``   key / value heads (grouped-query attention).
   ``head_dim``   per-head width.
@@ -31,7 +36,12 @@ replaced, and optionally a run's own rows; docs/sharding.md has the full table)
                FSDP axis, so a mesh with ``tensor > 1`` has no idle devices.
   ``fsdp_tp``  FSDP over ``fsdp`` plus tensor parallelism: ``heads`` / ``kv_heads`` / ``mlp``
                / ``vocab`` and their activations on ``tensor``; batch over
-               ``('data', 'fsdp')``.
+               ``('data', 'fsdp')``. The connectors' dense convs are tensor-parallel like
+               the LLM (``conv_embed`` on ``fsdp``, ``conv_mlp`` on ``tensor``); F / G's
+               conv kernels keep the ``fsdp`` layout (``mapping_embed`` over
+               ``('fsdp', 'tensor')``): XLA computes wrong F / G gradients with
+               Megatron-style kernel layouts (docs/sharding.md, Known issues;
+               tests/test_sharding_presets.py).
   ``dp``       parameters replicated; batch over all three mesh axes.
 
 Helpers
@@ -125,6 +135,10 @@ PARAM_AXES: tuple[str, ...] = (
     "vocab",
     "layers",
     "lora_rank",
+    "conv_embed",
+    "conv_mlp",
+    "mapping_embed",
+    "mapping_mlp",
     "conv_space",
     "norm",
 )
@@ -157,7 +171,11 @@ _FSDP = ("fsdp", "tensor")  # the fsdp preset treats `tensor` as a second FSDP a
 #: whole on every device. ``mlp`` gets no FSDP fallback on purpose: besides biases, the arrays
 #: it would catch are the connector's depthwise and squeeze-excite convs, and sharding a
 #: grouped conv's channels makes XLA replicate its batch-sharded input ("involuntary full
-#: rematerialization").
+#: rematerialization"). ``conv_embed`` / ``conv_mlp`` (the connectors' dense conv kernels)
+#: and ``mapping_embed`` / ``mapping_mlp`` (F / G's) mirror ``embed`` / ``mlp`` here. No
+#: preset gives F / G tensor parallelism: with the batch on ``('data', 'fsdp')``, their
+#: kernels on ``(fsdp, tensor)`` -- or ``(tensor, fsdp)`` once their bottleneck channels sit
+#: on ``tensor`` -- make XLA (jax 0.10.2) compute wrong gradients (docs/sharding.md).
 RULES: LogicalRules = (
     ("batch", _ALL),
     ("length", None),
@@ -168,6 +186,10 @@ RULES: LogicalRules = (
     ("act_vocab", None),
     ("embed", _FSDP),
     ("lora_rank", _FSDP),
+    ("conv_embed", _FSDP),
+    ("conv_mlp", None),
+    ("mapping_embed", _FSDP),
+    ("mapping_mlp", None),
     ("mlp", None),
     ("heads", None),
     ("kv_heads", None),
@@ -192,13 +214,15 @@ PRESET_OVERRIDES: Mapping[str, Mapping[str, str | tuple[str, ...] | None]] = {
         "act_vocab": "tensor",
         "embed": "fsdp",
         "lora_rank": "fsdp",
+        "conv_embed": "fsdp",
+        "conv_mlp": "tensor",
         "mlp": "tensor",
         "heads": "tensor",
         "kv_heads": "tensor",
         "vocab": "tensor",
     },
     # Parameters replicated; the batch over every mesh axis.
-    "dp": {"embed": None, "lora_rank": None},
+    "dp": {"embed": None, "lora_rank": None, "conv_embed": None, "mapping_embed": None},
 }
 DEFAULT_PRESET = "fsdp"
 

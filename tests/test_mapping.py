@@ -336,7 +336,7 @@ def test_logical_names_and_sharded_apply():
     boxed = init(jax.random.key(0, impl="rbg"), tokens)["params"]
     leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert all(isinstance(x, nn.Partitioned) for x in leaves)
-    vocab = {"conv_space", "embed", "mlp", "norm", None}
+    vocab = {"conv_space", "mapping_embed", "mapping_mlp", "norm", None}
     assert all(set(x.names) <= vocab and len(x.names) == x.value.ndim for x in leaves)
 
     mesh = make_mesh((2, 2, 2))

@@ -147,6 +147,10 @@ def _conv(
 
     Spatial kernel dims are never sharded. Flax rejects a logical name repeated within one
     array, so only the leading spatial dim is named ``conv_space`` and the others are None.
+    Dense convs name their channels ``conv_embed`` (the block's in/out width side) and
+    ``conv_mlp`` (the bottleneck side): rules of their own, so a run can re-lay the
+    connector's kernels without touching the LLM's ``embed`` / ``mlp`` (docs/sharding.md,
+    Known issues); the depthwise and squeeze-excite convs use ``mlp``.
     """
     axes = ("conv_space",) + (None,) * (len(kernel) - 1) + tuple(channel_axes)
     return nn.Conv(
@@ -237,14 +241,14 @@ class Bottleneck(nn.Module):
         cfg = self.config
         out, mid = cfg.hidden_size, cfg.bottleneck_channels
         shortcut = x
-        x = ConvNormAct(cfg, mid, 1, ("embed", "mlp"), name="conv1")(x)
+        x = ConvNormAct(cfg, mid, 1, ("conv_embed", "conv_mlp"), name="conv1")(x)
         x = ConvNormAct(cfg, mid, 3, (None, "mlp"), groups=mid // cfg.group_size, name="conv2")(x)
         if cfg.se_ratio:
             x = SqueezeExcite(cfg, cfg.se_channels(self.in_channels), name="se")(x)
-        x = ConvNormAct(cfg, out, 1, ("mlp", "embed"), apply_act=False, name="conv3")(x)
+        x = ConvNormAct(cfg, out, 1, ("conv_mlp", "conv_embed"), apply_act=False, name="conv3")(x)
         if self.in_channels != out:
             shortcut = ConvNormAct(
-                cfg, out, 1, ("embed", "mlp"), apply_act=False, name="downsample"
+                cfg, out, 1, ("conv_embed", "conv_mlp"), apply_act=False, name="downsample"
             )(shortcut)
         return nn.silu(x + shortcut)
 
@@ -307,7 +311,7 @@ class STCConnector(nn.Module):
             cfg,
             d,
             cfg.downsample,
-            ("embed", "mlp"),
+            ("conv_embed", "conv_mlp"),
             strides=cfg.downsample,
             padding=cfg.sampler_padding,
             use_bias=True,

@@ -48,10 +48,14 @@ Decisions (each one a config field):
   * No dropout (CycleGAN's ``use_dropout`` defaults to False).
 
 Sharding: kernels are ``[kh, kw, in, out]`` with logical names
-``("conv_space", None, "embed", "mlp")`` (Flax forbids a logical name twice in one array,
-and both spatial axes stay unsharded anyway); the last conv (back to the model width) is
-``("conv_space", None, "mlp", "embed")``. Norm vectors use ``("norm",)``. Tokens are
-constrained to ``("batch", "length", "act_embed")``, the internal grid to
+``("conv_space", None, "mapping_embed", "mapping_mlp")`` (Flax forbids a logical name twice
+in one array, and both spatial axes stay unsharded anyway); the last conv (back to the model
+width) is ``("conv_space", None, "mapping_mlp", "mapping_embed")``; biases carry the output
+name. These are F/G's own counterparts of ``embed`` / ``mlp``: every preset but ``dp``
+shards the kernels ZeRO-3 style on ``mapping_embed`` over ``('fsdp', 'tensor')``, because
+XLA differentiates F/G wrongly with Megatron-style layouts under ``fsdp_tp``
+(docs/sharding.md, Known issues). Norm vectors use ``("norm",)``. Tokens are constrained to
+``("batch", "length", "act_embed")``, the internal grid to
 ``("batch", None, None, "act_embed"/"act_mlp")``.
 """
 
@@ -72,6 +76,9 @@ _KERNEL_INIT = nn.initializers.lecun_normal()
 _ZEROS = nn.initializers.zeros_init()
 _ONES = nn.initializers.ones_init()
 _EPS = 1e-5  # torch InstanceNorm2d / LayerNorm default
+# Logical axes of the conv kernels [kh, kw, in, out] (module docstring, "Sharding").
+_CONV_AXES = ("conv_space", None, "mapping_embed", "mapping_mlp")
+_HEAD_AXES = ("conv_space", None, "mapping_mlp", "mapping_embed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +225,7 @@ class ConvTranspose2x(nn.Module):
         p = k // 2
         kernel = self.param(
             "kernel",
-            _param_init(_KERNEL_INIT, ("conv_space", None, "embed", "mlp")),
+            _param_init(_KERNEL_INIT, _CONV_AXES),
             (k, k, x.shape[-1], self.features),
             self.param_dtype,
         )
@@ -235,7 +242,7 @@ class ConvTranspose2x(nn.Module):
         )
         if self.use_bias:
             bias = self.param(
-                "bias", _param_init(_ZEROS, ("mlp",)), (self.features,), self.param_dtype
+                "bias", _param_init(_ZEROS, ("mapping_mlp",)), (self.features,), self.param_dtype
             )
             y = y + bias.astype(self.dtype)
         return y
@@ -280,8 +287,8 @@ class GeneratorConv(nn.Module):
                 use_bias=cfg.conv_bias,
                 dtype=cfg.dtype,
                 param_dtype=cfg.param_dtype,
-                kernel_init=_param_init(_KERNEL_INIT, ("conv_space", None, "embed", "mlp")),
-                bias_init=_param_init(_ZEROS, ("mlp",)),
+                kernel_init=_param_init(_KERNEL_INIT, _CONV_AXES),
+                bias_init=_param_init(_ZEROS, ("mapping_mlp",)),
                 name="conv",
             )(x)
         x = _norm(cfg, name="norm")(x)
@@ -349,8 +356,8 @@ class ResnetGenerator(nn.Module):
             padding="VALID",
             dtype=cfg.dtype,
             param_dtype=cfg.param_dtype,
-            kernel_init=_param_init(_KERNEL_INIT, ("conv_space", None, "mlp", "embed")),
-            bias_init=_param_init(_ZEROS, ("embed",)),
+            kernel_init=_param_init(_KERNEL_INIT, _HEAD_AXES),
+            bias_init=_param_init(_ZEROS, ("mapping_embed",)),
             name="head",
         )(h)
 
