@@ -17,7 +17,10 @@ Sizes (``--size``):
   ``--flops-only`` (model FLOPs per example from abstract shapes, nothing allocated) or a
   large accelerator.
 
-What it measures, each in its own process (``--in-process``: all in this one):
+What it measures, each part in its own worker process (its own device memory and peak
+statistics; ``--isolate no`` / ``--in-process``: all in this one, the default when
+``JAX_PLATFORMS=cpu``, where there are no memory statistics and process start-ups would
+cost more than the tiny steps):
 
 1. the matmul peak: one large square ``jnp.dot`` in the size's compute dtype, and two
    independent ones in one program (XLA:CPU may run a single dot on one thread), the faster;
@@ -42,11 +45,20 @@ What it measures, each in its own process (``--in-process``: all in this one):
 
 Prints the tables and replaces the section ``accelerator_<size>`` of bench/RESULTS.md.
 ``--budget-s`` (default 420 s) skips the remaining rows once the next would not fit (a
-step row is assumed to take as long as the longest one so far), so a run stays under
-8 minutes; skipped rows are listed.
+step row is assumed to take as long as the longest one so far; a worker still running at
+the budget + 60 s is stopped), so a run stays under 8 minutes; skipped rows are listed. The
+step rows run what ``auto`` picks first, then the other kernels, stage 3 before stage 2.
+
+Budget at ``mid`` (an estimate, not measured: no accelerator here): counted model FLOPs are
+54.5 TFLOP per stage-3 step and 66.4 per stage-2 step (``--flops-only``), so 10 steps take
+~1.4 s / ~1.7 s on an H100 at 40% MFU (~7 s / ~8 s on a TPU v5e chip); the time goes to
+start-up, random init and compilation, assumed <= 90 s per step row. Four step rows, the
+attention kernels and start-ups then fit in ~7 minutes; if compilation is slower the last
+rows (stage 2's non-default kernel first) are skipped rather than overrunning.
 
     python bench/accelerator.py [--size tiny|small|mid|paper] [--steps N] [--stages 3,2]
-        [--impls xla,cudnn] [--remat full] [--budget-s 420] [--in-process] [--no-write]
+        [--impls xla,cudnn] [--remat full] [--budget-s 420] [--isolate auto|yes|no]
+        [--in-process] [--no-write]
     python bench/accelerator.py --size paper --flops-only   # FLOPs per example, any host
 """
 
@@ -577,7 +589,9 @@ def report(args, info: dict, att: dict | None, steps: list[dict], skipped: list[
         f"default threads); load average {load[0]:.1f} at start, {load[1]:.1f} at the end "
         f"(a shared machine: other jobs ran too); whole run {total:.0f}s. Batch "
         f"{size.batch}, text {size.text}, stage-3 sequence {seq_len(args.size)} tokens "
-        "(text + 2 x visual - 1); timed steps "
+        f"(text + 2 x visual - 1); "
+        f"{'all parts in one process' if args.in_process else 'one process per part'}; "
+        "timed steps "
         f"{args.steps or size.steps} per row after one untimed first step; random init.",
         "",
         "| device | nominal peak TFLOP/s (perf.PEAK_TFLOPS) | measured matmul peak TFLOP/s | "
@@ -698,7 +712,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=None, help="batch over the size's")
     p.add_argument("--text", type=int, default=None, help="text length over the size's")
     p.add_argument("--budget-s", type=float, default=420.0, help="skip rows past this")
-    p.add_argument("--in-process", action="store_true", help="no worker processes")
+    p.add_argument(
+        "--isolate",
+        default="auto",
+        choices=("auto", "yes", "no"),
+        help="one worker process per measurement (auto: yes unless JAX_PLATFORMS=cpu)",
+    )
+    p.add_argument("--in-process", action="store_true", help="= --isolate no")
     p.add_argument("--flops-only", action="store_true", help="model FLOPs per example only")
     p.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     # worker side
@@ -718,6 +738,12 @@ def main(argv=None) -> None:
         worker(args)
         return
     steps = args.steps or SIZES[args.size].steps
+    in_process = args.in_process or args.isolate == "no"
+    if args.isolate == "auto" and not args.in_process:
+        # The parent must not open an accelerator (a TPU admits one process; JAX
+        # preallocates most of a GPU), so only an explicit CPU platform runs in-process.
+        in_process = os.environ.get("JAX_PLATFORMS", "").strip().lower() == "cpu"
+    args.in_process = in_process
     stage_list = [int(x) for x in args.stages.split(",") if x]
     t_start = time.perf_counter()
     load0 = os.getloadavg()[0]
@@ -727,7 +753,7 @@ def main(argv=None) -> None:
         for flag in ("remat", "batch", "text"):
             if getattr(args, flag):
                 argv_ += [f"--{flag}", str(getattr(args, flag))]
-        return run_in_process(argv_) if args.in_process else run_worker(argv_, timeout)
+        return run_in_process(argv_) if in_process else run_worker(argv_, timeout)
 
     if args.flops_only:
         rows = [call(["--worker", "flops", "--stage", str(s)]) for s in stage_list]
@@ -755,6 +781,8 @@ def main(argv=None) -> None:
             if not kinds.get(i, "n/a").startswith("n/a")
             and (i != "reference" or info["backend"] == "cpu")
         ]
+        auto = att["auto"] if att else "xla"
+        impls.sort(key=lambda i: i != auto)  # what `auto` runs first: it is what trains
     rows, skipped, longest = [], [], 0.0
     for stage in stage_list:
         for k, impl in enumerate(impls):
@@ -764,7 +792,8 @@ def main(argv=None) -> None:
                 continue
             t0 = time.perf_counter()
             extra = ["--worker", "step", "--stage", str(stage), "--impl", impl]
-            row = call(extra + (["--count"] if k == 0 else []), args.budget_s * 1.5)
+            timeout = max(120.0, args.budget_s + 60.0 - elapsed)  # a hung compile ends too
+            row = call(extra + (["--count"] if k == 0 else []), timeout)
             row.setdefault("stage", stage)
             row.setdefault("impl", impl)
             longest = max(longest, time.perf_counter() - t0)

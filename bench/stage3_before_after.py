@@ -5,8 +5,9 @@ Runs the ``full`` worker of ``bench/train_step.py`` (its "ours, full stage-3 ste
 [x ; F(x)] = 150 visual tokens — with the 4-layer, d-512 Mistral + LoRA r 16, batch 4 x
 (256 text tokens + 150 visual) = 4 x 405 positions, float32) from two checkouts at once:
 
-* before: ``--before`` (default ``/work/wt/pre16``, the code before the accelerator work),
-  its own ``bench/train_step.py`` with its own package on ``PYTHONPATH``;
+* before: ``--before`` (default ``/work/wt/pre16``), a checkout of the code before the
+  accelerator work (commit ``002f9ae``; make one with ``git worktree add --detach DIR
+  002f9ae``), its own ``bench/train_step.py`` with its own package on ``PYTHONPATH``;
 * after: this checkout's ``bench/train_step.py``.
 
 Both workers are persistent processes (compiled once, excluded); the parent alternates one
@@ -245,6 +246,12 @@ def main(argv=None) -> None:
     parser.add_argument("--tol", type=float, default=1e-4, help="max |loss diff| accepted")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args(argv)
+    before = Path(args.before)
+    if not (before / "bench/train_step.py").is_file():
+        raise SystemExit(
+            f"--before {before}: no bench/train_step.py there; make a checkout of the code "
+            f"before the accelerator work first: git worktree add --detach {before} 002f9ae"
+        )
     t0 = time.perf_counter()
     settings = {"2": (2,), "1": (1,), "both": (2, 1)}[args.threads]
     passes = [run(args, threads) for threads in settings]
