@@ -598,7 +598,7 @@ def report(args, info: dict, att: dict | None, steps: list[dict], skipped: list[
         "auto attention |",
         "|---|---:|---:|---|",
         f"| {info['device_kind']} | {nominal if nominal else 'n/a'} | "
-        f"{_t(measured)} ({peak_desc}; median over {len(peaks)} workers, range "
+        f"{_t(measured)} ({peak_desc}; median of {len(peaks)} measurements, one per part, range "
         f"{_t(min(peaks) if peaks else None)}–{_t(max(peaks) if peaks else None)}) | "
         f"{att['auto'] if att else 'n/a'} |",
     ]
