@@ -16,7 +16,10 @@ Time: the loop's wall clock (``loop._loop``, after compilation; it ends with the
 checkpoint, the same in every variant) / steps. Variants alternate for ``--reps`` rounds
 (medians), so load changes on the shared machine hit all of them.
 
-    python bench/host_sync.py [--steps 200] [--reps 3] [--no-write]
+    python bench/host_sync.py [--steps 200] [--reps 3] [--xla-threads 0|1] [--no-write]
+
+With ``--xla-threads 1`` XLA computes on one thread, leaving the host the other core: closer
+to an accelerator, where the device computes while the host prepares the next batch.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
-START, END = "<!-- host_sync:start -->", "<!-- host_sync:end -->"
+SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 sys.path.insert(0, str(HERE.parent / "tests"))  # train_helpers.CountingStream
 
 VARIANTS = {
@@ -141,12 +144,19 @@ def report(
         )
     lasts = {round(r["last_loss"], 6) for rs in runs.values() for r in rs}
     cmd = "python bench/host_sync.py" + "".join(f" {a}" for a in sys.argv[1:] if a != "--no-write")
+    title = " (XLA on one thread)" if args.xla_threads == 1 else ""
     return "\n".join(
         [
-            "## Host sync: the demo stage-0 training loop with and without a per-step sync",
+            "## Host sync: the demo stage-0 training loop with and without a per-step sync" + title,
             "",
             f"`{cmd}` — {datetime.date.today().isoformat()}, jax {jax.__version__}, "
-            f"{os.cpu_count()} CPUs shared with other jobs (XLA's default threads); load "
+            f"{os.cpu_count()} CPUs shared with other jobs ("
+            + (
+                "XLA on one thread: the step runs on one core, the host has the other"
+                if args.xla_threads == 1
+                else "XLA's default threads: the step and the host share both cores"
+            )
+            + "); load "
             f"average {load[0]:.1f} at start, {statistics.median(load[1:-1] or load):.1f} "
             f"median over the rounds, {load[-1]:.1f} at the end; whole run {total:.0f}s. "
             f"`training.loop.train` on `configs/stage0.py:demo` (random init, batch 8 x 4 "
@@ -177,10 +187,11 @@ def report(
     )
 
 
-def write_section(table: str) -> None:
-    block = f"{START}\n{table}\n{END}"
+def write_section(table: str, name: str) -> None:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{table}\n{end}"
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:
@@ -194,8 +205,19 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=200, help="steps per run")
     parser.add_argument("--reps", type=int, default=3, help="rounds of every variant")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument(
+        "--xla-threads",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: XLA on one thread, so the 'device' is one core and the host has the other "
+        "(an accelerator's separation, roughly); 0: XLA's default pool (section host_sync_xla1 "
+        "vs host_sync)",
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    if args.xla_threads == 1:  # before JAX starts (it is imported lazily below)
+        os.environ["XLA_FLAGS"] = SINGLE_THREAD_XLA
     t0 = time.perf_counter()
     load = [os.getloadavg()[0]]
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -210,7 +232,7 @@ def main(argv=None) -> None:
     table = report(args, runs, load, time.perf_counter() - t0, host_s)
     print(table)
     if not args.no_write:
-        write_section(table)
+        write_section(table, "host_sync_xla1" if args.xla_threads == 1 else "host_sync")
 
 
 if __name__ == "__main__":
