@@ -337,44 +337,20 @@ def attention_rows(size: str, steps: int) -> dict:
     }
 
 
-def unrolled_flops(model_cfg, stage, optimizer, batch) -> float | None:
-    """XLA's FLOPs of the train step lowered (not compiled) with unrolled CLIP and LLM
-    layers, no remat and ``xla`` attention: the model FLOPs, counted once per layer."""
-    import jax
-
-    from exo2ego_jax import stages
-    from exo2ego_jax.models.exo2ego import Exo2Ego, without_remat
-    from exo2ego_jax.training.perf import xla_flops
-    from exo2ego_jax.training.step import cast_frozen, uses_dropout_rng
-
-    cfg = without_remat(model_cfg)
-    cfg = dataclasses.replace(
-        cfg,
-        clip=dataclasses.replace(cfg.clip, scan_layers=False, attention_impl="xla"),
-        llm=dataclasses.replace(cfg.llm, scan_layers=False, attention_impl="xla"),
-    )
-    model = Exo2Ego(cfg)
-    t, f = stages.split_params(model.abstract_params(), stages.trainable_patterns(stage, model))
-    f = cast_frozen(f, cfg.llm.dtype)
-    o = jax.eval_shape(optimizer.init, t)
-    step = stages.make_train_step(model, stage, optimizer)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    rng = jax.eval_shape(lambda: jax.random.key(0)) if uses_dropout_rng(model) else None
-    return xla_flops(jax.jit(step).lower(t, o, f, abstract, rng))
-
-
 def flops_only(size: str, stage_no: int) -> dict:
     """Model FLOPs per step and per example of ``stage_no`` at ``size`` (abstract shapes)."""
     from exo2ego_jax import config_lib
+    from exo2ego_jax.models.exo2ego import Exo2Ego
     from exo2ego_jax.training.optim import make_optimizer
+    from exo2ego_jax.training.step import model_flops_per_step
 
     config = stage_config(size, stage_no, "xla")
     resolved = config_lib.resolve(config, num_devices=1, check_inputs=False)
     s = size_of(size)
     batch = synthetic_batch(resolved.stage, resolved.model, s.batch, s.text)
     t0 = time.perf_counter()
-    flops = unrolled_flops(
-        resolved.model, resolved.stage, make_optimizer(config.optim, 1000), batch
+    flops = model_flops_per_step(
+        Exo2Ego(resolved.model), resolved.stage, make_optimizer(config.optim, 1000), batch
     )
     return {
         "stage": stage_no,
@@ -392,7 +368,6 @@ def step_row(size: str, stage_no: int, impl: str, steps: int, remat: str | None,
     from exo2ego_jax import config_lib, runtime, stages
     from exo2ego_jax import sharding as sharding_lib
     from exo2ego_jax.models.exo2ego import Exo2Ego
-    from exo2ego_jax.training.loop import _model_flops_ratio  # the trainer's own count
     from exo2ego_jax.training.optim import make_optimizer
     from exo2ego_jax.training.step import (
         CompiledSteps,
@@ -400,6 +375,7 @@ def step_row(size: str, stage_no: int, impl: str, steps: int, remat: str | None,
         batch_shardings,
         cast_frozen,
         jit_train_step,
+        model_flops_per_step,
         shardings_of,
     )
 
@@ -434,8 +410,9 @@ def step_row(size: str, stage_no: int, impl: str, steps: int, remat: str | None,
         rng = jax.random.key(config.seed + 1)
         batch = sharding_lib.shard_batch(host, mesh, rules)
         args = (state, frozen, batch, rng)
-        ratio = _model_flops_ratio(model, stage, optimizer, jitted, args)
-        compiled_steps = CompiledSteps(jitted, model_flops_ratio=ratio)
+        # The trainer's own count (one device here, so per device == per step).
+        count_flops = (lambda b: model_flops_per_step(model, stage, optimizer, b)) if count else None
+        compiled_steps = CompiledSteps(jitted, count_flops=count_flops)
         executable = compiled_steps.compiled(*args)
         key = CompiledSteps.key(batch)
         compile_s = compiled_steps.seconds[key]
@@ -457,8 +434,6 @@ def step_row(size: str, stage_no: int, impl: str, steps: int, remat: str | None,
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - t0)
     del state, frozen, batch
-    # Outside the mesh context: the abstract unrolled parameters carry no shardings.
-    unrolled = unrolled_flops(model.config, stage, optimizer, host) if count else None
     return {
         "stage": stage_no,
         "impl": impl,
@@ -475,8 +450,7 @@ def step_row(size: str, stage_no: int, impl: str, steps: int, remat: str | None,
         "s": statistics.median(times),
         "s_min": min(times),
         "times": times,
-        "flops_perf": flops,
-        "flops_unrolled": unrolled,
+        "flops_unrolled": flops,
         "loss": float(first["loss"]),
         "peak_memory": peak_memory(),
         "plan_bytes": plan,
@@ -629,10 +603,9 @@ def report(args, info: dict, att: dict | None, steps: list[dict], skipped: list[
         "### Train steps (`jit_train_step` + `CompiledSteps`, one device)",
         "",
         "| stage | attention (kernel) | remat | compile s | s/step, median (min) | "
-        "model TFLOP/step: perf.py (compiled, scanned) | counted (unrolled) | "
-        "model TFLOP/s | MFU vs measured | MFU vs nominal | peak memory GiB (XLA plan) | "
-        "first-step loss | |Δ loss| vs first impl |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "model TFLOP/step | model TFLOP/s | MFU vs measured | MFU vs nominal | "
+        "peak memory GiB (XLA plan) | first-step loss | |Δ loss| vs first impl |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     counted = {r["stage"]: r["flops_unrolled"] for r in steps if r.get("flops_unrolled")}
     first_loss: dict[int, float] = {}
@@ -641,7 +614,7 @@ def report(args, info: dict, att: dict | None, steps: list[dict], skipped: list[
         if "error" in r:
             lines.append(
                 f"| {r.get('stage', '?')} | {r.get('impl', '?')} | error: {r['error']} |"
-                + " |" * 10
+                + " |" * 9
             )
             continue
         flops = counted.get(r["stage"])
@@ -652,7 +625,7 @@ def report(args, info: dict, att: dict | None, steps: list[dict], skipped: list[
         loss_ok &= diff <= tol
         lines.append(
             f"| {r['stage']} | {r['impl']} ({r['kernel']}) | {r['remat']} | "
-            f"{r['compile_s']:.1f} | {r['s']:.3f} ({r['s_min']:.3f}) | {_t(r['flops_perf'])} | "
+            f"{r['compile_s']:.1f} | {r['s']:.3f} ({r['s_min']:.3f}) | "
             f"{_t(flops)} | {_t(rate)} | {_pct(rate / measured if rate and measured else None)} | "
             f"{_pct(rate / (nominal * 1e12) if rate and nominal else None)} | "
             f"{_gib(r['peak_memory'])} ({_gib(r['plan_bytes'])}) | {r['loss']:.6f} | "
@@ -665,11 +638,10 @@ def report(args, info: dict, att: dict | None, steps: list[dict], skipped: list[
             "",
             f"Parameters: stage {r0['stage']} {r0['params_trainable']:,} trainable, "
             f"{r0['params_frozen']:,} frozen ({r0['dtype']} compute, frozen weights cast to it). "
-            "Model FLOPs: 'perf.py' is what the trainer logs (XLA's `cost_analysis()` of the "
-            "compiled step x the no-remat / remat ratio); XLA counts a scanned layer body "
-            "once and a kernel's custom call (cuDNN, splash) as zero, so it undercounts "
-            "scanned models; 'counted' lowers the same step with unrolled layers, no remat "
-            "and `xla` attention (full-square attention FLOPs) and is what MFU uses. First-step "
+            "Model FLOPs: the trainer's own count (`training.step.model_flops_per_step`: XLA's "
+            "count of the step lowered with unrolled layers, no remat and `xla` attention, "
+            "so full-square attention FLOPs; a compiled scanned body or a kernel's custom "
+            "call would be undercounted), counted on the first row of each stage. First-step "
             f"losses {'agree' if loss_ok else 'DO NOT agree'} across implementations within "
             f"{loss_tolerance(r0['dtype']):g} x max(1, loss) ({r0['dtype']}). Peak memory: "
             "`memory_stats()['peak_bytes_in_use']` of the worker process (n/a on CPU), in "

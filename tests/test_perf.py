@@ -36,7 +36,17 @@ def test_model_flops_count_every_layer_once():
     assert f2 - f1 > 0.05 * f1
     assert f3 - f2 == pytest.approx(f2 - f1, rel=1e-3)
     assert _flops(2, remat="full") == pytest.approx(f2, rel=1e-6)
-    assert exo2ego.for_flop_count(exo2ego.tiny()).llm.scan_layers is False
+    counted = exo2ego.for_flop_count(exo2ego.tiny())
+    assert counted.llm.scan_layers is False
+    # A fused kernel's custom call counts as zero FLOPs: the count always lowers `xla`.
+    fused = exo2ego.tiny()
+    fused = dataclasses.replace(
+        fused,
+        clip=dataclasses.replace(fused.clip, attention_impl="cudnn"),
+        llm=dataclasses.replace(fused.llm, attention_impl="splash"),
+    )
+    counted = exo2ego.for_flop_count(fused)
+    assert (counted.clip.attention_impl, counted.llm.attention_impl) == ("xla", "xla")
 
 
 def test_tflops_and_mfu():

@@ -139,13 +139,18 @@ def tiny(**overrides: Any) -> Exo2EgoConfig:
 
 
 def for_flop_count(config: Exo2EgoConfig) -> Exo2EgoConfig:
-    """The same model with every layer unrolled and rematerialisation off: XLA's FLOP count
-    of its step is the model's FLOPs (a scanned loop body is counted once, and recomputed
-    activations are not model work)."""
+    """The same model with every layer unrolled, rematerialisation off and ``xla`` attention:
+    XLA's FLOP count of its step is the model's FLOPs (a scanned loop body is counted once,
+    recomputed activations are not model work, and a fused kernel's custom call (cuDNN,
+    splash) counts as zero)."""
     return dataclasses.replace(
         config,
-        clip=dataclasses.replace(config.clip, remat="none", scan_layers=False),
-        llm=dataclasses.replace(config.llm, remat_policy="none", scan_layers=False),
+        clip=dataclasses.replace(
+            config.clip, remat="none", scan_layers=False, attention_impl="xla"
+        ),
+        llm=dataclasses.replace(
+            config.llm, remat_policy="none", scan_layers=False, attention_impl="xla"
+        ),
     )
 
 

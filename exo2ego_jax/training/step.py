@@ -85,16 +85,15 @@ def jit_train_step(
     )
 
 
-def model_flops_per_device(
+def model_flops_per_step(
     model: Exo2Ego,
     stage: stages.StageConfig,
     optimizer: optax.GradientTransformation,
     batch: Any,
 ) -> float | None:
-    """Model FLOPs of one train step per device: XLA's count of the step lowered (not
-    compiled) from abstract shapes with every layer unrolled and no rematerialisation (a
-    compiled scanned loop counts its body once; recomputation is not model work), divided
-    by the devices the step runs on. ``batch``: arrays or ``ShapeDtypeStruct`` s.
+    """Model FLOPs of one whole train step (all devices): XLA's count of the step lowered
+    (not compiled) from abstract shapes with every layer unrolled, no rematerialisation and
+    ``xla`` attention (:func:`for_flop_count`). ``batch``: arrays or ``ShapeDtypeStruct`` s.
 
     Lowered HLO is the global program (before SPMD partitioning), so it is counted outside
     the run's mesh and rules (the abstract inputs carry no sharding).
@@ -114,7 +113,17 @@ def model_flops_per_device(
         def step(state, frozen, batch, rng):
             return step_fn(state.params, state.opt_state, frozen, batch, rng if use_rng else None)
 
-        flops = xla_flops(jax.jit(step).lower(state, frozen, abstract, rng))
+        return xla_flops(jax.jit(step).lower(state, frozen, abstract, rng))
+
+
+def model_flops_per_device(
+    model: Exo2Ego,
+    stage: stages.StageConfig,
+    optimizer: optax.GradientTransformation,
+    batch: Any,
+) -> float | None:
+    """:func:`model_flops_per_step` divided by the devices the step runs on."""
+    flops = model_flops_per_step(model, stage, optimizer, batch)
     return flops / jax.device_count() if flops else None
 
 
