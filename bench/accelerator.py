@@ -411,7 +411,9 @@ def step_row(size: str, stage_no: int, impl: str, steps: int, remat: str | None,
         batch = sharding_lib.shard_batch(host, mesh, rules)
         args = (state, frozen, batch, rng)
         # The trainer's own count (one device here, so per device == per step).
-        count_flops = (lambda b: model_flops_per_step(model, stage, optimizer, b)) if count else None
+        count_flops = (
+            (lambda b: model_flops_per_step(model, stage, optimizer, b)) if count else None
+        )
         compiled_steps = CompiledSteps(jitted, count_flops=count_flops)
         executable = compiled_steps.compiled(*args)
         key = CompiledSteps.key(batch)
@@ -613,8 +615,7 @@ def report(args, info: dict, att: dict | None, steps: list[dict], skipped: list[
     for r in steps:
         if "error" in r:
             lines.append(
-                f"| {r.get('stage', '?')} | {r.get('impl', '?')} | error: {r['error']} |"
-                + " |" * 9
+                f"| {r.get('stage', '?')} | {r.get('impl', '?')} | error: {r['error']} |" + " |" * 9
             )
             continue
         flops = counted.get(r["stage"])

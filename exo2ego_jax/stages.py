@@ -179,6 +179,15 @@ def _stage_fusion(stage: StageConfig, model: Exo2Ego) -> Fusion:
     return stage.fusion or model.config.fusion
 
 
+def visual_tokens(stage: StageConfig, model: Exo2Ego) -> int:
+    """Tokens that replace ``<video>`` in this stage's LLM input: one clip's (stages 0 and 1
+    caption one encoder's tokens) or the stage's fusion of ``x`` and ``F(x)`` (2 and 3)."""
+    cfg = model.config
+    if stage.stage < 2:
+        return cfg.tokens_per_clip
+    return cfg.tokens_per_clip * (2 if _stage_fusion(stage, model) == "concat_seq" else 1)
+
+
 def text_positions(input_ids: jax.Array, num_visual: int, sentinel: int) -> jax.Array:
     """``int[B, L]``: where the text after each row's ``<video>`` sits in the spliced
     sequence, starting one position early (the logits there predict the first text token).

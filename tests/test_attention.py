@@ -65,6 +65,10 @@ def test_selection_by_shape_and_dtype():
         r("cudnn", "gpu", dtype=jnp.bfloat16, head_dim=100)
     with pytest.raises(A.AttentionImplError, match="'flash' is not one of auto, xla, cudnn"):
         r("flash", "cpu")
+    # Tracing for a TPU slice from this host (memory_plan --tpu): auto picks splash inside.
+    with A.target_backend("tpu"):
+        assert A.current_backend() == "tpu"
+        assert r("auto", A.current_backend(), dtype=jnp.bfloat16, q_len=512) == "splash"
     # The model path on this (CPU) backend refuses accelerator kernels with the same error.
     assert A.current_backend() == "cpu"
     q = jnp.zeros((1, 8, 2, 8))

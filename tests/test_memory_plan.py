@@ -3,6 +3,7 @@
 import os
 import re
 
+import jax
 import pytest
 from flax import traverse_util
 
@@ -58,6 +59,9 @@ def test_demo_plan_matches_independent_accounting(demo_rows):
         assert r.xla_arguments == used + r.opt_state + r.batch - 8
         assert r.total == r.params + r.opt_state + r.temp + r.batch + r.outputs_unaliased
         assert r.temp > 0 and r.compile_seconds > 0 and r.fits
+        # Stage 1 captions one clip: text + one clip's visual tokens - the <video> sentinel.
+        assert r.llm_tokens == config.data.max_text_len + model.config.tokens_per_clip - 1
+        assert r.compiled_for == "XLA:CPU"
     assert full.temp <= none.temp  # rematerialisation only drops saved activations
 
     table = out.read_text()
@@ -100,6 +104,20 @@ def test_clear_errors(argv, message):
     # Everything is checked before compiling, so these are fast.
     with pytest.raises(mp.PlanError, match=re.escape(message)):
         mp.main([f"--config={STAGE1}", *argv], log=lambda _: None)
+
+
+def test_tpu_target_errors_name_the_fix(monkeypatch):
+    """--tpu: libtpu missing, or a slice of another size, is one clear line before compiling."""
+
+    def no_libtpu(**_):
+        raise RuntimeError("JAX TPU support not installed; cannot generate TPU topology.")
+
+    monkeypatch.setattr(mp.topologies, "get_topology_desc", no_libtpu)
+    with pytest.raises(mp.PlanError, match=re.escape("pip install 'jax[tpu]'")):
+        mp.main([f"--config={STAGE1}", "--tpu=v5e:2x2"], log=lambda _: None)
+    monkeypatch.setattr(mp, "tpu_devices", lambda topology: jax.devices()[:4])
+    with pytest.raises(mp.PlanError, match=re.escape("--devices=8 but --tpu=v5e:2x2 has 4")):
+        mp.main([f"--config={STAGE1}", "--tpu=v5e:2x2", "--devices=8"], log=lambda _: None)
 
 
 def test_script_requests_enough_fake_devices(monkeypatch):

@@ -289,3 +289,16 @@ def test_paper_size_parameter_table():
     # The paper's no-LoRA ablation trains no LLM weight.
     nolora = dataclasses.replace(stages.StageConfig(stage=3), train_lora=False)
     assert stages.param_table(model, [nolora])[0][2] == stc + mapping
+
+
+def test_visual_tokens_are_what_each_stage_splices(setup):
+    """stages.visual_tokens (the memory plan's sequence length) against the tokens the stage
+    losses actually splice: one clip's for the caption stages, the fusion's for 2 and 3."""
+    model, params, batch = setup
+    one_clip = model.encode_ego(params, batch["ego_caption"]["frames"]).shape[1]
+    fused, _, _ = model.ego_visual_tokens(params, batch["instruct"]["frames"], "concat_seq")
+    assert fused.shape[1] == 2 * one_clip
+    for s, expected in ((0, one_clip), (1, one_clip), (2, 2 * one_clip), (3, 2 * one_clip)):
+        assert stages.visual_tokens(stages.StageConfig(stage=s), model) == expected, s
+    x_only = stages.StageConfig(stage=3, fusion="x_only")
+    assert stages.visual_tokens(x_only, model) == one_clip

@@ -44,7 +44,9 @@ G = N / K, H head width.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 import flax.struct
@@ -78,8 +80,29 @@ def _platform(backend: str) -> str:
     return "cuda" if name in ("gpu", "cuda") else name
 
 
+_TARGET_BACKEND: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "attention_target_backend", default=None
+)
+
+
+@contextlib.contextmanager
+def target_backend(backend: str) -> Iterator[None]:
+    """Inside, :func:`current_backend` is ``backend``: tracing for another platform than the
+    one running (ahead-of-time compilation for a TPU topology from a CPU host, as
+    ``tools.memory_plan --tpu`` does), so ``auto`` picks that platform's kernel."""
+    token = _TARGET_BACKEND.set(backend)
+    try:
+        yield
+    finally:
+        _TARGET_BACKEND.reset(token)
+
+
 def current_backend() -> str:
-    """``jax.default_backend()``, but ``"rocm"`` for AMD GPUs (which have no cuDNN)."""
+    """``jax.default_backend()``, but ``"rocm"`` for AMD GPUs (which have no cuDNN), and the
+    :func:`target_backend` while one is set."""
+    target = _TARGET_BACKEND.get()
+    if target is not None:
+        return target
     backend = jax.default_backend()
     if backend == "gpu":
         version = getattr(jax.devices()[0].client, "platform_version", "") or ""

@@ -35,12 +35,19 @@ Run as a script the tool sets ``XLA_FLAGS=--xla_force_host_platform_device_count
 (and ``JAX_PLATFORMS=cpu``) before JAX starts, unless the environment already asks for
 enough devices. In-process (:func:`main`, :func:`plan`) it uses whatever devices exist.
 
-Caveat: XLA:CPU's buffer assignment is a proxy for TPU / GPU (other fusion decisions,
-layouts and bf16 handling); read the numbers as estimates with a margin.
+``--tpu=v5e:4x4`` (any libtpu topology name) compiles the same step for that TPU slice with
+the TPU compiler, ahead of time on this host (``pip install 'jax[tpu]'``; no TPU needed;
+minutes per paper-size case): the buffer assignment the chips would run, with the splash
+attention kernel that ``auto`` picks there.
+
+Caveat: without ``--tpu``, XLA:CPU's buffer assignment is a proxy for TPU / GPU (other fusion
+decisions and layouts; it has no bfloat16 dot, so it holds float32 copies of bfloat16 weights
+and activations): read those numbers as an upper estimate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -55,11 +62,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from absl import flags
+from jax.experimental import topologies
 from ml_collections import config_flags
 
 from configs import common
 from exo2ego_jax import cli, config_lib, stages
 from exo2ego_jax import sharding as sharding_lib
+from exo2ego_jax.models import attention
 from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.models.remat import REMAT_POLICIES
 from exo2ego_jax.training.optim import make_optimizer
@@ -99,6 +108,7 @@ class PlanRow:
     xla_arguments: int
     compile_seconds: float
     hbm_bytes: int
+    compiled_for: str = "XLA:CPU"  # the compiler whose buffer assignment this is
 
     @property
     def params(self) -> int:
@@ -259,6 +269,22 @@ def _bytes(shapes: Any, shardings: Any) -> int:
     return sum(sharding_lib.shard_bytes(shapes, shardings).values())
 
 
+def tpu_devices(topology: str) -> list[jax.Device]:
+    """The chips of a TPU slice ``topology`` (e.g. ``v5e:4x4``, ``v4:2x2x2``) for
+    ahead-of-time compilation by libtpu's compiler on any host (no TPU needed)."""
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except RuntimeError as e:
+        if "not installed" in str(e):
+            raise PlanError(
+                f"--tpu={topology} compiles with libtpu, which is not installed: "
+                "pip install 'jax[tpu]' (no TPU needed to plan)"
+            ) from None
+        raise PlanError(f"--tpu={topology}: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - libtpu's own errors (e.g. an unknown layout)
+        raise PlanError(f"--tpu={topology}: {str(e).splitlines()[0]}") from None
+
+
 def plan(
     config,
     devices: int,
@@ -266,19 +292,33 @@ def plan(
     name: str = "",
     hbm_gib: float = 16.0,
     fast_compile: bool = False,
+    tpu: str | None = None,
     log: Callable[[str], None] = lambda _: None,
 ) -> PlanRow:
     """Compiles the train step of a prepared ``config`` (:func:`prepare_config`) for the
     first ``devices`` devices and returns its per-device memory.
 
     Nothing is allocated: parameters, optimizer state and batch are ``ShapeDtypeStruct`` s.
+    ``tpu``: a TPU slice topology (``v5e:4x4``) of exactly ``devices`` chips, compiled by
+    libtpu ahead of time (attention ``auto`` then picks the TPU kernel) instead of XLA:CPU.
     """
-    available = jax.devices()
+    available = tpu_devices(tpu) if tpu else jax.devices()
+    if tpu and devices != len(available):
+        raise PlanError(
+            f"--devices={devices} but --tpu={tpu} has {len(available)} chips; plan the whole "
+            "slice (--devices is optional with --tpu)"
+        )
     if devices > len(available):
         raise PlanError(
             f"{devices} devices requested but JAX has {len(available)}; run as a script (it "
             f"sets {_DEVICE_FLAG}) or set XLA_FLAGS={_DEVICE_FLAG}={devices} before JAX starts"
         )
+    target = attention.target_backend("tpu") if tpu else contextlib.nullcontext()
+    with target:
+        return _plan(config, devices, available, name, hbm_gib, fast_compile, tpu, log)
+
+
+def _plan(config, devices, available, name, hbm_gib, fast_compile, tpu, log) -> PlanRow:
     resolved = config_lib.resolve(config, num_devices=devices, check_inputs=False)
     model_cfg, stage, rules = resolved.model, resolved.stage, resolved.rules
     model = Exo2Ego(model_cfg)
@@ -349,7 +389,7 @@ def plan(
         batch_shards=ways,
         grad_accum=accum,
         global_batch=o.batch_size,
-        llm_tokens=config.data.max_text_len + model_cfg.visual_tokens_in_prompt - 1,
+        llm_tokens=config.data.max_text_len + stages.visual_tokens(stage, model) - 1,
         params_trainable=_bytes(t_shapes, t_shard),
         params_frozen=_bytes(frozen, f_shard),
         opt_state=_bytes(o_shapes, o_shard),
@@ -359,6 +399,7 @@ def plan(
         xla_arguments=int(mem.argument_size_in_bytes),
         compile_seconds=seconds,
         hbm_bytes=int(hbm_gib * GiB),
+        compiled_for=f"{available[0].device_kind} ({tpu}, libtpu AOT)" if tpu else "XLA:CPU",
     )
     log(
         f"{label}: compiled in {seconds:.0f}s; total {row.total / GiB:.2f} GiB/device "
@@ -400,6 +441,7 @@ def markdown_table(rows: Sequence[PlanRow]) -> str:
         "total GiB",
         fits,
         "compile s",
+        "compiled for",
     )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -419,6 +461,7 @@ def markdown_table(rows: Sequence[PlanRow]) -> str:
             f"**{_gib(r.total)}**",
             "yes" if r.fits else "no",
             f"{r.compile_seconds:.0f}",
+            r.compiled_for,
         )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -453,6 +496,13 @@ def _flag_values(argv: Sequence[str]) -> flags.FlagValues:
     flags.DEFINE_float("hbm_gib", 16.0, "Device memory for 'fits?'.", flag_values=fv)
     flags.DEFINE_bool(
         "fast_compile", False, "Compile with sharding.FAST_COMPILE_OPTIONS.", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "tpu",
+        None,
+        "Compile for this TPU slice with libtpu, ahead of time on any host, e.g. v5e:4x4 "
+        "(pip install 'jax[tpu]'); --devices defaults to its chip count.",
+        flag_values=fv,
     )
     flags.DEFINE_string("out", None, "Also write the Markdown table to this file.", flag_values=fv)
     return fv
@@ -491,7 +541,10 @@ def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] = prin
     """Runs the planner for every (stage, devices, rules, remat) combination of ``argv``;
     prints (and with ``--out`` writes) the Markdown table and returns the rows."""
     fv = parse_flags(sys.argv[1:] if argv is None else argv)
-    counts = _device_counts(fv.devices)
+    if fv.tpu and not fv.devices:
+        counts = [len(tpu_devices(fv.tpu))]
+    else:
+        counts = _device_counts(fv.devices)
     overrides = config_flags.get_override_values(fv["config"])
     name = fv["config"].config_filename
     rows = []
@@ -516,6 +569,7 @@ def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] = prin
                             name=label,
                             hbm_gib=fv.hbm_gib,
                             fast_compile=fv.fast_compile,
+                            tpu=fv.tpu,
                             log=log,
                         )
                     )
@@ -529,7 +583,11 @@ def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] = prin
 def _request_devices(argv: Sequence[str]) -> None:
     """Sets the fake-CPU device count for the largest ``--devices`` (before JAX starts)."""
     try:
-        wanted = max(_device_counts(parse_flags(argv, known_only=True).devices))
+        fv = parse_flags(argv, known_only=True)
+        if fv.tpu:  # libtpu's topology devices: no fake CPU devices needed
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+            return
+        wanted = max(_device_counts(fv.devices))
     except PlanError:
         return  # main() reports the bad flag
     flag_text = os.environ.get("XLA_FLAGS", "")
