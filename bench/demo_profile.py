@@ -125,7 +125,8 @@ def stage_rows(stages: dict, peak: float) -> tuple[list[str], list[str]]:
         t = s["timing"]
         n = max(t["steps"], 1)
         cells = " | ".join(f"{t[k]:.1f}" for k in PARTS)
-        split.append(f"| {stage} | {t['steps']} | {t['wall_s']:.1f} | {cells} |")
+        shapes = s.get("compiled_shapes", "")
+        split.append(f"| {stage} | {t['steps']} | {shapes} | {t['wall_s']:.1f} | {cells} |")
         flops = t["model_flops"]
         if flops:
             on_device = flops / max(t["device_s"], 1e-9)
@@ -187,13 +188,15 @@ def report(args, out: dict, load: tuple[float, float], total: float, fresh: str)
             "",
             "Each stage's wall time, split by the trainer (`train()`'s `timing`; seconds): "
             "setup = streams, parameters, pretrained and earlier stages' weights; compile = "
-            "lowering + compiling the train step per batch shape; FLOP count = one more "
+            "lowering + compiling the train step per batch shape (text padded to a length "
+            "bucket per stream, so a new combination of buckets is a new shape, compiled when "
+            "it first occurs); FLOP count = one more "
             "lowering of it for the model FLOPs; data wait = the streams' `next` (decoding "
             "and batching on the host); host = padding, placing on the mesh, logging; "
             "checkpoint = Orbax saves and the final wait for them.",
             "",
-            "| stage | steps | wall | " + " | ".join(PARTS.values()) + " |",
-            "|---|---:|---:|" + "---:|" * len(PARTS),
+            "| stage | steps | batch shapes compiled | wall | " + " | ".join(PARTS.values()) + " |",
+            "|---|---:|---:|---:|" + "---:|" * len(PARTS),
             *split,
             "",
             f"Per step (ms) and model FLOPs. Measured matmul peak: {out['peak'] / 1e9:.1f} "
@@ -219,7 +222,8 @@ def main(argv=None) -> None:
     parser.add_argument("--data-dir", type=Path, help="world + datasets (default: fresh temp dir)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.basicConfig(format="%(asctime)s %(message)s")
+    logging.getLogger().setLevel(logging.INFO)  # the trainer's lines, as main.py shows them
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="demo_profile_") as tmp:

@@ -249,7 +249,7 @@ def run(
             f"[demo] stage {stage}: {summary['steps']} steps, loss "
             f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
         )
-        keep = ("first_loss", "last_loss", "steps", "start_step", "timing")
+        keep = ("first_loss", "last_loss", "steps", "start_step", "compiled_shapes", "timing")
         results["stages"][stage] = {k: summary[k] for k in keep}
     with phases.timed("EgoBench"):
         results["eval"] = evaluate_demo(

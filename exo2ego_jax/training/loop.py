@@ -129,7 +129,8 @@ def train(
     log: Log = logging.info,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trains one stage; returns a summary (first / last loss, steps, ...) with ``timing``:
+    """Trains one stage; returns a summary (first / last loss, steps, the batch shapes
+    compiled, ...) with ``timing``:
     where the stage's wall time went (``perf.StageTiming.summary()``: setup, compilation,
     data, host, device, checkpoints, in seconds; ``config.profile_timing`` waits for the
     device after every step so that ``device_s`` is all of its compute).
@@ -205,7 +206,12 @@ def train(
             timing=timing,
         )
         summary = _loop(run, state, host_batch, start_step)
-        summary.update(memory=memory, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        summary.update(
+            memory=memory,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            compiled_shapes=len(steps.seconds),  # batch shapes the step was compiled for
+        )
     timing.lap("host")  # leaving the mesh context
     summary["timing"] = timing.summary()
     return summary
