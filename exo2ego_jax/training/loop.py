@@ -167,6 +167,7 @@ def train(
         if start_step >= total_steps:
             ckpt.close()
             log(f"stage {stage.stage} already finished ({start_step} of {total_steps} steps)")
+            timing.lap("setup")
             return {
                 "first_loss": None,
                 "last_loss": None,
@@ -174,6 +175,7 @@ def train(
                 "losses": [],
                 "start_step": start_step,
                 "total_steps": total_steps,
+                "timing": timing.summary(),
             }
         buckets = length_buckets(config) if config.data.get("dynamic_length") else None
         trim = (lambda b: trim_to_buckets(b, buckets)) if buckets else (lambda b: b)  # noqa: E731
