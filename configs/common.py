@@ -199,6 +199,9 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     # off), and the chip's peak TFLOP/s for the logged MFU (0 = from exo2ego_jax.training.perf).
     c.profile_steps = (0, 0)
     c.peak_tflops = 0.0
+    # Wait for the device after every step, so that the summary's timing (device_s) holds all
+    # of the steps' compute: a host sync per step, for profiling only (bench/demo_profile.py).
+    c.profile_timing = False
     # PRNG of the dropout masks: "" (JAX's default, threefry2x32) | rbg | unsafe_rbg (cheap
     # masks on accelerators; what MaxText uses for dropout).
     c.prng_impl = ""

@@ -36,6 +36,12 @@ def test_quick_demo_runs_every_piece(tmp_path):
     for stage in range(4):
         step, meta = checkpoints.read_meta(workdir / f"stage{stage}")
         assert step == 4 and meta["finished"] and meta["stage"] == stage
+        assert summary["stages"][str(stage)]["timing"]["steps"] == 4
+    assert list(summary["phases"]) == [
+        "world rendering", "dataset preparation", "LM pretraining", "CLIP-corpus rendering",
+        "CLIP pretraining", "stage 0", "stage 1", "stage 2", "stage 3", "EgoBench", "chat check",
+    ]  # fmt: skip
+    assert all(phase["seconds"] > 0 for phase in summary["phases"].values())
     assert set(summary["eval"]) == set(egobench.TASKS)
     assert summary["chat_check"]["total"] == 3
     assert (data / "prepared" / "llm" / "config.json").is_file()

@@ -182,6 +182,7 @@ def test_pretrain_clip_learns_and_writes_a_loadable_hf_tower(tmp_path):
     start = sum(np.log(len(v)) for v in clip_corpus.LABELS.values()) + np.log(dense)
     assert 0.8 * start < s["first_loss"] < 1.25 * start and s["last_loss"] < 0.6 * s["first_loss"]
     assert s["clips"] + s["val_clips"] == len(corpus) and s["val_clips"] > 0
+    assert 0 <= s["corpus_seconds"] < 0.05 < s["seconds"]  # given a corpus: none rendered
     assert set(s["accuracy"]) == {*clip_corpus.LABELS, "all"}
     # Held-out accuracies count the held-out clips (take 3 of 4): whole multiples of 1/val.
     n_val = int((corpus.takes == 3).sum())

@@ -5,12 +5,16 @@ main.py running every stage with real hand-offs and a SIGKILL restart: test_main
 
 from __future__ import annotations
 
+import time
+
+import jax
 import pytest
+import train_helpers
 from train_helpers import streams_for
 
 from configs import stage0, stage1, stage2, stage3
 from exo2ego_jax import config_lib, runtime
-from exo2ego_jax.training import checkpoints
+from exo2ego_jax.training import checkpoints, loop, perf
 from exo2ego_jax.training.loop import TrainingDivergedError, train
 from exo2ego_jax.training.optim import make_optimizer
 
@@ -91,6 +95,60 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
         train(c, tmp_path / "nan", streams=streams, progress=False)
     step, _ = checkpoints.read_meta(tmp_path / "nan")
     assert step == 2
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["default", "profile_timing"])
+def test_timing_splits_the_stage_wall_time(tmp_path, monkeypatch, sync):
+    """``summary["timing"]``: every part measured (> 0), together the stage's wall time;
+    waiting for data and checkpointing are the time spent in the streams and in Orbax; the
+    model FLOPs are the trainer's count of the step x steps. The default loop never waits
+    for the device per step; ``profile_timing`` waits after every step."""
+    spent = {"data": 0.0, "checkpoint": 0.0, "syncs": 0, "step_flops": []}
+
+    def timed(fn, part):
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] += time.perf_counter() - t0
+
+        return wrapper
+
+    def counted_sync(x):
+        spent["syncs"] += 1
+        return block_until_ready(x)
+
+    def recorded_flops(*args):
+        spent["step_flops"].append(count_flops(*args))
+        return spent["step_flops"][-1]
+
+    block_until_ready, count_flops = jax.block_until_ready, loop.model_flops_per_device
+    monkeypatch.setattr(jax, "block_until_ready", counted_sync)
+    monkeypatch.setattr(loop, "model_flops_per_device", recorded_flops)
+    stream = train_helpers.CountingStream
+    monkeypatch.setattr(stream, "__next__", timed(stream.__next__, "data"))
+    for name in ("save", "close"):
+        original = getattr(checkpoints.StageCheckpointer, name)
+        monkeypatch.setattr(checkpoints.StageCheckpointer, name, timed(original, "checkpoint"))
+
+    # Losses read at step 2 (a checkpoint) and 3 (the last) only.
+    c = _config(0, tmp_path, steps=3, log_every=10, profile_timing=sync)
+    t0 = time.perf_counter()
+    summary = train(c, tmp_path / "stage0", streams=streams_for(0), progress=False)
+    wall = time.perf_counter() - t0
+    t = summary["timing"]
+    parts = {k: t[f"{k}_s"] for k in perf.TIMING_PARTS}
+    assert all(v > 0 for v in parts.values()), parts
+    assert sum(parts.values()) == pytest.approx(t["wall_s"], abs=1e-3)
+    assert t["wall_s"] == pytest.approx(wall, rel=0.02, abs=0.05)
+    assert t["data_s"] == pytest.approx(spent["data"], rel=0.05, abs=0.01)
+    assert t["checkpoint_s"] == pytest.approx(spent["checkpoint"], rel=0.05, abs=0.01)
+    assert spent["syncs"] == (3 if sync else 0)
+    assert (t["steps"], t["sync_each_step"]) == (3, sync)
+    assert summary["compiled_shapes"] == 1 == len(spent["step_flops"])  # one batch shape
+    assert spent["step_flops"][0] > 0
+    assert t["model_flops"] == pytest.approx(3 * spent["step_flops"][0], rel=1e-12)
 
 
 @pytest.mark.parametrize(

@@ -149,14 +149,15 @@ def pretrain(
     """Renders the corpus, trains the tower and writes a HF ``CLIPVisionModel`` directory.
 
     ``config`` defaults to the demo tower (``clip.tiny`` at 64 px, 8-px patches: an 8×8
-    grid). Returns ``{"first_loss", "last_loss", "steps", "seconds", "clips", "val_clips",
-    "accuracy", "accuracy_by_view"}``; ``accuracy`` maps each label field to its accuracy on
-    the held-out takes' clips (evenly spaced frames), ``"all"`` to the share of clips with
-    every field right; ``accuracy_by_view`` gives the same per camera kind (``"ego"`` /
-    ``"exo"``). ``dense_weight`` scales the per-patch loss of :class:`DenseHead` (0 = off).
-    ``corpus`` (an :class:`input_pipeline.synthetic.clip_corpus.Corpus`) is used instead of
-    rendering one (``num_takes`` / ``views`` / ``frames_per_clip`` are then the corpus's).
-    """
+    grid). Returns ``{"first_loss", "last_loss", "steps", "seconds", "corpus_seconds", "clips",
+    "val_clips", "accuracy", "accuracy_by_view"}``: ``seconds`` of the whole call, of which
+    ``corpus_seconds`` rendering the corpus; ``accuracy`` maps each label field to its
+    accuracy on the held-out takes' clips (evenly spaced frames), ``"all"`` to the share of
+    clips with every field right; ``accuracy_by_view`` gives the same per camera kind
+    (``"ego"`` / ``"exo"``). ``dense_weight`` scales the per-patch loss of
+    :class:`DenseHead` (0 = off). ``corpus`` (an
+    :class:`input_pipeline.synthetic.clip_corpus.Corpus`) is used instead of rendering one
+    (``num_takes`` / ``views`` / ``frames_per_clip`` are then the corpus's)."""
     cfg = config or clip_lib.tiny(image_size=64, patch_size=8)
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
@@ -171,6 +172,7 @@ def pretrain(
             workers=workers,
             progress=progress,
         )
+    corpus_seconds = time.time() - t0
     train_idx, val_idx = _split_takes(corpus, val_fraction)
     model = _Classifier(cfg, num_frames, dense_weight)
     result = fit(
@@ -197,6 +199,7 @@ def pretrain(
         "last_loss": result.last_loss,
         "steps": steps,
         "seconds": time.time() - t0,
+        "corpus_seconds": corpus_seconds,
         "clips": len(train_idx),
         "val_clips": len(val_idx),
         "accuracy": _accuracy(right),

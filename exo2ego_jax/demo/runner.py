@@ -14,11 +14,13 @@
 5. the synthetic EgoBench with the stage-3 model, and a results table;
 6. the chat check: "What is C doing?" about 20 held-out ego clips (``exo2ego_jax.demo.chat_check``).
 
-Every step is restartable: finished pieces are found on disk and kept.
+Every step is restartable: finished pieces are found on disk and kept. Each phase's wall time
+is recorded (:class:`Phases`, ``demo_summary.json``); ``bench/demo_profile.py`` profiles them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -44,6 +46,38 @@ from input_pipeline.synthetic import generate_world
 WORLD_TAKES = 320
 
 
+class Phases:
+    """The demo's phases as they run, in order: ``seconds[name]`` (wall clock) and
+    ``details[name]`` (what the phase did, e.g. ``{"steps": 600}``). A phase skipped because
+    its output exists is absent. Names: ``world rendering``, ``dataset preparation``,
+    ``LM pretraining``, ``CLIP-corpus rendering``, ``CLIP pretraining``, ``stage 0`` ...
+    ``stage 3``, ``EgoBench``, ``chat check``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self.details: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def timed(self, name: str, **details):
+        """Times the ``with`` block as phase ``name``; yields its details dict (to add to)."""
+        t0 = time.perf_counter()
+        yield self.details.setdefault(name, dict(details))
+        self.seconds[name] = time.perf_counter() - t0
+
+    def record(self, name: str, seconds: float, **details) -> None:
+        """A phase timed elsewhere."""
+        self.seconds[name] = seconds
+        self.details[name] = dict(details)
+
+    def summary(self) -> dict[str, dict]:
+        """``{name: {"seconds", **details}}`` in order."""
+        return {k: {"seconds": v, **self.details.get(k, {})} for k, v in self.seconds.items()}
+
+    def line(self) -> str:
+        """One line: every phase's wall time."""
+        return ", ".join(f"{k} {v:.0f}s" for k, v in self.seconds.items())
+
+
 def prepare_data(
     data_dir: Path,
     *,
@@ -54,37 +88,43 @@ def prepare_data(
     clip_steps: int = 0,
     clip_takes: int = 0,
     progress: bool = True,
+    phases: Phases | None = None,
 ) -> None:
-    """Steps 1-3 (each skipped when its output exists).
+    """Steps 1-3 (each skipped when its output exists), each timed into ``phases``.
 
     ``world_kwargs`` go to ``generate_world`` (``num_takes`` defaults to ``WORLD_TAKES``;
     an existing world is kept whatever its size); ``lm_steps`` /
     ``clip_steps`` > 0 shorten the demo LM / CLIP pretraining and ``clip_takes`` > 0 sets the
     size of the CLIP corpus (0 = their defaults).
     """
+    phases = phases if phases is not None else Phases()
     world, prepared = data_dir / "world", data_dir / "prepared"
     model = demo_configs.stage_config(0, data_dir, data_dir).model  # vocabulary, tower, LM
     shapes = config_lib.build_model_config(model)
     if not (world / "world.json").exists():
-        t = time.time()
         kwargs = {"num_takes": WORLD_TAKES, **(world_kwargs or {})}
-        generate_world(world, seed=seed, progress=progress, **kwargs)
-        log(f"[demo] generated the synthetic world in {time.time() - t:.0f}s -> {world}")
+        with phases.timed("world rendering", takes=kwargs["num_takes"]):
+            generate_world(world, seed=seed, progress=progress, **kwargs)
+        seconds = phases.seconds["world rendering"]
+        log(f"[demo] generated the synthetic world in {seconds:.0f}s -> {world}")
     if not (prepared / "tokenizer").exists():
-        t = time.time()
-        prepare(world, prepared, progress=progress)
-        log(f"[demo] prepared datasets + tokenizer in {time.time() - t:.0f}s -> {prepared}")
+        with phases.timed("dataset preparation"):
+            prepare(world, prepared, progress=progress)
+        seconds = phases.seconds["dataset preparation"]
+        log(f"[demo] prepared datasets + tokenizer in {seconds:.0f}s -> {prepared}")
     if not (prepared / "llm" / "config.json").exists():
         steps = {"steps": lm_steps} if lm_steps > 0 else {}
-        s = pretrain_lm(
-            prepared,
-            prepared / "llm",
-            config=dataclasses.replace(shapes.llm, lora=None),
-            vocab_size=model.vocab_size,
-            seed=seed,
-            progress=progress,
-            **steps,
-        )
+        with phases.timed("LM pretraining") as details:
+            s = pretrain_lm(
+                prepared,
+                prepared / "llm",
+                config=dataclasses.replace(shapes.llm, lora=None),
+                vocab_size=model.vocab_size,
+                seed=seed,
+                progress=progress,
+                **steps,
+            )
+            details["steps"] = s["steps"]
         log(
             f"[demo] demo LLM pretrained: loss {s['first_loss']:.3f} -> {s['last_loss']:.3f} "
             f"({s['seconds']:.0f}s)"
@@ -94,14 +134,19 @@ def prepare_data(
         tower = shapes.clip
         sizes = {"steps": clip_steps} if clip_steps > 0 else {}
         sizes |= {"num_takes": clip_takes} if clip_takes > 0 else {}
+        t0 = time.perf_counter()
         s = pretrain_clip(prepared / "clip", config=tower, seed=seed, progress=progress, **sizes)
+        seconds = time.perf_counter() - t0
+        clips = s["clips"] + s["val_clips"]
+        phases.record("CLIP-corpus rendering", s["corpus_seconds"], clips=clips)
+        phases.record("CLIP pretraining", seconds - s["corpus_seconds"], steps=s["steps"])
         acc = ", ".join(f"{k} {v:.2f}" for k, v in s["accuracy"].items())
         ego = s["accuracy_by_view"].get("ego", {}).get("all")
         ego_acc = f" (ego clips: all fields {ego:.2f})" if ego is not None else ""
         log(
             f"[demo] demo CLIP pretrained on {s['clips']} corpus clips: loss "
             f"{s['first_loss']:.2f} -> {s['last_loss']:.2f}; held-out accuracy {acc}{ego_acc} "
-            f"({s['seconds']:.0f}s)"
+            f"({s['seconds']:.0f}s, of which {s['corpus_seconds']:.0f}s rendering the corpus)"
         )
 
 
@@ -156,11 +201,16 @@ def run(
     world_takes: int = WORLD_TAKES,
     quick: bool = False,
     log=print,
+    phases: Phases | None = None,
+    stage_overrides: dict | None = None,
 ) -> dict:
-    """Runs the demo end to end; returns per-stage loss summaries, eval results and the chat
-    check's counts. ``world_takes``: size of the world if it has to be generated;
-    ``quick``: the :data:`QUICK` sizes."""
+    """Runs the demo end to end; returns per-stage loss summaries and timings, eval results,
+    the chat check's counts and every phase's wall time. ``world_takes``: size of the world
+    if it has to be generated; ``quick``: the :data:`QUICK` sizes; ``phases`` receives the
+    phases' timings as they end; ``stage_overrides``: dotted config fields over every
+    stage's (e.g. ``{"profile_timing": True}``)."""
     workdir, data_dir = Path(workdir), Path(data_dir)
+    phases = phases if phases is not None else Phases()
     logging.getLogger("absl").setLevel(logging.WARNING)  # keep Orbax's INFO chatter quiet
     use_compilation_cache(workdir)
     t0 = time.time()
@@ -172,14 +222,14 @@ def run(
             lm_steps=QUICK["lm_steps"],
             clip_steps=QUICK["clip_steps"],
             clip_takes=QUICK["clip_takes"],
+            phases=phases,
         )
     else:
-        prepare_data(data_dir, log=log, world_kwargs={"num_takes": world_takes})
+        prepare_data(data_dir, log=log, world_kwargs={"num_takes": world_takes}, phases=phases)
     results: dict = {"stages": {}}
     for stage in range(4):
-        config = demo_configs.stage_config(
-            stage, workdir, data_dir, **(QUICK["stage"] if quick else {})
-        )
+        overrides = {**(QUICK["stage"] if quick else {}), **(stage_overrides or {})}
+        config = demo_configs.stage_config(stage, workdir, data_dir, **overrides)
         wd = Path(config.workdir)
         try:
             step, meta = checkpoints.read_meta(wd)
@@ -188,19 +238,26 @@ def run(
         if meta.get("finished"):
             log(f"[demo] stage {stage}: already finished ({wd}, step {step})")
             continue
+        t_stage = time.perf_counter()
         summary = train(config, wd, log=logging.info)
         if summary["first_loss"] is None:
             log(f"[demo] stage {stage}: already finished ({wd}, step {summary['steps']})")
             continue
+        steps_run = summary["steps"] - summary["start_step"]
+        phases.record(f"stage {stage}", time.perf_counter() - t_stage, steps=steps_run)
         log(
             f"[demo] stage {stage}: {summary['steps']} steps, loss "
             f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
         )
-        results["stages"][stage] = {k: summary[k] for k in ("first_loss", "last_loss", "steps")}
-    results["eval"] = evaluate_demo(
-        workdir, data_dir, log=log, overrides=QUICK["eval"] if quick else None
-    )
-    check = chat_check.check(workdir, data_dir, num_clips=QUICK["chat_clips"] if quick else 20)
+        keep = ("first_loss", "last_loss", "steps", "start_step", "compiled_shapes", "timing")
+        results["stages"][stage] = {k: summary[k] for k in keep}
+    with phases.timed("EgoBench"):
+        results["eval"] = evaluate_demo(
+            workdir, data_dir, log=log, overrides=QUICK["eval"] if quick else None
+        )
+    chat_clips = QUICK["chat_clips"] if quick else 20
+    with phases.timed("chat check", clips=chat_clips):
+        check = chat_check.check(workdir, data_dir, num_clips=chat_clips)
     results["chat_check"] = {k: check[k] for k in ("question", "correct", "total", "parts")}
     parts = ", ".join(f"{k} {v}" for k, v in check["parts"].items())
     log(
@@ -209,9 +266,10 @@ def run(
         f"exo2ego_jax.demo.chat_check --workdir {workdir} --data_dir {data_dir}"
     )
     results["seconds"] = time.time() - t0
+    results["phases"] = phases.summary()
     (workdir / "demo_summary.json").write_text(json.dumps(results, indent=2))
     log(
-        f"[demo] finished in {results['seconds'] / 60:.1f} min; summary in "
+        f"[demo] finished in {results['seconds'] / 60:.1f} min ({phases.line()}); summary in "
         f"{workdir / 'demo_summary.json'}"
     )
     return results

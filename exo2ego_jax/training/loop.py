@@ -41,7 +41,7 @@ from exo2ego_jax.config_lib import ConfigError, ResolvedConfig
 from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.training import checkpoints
 from exo2ego_jax.training.optim import make_optimizer, make_schedule
-from exo2ego_jax.training.perf import Profiler, nominal_peak_tflops, perf_scalars
+from exo2ego_jax.training.perf import Profiler, StageTiming, nominal_peak_tflops, perf_scalars
 from exo2ego_jax.training.step import (
     CompiledSteps,
     TrainState,
@@ -84,6 +84,7 @@ class _Run:
     progress: bool
     peak_tflops: float | None
     profiler: Profiler
+    timing: StageTiming  # where the stage's wall time goes (the loop's laps)
 
 
 def _log_memory(compiled, log: Log) -> dict[str, float]:
@@ -128,11 +129,16 @@ def train(
     log: Log = logging.info,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Trains one stage; returns a summary (first / last loss, steps, timings).
+    """Trains one stage; returns a summary (first / last loss, steps, the batch shapes
+    compiled, ...) with ``timing``:
+    where the stage's wall time went (``perf.StageTiming.summary()``: setup, compilation,
+    data, host, device, checkpoints, in seconds; ``config.profile_timing`` waits for the
+    device after every step so that ``device_s`` is all of its compute).
 
     ``streams`` overrides the input pipeline (tests); by default it is built from
     ``config.data`` (see ``input_pipeline.pipeline``).
     """
+    timing = StageTiming(sync_each_step=bool(config.get("profile_timing", False)))
     workdir = Path(workdir)
     resolved = config_lib.resolve(config)
     stage = resolved.stage
@@ -161,6 +167,7 @@ def train(
         if start_step >= total_steps:
             ckpt.close()
             log(f"stage {stage.stage} already finished ({start_step} of {total_steps} steps)")
+            timing.lap("setup")
             return {
                 "first_loss": None,
                 "last_loss": None,
@@ -168,15 +175,20 @@ def train(
                 "losses": [],
                 "start_step": start_step,
                 "total_steps": total_steps,
+                "timing": timing.summary(),
             }
         buckets = length_buckets(config) if config.data.get("dynamic_length") else None
         trim = (lambda b: trim_to_buckets(b, buckets)) if buckets else (lambda b: b)  # noqa: E731
-        host_batch = trim({k: next(it) for k, it in iterators.items()})
+        timing.lap("setup")
+        host_batch = _next_host_batch(iterators, trim, timing)
         # The dropout masks' keys (LoRA dropout): `rbg` / `unsafe_rbg` are much cheaper than
         # the default threefry on TPU and GPU (as MaxText offers).
         rng = jax.random.key(config.seed + 1, impl=config.get("prng_impl") or None)
         batch = sharding_lib.shard_batch(host_batch, mesh, rules)
+        timing.lap("host")
         steps, memory = _compile(model, stage, optimizer, (state, frozen, batch, rng), log)
+        timing.lap("compile")
+        timing.move(steps.total_seconds()[1], "compile", "flop_count")
         run = _Run(
             resolved=resolved,
             workdir=workdir,
@@ -193,9 +205,17 @@ def train(
             progress=progress,
             peak_tflops=config.get("peak_tflops", 0.0) or nominal_peak_tflops(),
             profiler=Profiler(workdir, config.get("profile_steps")),
+            timing=timing,
         )
         summary = _loop(run, state, host_batch, start_step)
-        summary.update(memory=memory, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+        summary.update(
+            memory=memory,
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            compiled_shapes=len(steps.seconds),  # batch shapes the step was compiled for
+        )
+    timing.lap("host")  # leaving the mesh context
+    summary["timing"] = timing.summary()
     return summary
 
 
@@ -259,6 +279,36 @@ def _compile(model, stage, optimizer, args, log) -> tuple[CompiledSteps, dict[st
         jitted, log=log, count_flops=lambda b: model_flops_per_device(model, stage, optimizer, b)
     )
     return steps, _log_memory(steps.compiled(*args), log)
+
+
+def _next_host_batch(iterators: Mapping[str, Any], trim, timing: StageTiming) -> dict:
+    """The next batch of every stream, its text padded to its bucket (``trim``). Time: the
+    host's work since the last lap and the padding to ``host``, reading the streams to
+    ``data``."""
+    timing.lap("host")
+    raw = {k: next(it) for k, it in iterators.items()}
+    timing.lap("data")
+    out = trim(raw)
+    timing.lap("host")
+    return out
+
+
+def _dispatch_step(run: _Run, state: TrainState, batch: Any, step: int):
+    """Step ``step + 1`` (compiled first for a new batch shape): ``(state, metrics, model
+    FLOPs per device or None)``. Time: compilation and FLOP counting to theirs, the rest to
+    ``device`` (the dispatch only, unless ``config.profile_timing`` waits for the results)."""
+    timing, steps = run.timing, run.step_fn
+    timing.lap("host")
+    compiled, counted = steps.total_seconds()
+    state, metrics, flops = steps(state, run.frozen, batch, jax.random.fold_in(run.rng, step))
+    if timing.sync_each_step:
+        jax.block_until_ready((state, metrics))
+    timing.lap("device")
+    compiled_after, counted_after = steps.total_seconds()
+    timing.move(compiled_after - compiled, "device", "compile")
+    timing.move(counted_after - counted, "device", "flop_count")
+    timing.add_step(flops)
+    return state, metrics, flops
 
 
 def _tokens_in(batch: Mapping[str, Any]) -> int:
@@ -395,7 +445,9 @@ def _log_line(run: _Run, step: int, scalars: dict[str, float], writer) -> None:
 def _read_window(run: _Run, window: _Window, step: int) -> tuple[list[float], dict[str, float]]:
     """The window's losses (raising :class:`TrainingDivergedError` at the first non-finite
     one) and the scalars to log at ``step``: metrics, lr, throughput, MFU, skipped counts."""
-    step_losses, scalars = window.read()
+    run.timing.lap("host")
+    step_losses, scalars = window.read()  # waits for the window's last step
+    run.timing.lap("device")
     bad = [i for i, x in enumerate(step_losses) if not math.isfinite(x)]
     if bad:
         raise _diverged(run, window.steps[bad[0]], step_losses[bad[0]])
@@ -437,14 +489,13 @@ def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> di
     rules = run.resolved.rules
     every = config.checkpoint.every_steps
     window, step, preempted = _Window(), start_step, False
+    run.timing.lap("setup")
     batch = sharding_lib.shard_batch(host_batch, run.mesh, rules)
     tokens = _tokens_in(host_batch) * jax.process_count()  # global, without a reduction
     with _Preemption() as preemption:
         try:
             while step < run.total_steps:
-                state, metrics, flops = run.step_fn(
-                    state, run.frozen, batch, jax.random.fold_in(run.rng, step)
-                )
+                state, metrics, flops = _dispatch_step(run, state, batch, step)
                 step += 1
                 window.add(step, metrics, tokens, flops)
                 bar.update(1)
@@ -462,10 +513,12 @@ def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> di
                     window = _Window()
                 if save:  # before the next batch is read: the iterators' state is this step's
                     meta = {**meta_base, **checkpoints.param_meta(state.params), "finished": last}
+                    run.timing.lap("host")
                     run.ckpt.save(
                         step, state.params, state.opt_state, meta, config_json, run.iterators,
                         force=last or preempted,
                     )  # fmt: skip
+                    run.timing.lap("checkpoint")
                 if preempted:
                     run.log(
                         f"stage {stage_no}: stop requested (SIGTERM) at step {step}; checkpoint "
@@ -474,18 +527,21 @@ def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> di
                     break
                 if not last:
                     run.profiler.step(step)
-                    host_batch = run.trim({k: next(it) for k, it in run.iterators.items()})
+                    host_batch = _next_host_batch(run.iterators, run.trim, run.timing)
                     batch = sharding_lib.shard_batch(host_batch, run.mesh, rules)
                     tokens = _tokens_in(host_batch) * jax.process_count()
         finally:
             run.profiler.stop()
             bar.close()
-            run.ckpt.close()
+            run.timing.lap("host")
+            run.ckpt.close()  # waits for asynchronous saves
+            run.timing.lap("checkpoint")
             if writer is not None:
                 writer.close()
     skipped = {k: v for k, (v, _) in _skip_counts(run.iterators).items()}
     if skipped:
         run.log(f"stage {stage_no}: skipped unreadable examples per stream: {skipped}")
+    run.timing.lap("host")
     return {
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

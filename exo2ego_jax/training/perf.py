@@ -11,6 +11,7 @@ step. MFU divides them by the chip's nominal dense bfloat16 peak (:data:`PEAK_TF
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,74 @@ def perf_scalars(flops: float | None, seconds: float, peak_tflops: float | None)
     if peak_tflops:
         out["mfu"] = tflops / peak_tflops
     return out
+
+
+#: The parts of a stage's wall time (:class:`StageTiming`), in the order a step meets them.
+TIMING_PARTS = ("setup", "compile", "flop_count", "data", "host", "device", "checkpoint")
+
+
+class StageTiming:
+    """Where one stage's wall-clock time goes, in seconds, measured without a host sync.
+
+    Each :meth:`lap` charges the time since the previous one (or since construction) to one
+    part, so the parts add up to the time from construction to the last lap:
+
+    * ``setup``: config, mesh, input streams, parameters (random init, pretrained weights,
+      earlier stages' checkpoints, a resumed checkpoint) and the loop's writers;
+    * ``compile``: lowering and compiling the train step for each batch shape;
+    * ``flop_count``: counting each shape's model FLOPs (one more lowering of the step);
+    * ``data``: waiting for the streams' next batch (reading, decoding, batching);
+    * ``host``: host-side batch work (padding the text to its bucket, placing the batch on
+      the mesh, counting tokens), logging, the progress bar;
+    * ``device``: dispatching the step and waiting for its results. Without a sync per step
+      (the default) the host waits only where the loop reads the metrics (log points,
+      checkpoints), so this is the device time not hidden behind the host's work; with
+      ``sync_each_step`` (``config.profile_timing``) the host waits after every step, so it
+      is the whole of the steps' compute, and nothing overlaps;
+    * ``checkpoint``: Orbax saves (the state copied to the host; written too unless the save
+      is asynchronous, whose writing then overlaps the next steps) and the final wait for
+      them.
+
+    ``steps`` counts the steps run; ``model_flops`` sums their model FLOPs per device
+    (None once a step's count is unknown).
+    """
+
+    def __init__(self, sync_each_step: bool = False):
+        self.sync_each_step = sync_each_step
+        self.seconds = dict.fromkeys(TIMING_PARTS, 0.0)
+        self.steps = 0
+        self.model_flops: float | None = 0.0
+        self._start = self._last = time.perf_counter()
+
+    def lap(self, part: str) -> None:
+        """Charges the seconds since the previous lap to ``part``."""
+        now = time.perf_counter()
+        self.seconds[part] += now - self._last
+        self._last = now
+
+    def move(self, seconds: float, source: str, target: str) -> None:
+        """Re-charges ``seconds`` of ``source`` to ``target`` (e.g. a compilation that
+        happened inside a step's dispatch)."""
+        self.seconds[source] -= seconds
+        self.seconds[target] += seconds
+
+    def add_step(self, flops: float | None) -> None:
+        """Counts one step and its model FLOPs per device (None: unknown)."""
+        self.steps += 1
+        self.model_flops = (
+            None if flops is None or self.model_flops is None else (self.model_flops + flops)
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """``{"wall_s", "<part>_s" for each of TIMING_PARTS, "steps", "model_flops",
+        "sync_each_step"}``; ``wall_s`` is the time since construction."""
+        return {
+            "wall_s": time.perf_counter() - self._start,
+            **{f"{k}_s": v for k, v in self.seconds.items()},
+            "steps": self.steps,
+            "model_flops": self.model_flops,
+            "sync_each_step": self.sync_each_step,
+        }
 
 
 class Profiler:

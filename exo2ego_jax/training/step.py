@@ -130,13 +130,15 @@ def model_flops_per_device(
 class CompiledSteps:
     """The train step compiled once per batch shape (text lengths are padded per batch to a
     bucket, so a handful of shapes occur), with each shape's model FLOPs per device
-    (``count_flops(batch)``, e.g. :func:`model_flops_per_device`)."""
+    (``count_flops(batch)``, e.g. :func:`model_flops_per_device`). ``seconds`` /
+    ``count_seconds``: each shape's compilation / FLOP-counting time."""
 
     def __init__(self, jitted, *, log=None, count_flops=None):
         self._jitted, self._log, self._count = jitted, log, count_flops
         self._compiled: dict[Any, Any] = {}
         self.flops: dict[Any, float | None] = {}
         self.seconds: dict[Any, float] = {}
+        self.count_seconds: dict[Any, float] = {}
 
     @staticmethod
     def key(batch: Any) -> Any:
@@ -149,7 +151,9 @@ class CompiledSteps:
             t0 = time.time()
             executable = self._jitted.lower(state, frozen, batch, rng).compile()
             self.seconds[key] = time.time() - t0
+            t0 = time.time()
             self.flops[key] = self._count(batch) if self._count is not None else None
+            self.count_seconds[key] = time.time() - t0
             self._compiled[key] = executable
             if self._log is not None:
                 shapes = sorted({s for _, s in key if len(s) == 2})  # the text arrays
@@ -158,6 +162,10 @@ class CompiledSteps:
                     f"{self.seconds[key]:.1f}s ({len(self._compiled)} shape(s) so far)"
                 )
         return self._compiled[key]
+
+    def total_seconds(self) -> tuple[float, float]:
+        """``(compiling, counting FLOPs)``: seconds over every shape so far."""
+        return sum(self.seconds.values()), sum(self.count_seconds.values())
 
     def __call__(self, state: TrainState, frozen: Params, batch: Any, rng: jax.Array):
         """``(state, metrics, model FLOPs of this step or None)``."""
