@@ -17,7 +17,7 @@ ACCEL ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo gpu; \
 	else echo cpu; fi)
 EXTRA := $(if $(filter gpu tpu,$(ACCEL)),[$(ACCEL)],)
 
-.PHONY: demo test web lint bench clean-venv
+.PHONY: demo test web lint bench libtpu clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,17 @@ web: $(VENV)/.web-stamp
 # suite's time is single-threaded XLA compilation, so this halves it on 2 cores.
 test: $(VENV)/.test-stamp
 	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# libtpu, the TPU compiler of jax[tpu], in a folder of its own (off the venv's import path, so
+# nothing else tries to start a TPU): `memory_plan --tpu=v5e:4x4` compiles for TPU slices with
+# it on any host, and tests/test_memory_plan.py's TPU test uses it (CI installs it).
+LIBTPU_DIR := $(VENV)/libtpu
+libtpu: $(LIBTPU_DIR)/.stamp
+
+$(LIBTPU_DIR)/.stamp: $(VENV)/.test-stamp
+	$(PIP) --no-deps --upgrade --target $(LIBTPU_DIR) "$$($(PY) -c 'import importlib.metadata as m; \
+		print(next(r.split(";")[0].replace(" ", "") for r in m.requires("jax") if r.startswith("libtpu")))')"
+	touch $@
 
 lint: $(VENV)/.test-stamp
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

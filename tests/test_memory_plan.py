@@ -1,7 +1,13 @@
 """The per-device memory planner (exo2ego_jax/tools/memory_plan.py) on the demo config."""
 
+import importlib.util
+import json
 import os
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import pytest
@@ -13,6 +19,9 @@ from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.tools import memory_plan as mp
 
 STAGE1 = "configs/stage1.py:demo"
+ROOT = Path(__file__).resolve().parents[1]
+#: Where `make libtpu` puts the TPU compiler (off the venv's import path).
+LIBTPU_DIR = Path(os.environ.get("EXO2EGO_LIBTPU_DIR", ROOT / ".venv" / "libtpu"))
 
 
 @pytest.fixture(scope="module")
@@ -144,3 +153,68 @@ def test_table_marks_rows_shared_by_a_tensor_group():
     line = mp.markdown_table([row]).splitlines()[2]
     assert "| 1 (per 4 devices) | 16 | 5089 | 3.00 (1.00+2.00) |" in line
     assert "| **16.00** | yes |" in line
+
+
+# In a fresh process: libtpu on the path, JAX on CPU; one --tpu plan of the demo's stage 3 and
+# the attention alone compiled for a chip of the same slice, `auto` and `xla`.
+_TPU_PROBE = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp
+    from jax.sharding import SingleDeviceSharding
+    from exo2ego_jax.models import attention
+    from exo2ego_jax.tools import memory_plan as mp
+
+    argv = ["--config=configs/stage3.py:demo", "--tpu=v5e:2x2", "--rules=fsdp"]
+    (row,) = mp.main(argv, log=lambda _: None)
+    chip = SingleDeviceSharding(mp.tpu_devices("v5e:2x2")[0])
+    q = jax.ShapeDtypeStruct((1, 256, 4, 128), jnp.bfloat16, sharding=chip)
+    kv = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16, sharding=chip)
+
+    def hlo(impl):
+        mask = attention.MaskSpec(causal=True)
+        with attention.target_backend("tpu"):
+            step = jax.jit(lambda q, k, v: attention.attend(q, k, v, mask, impl=impl))
+            return step.lower(q, kv, kv).compile().as_text()
+
+    print("RESULT " + json.dumps({
+        "compiled_for": row.compiled_for, "devices": row.devices, "mesh": row.mesh,
+        "total": row.total, "temp": row.temp, "params": row.params,
+        "auto_kernel": "tpu_custom_call" in hlo("auto"),
+        "xla_kernel": "tpu_custom_call" in hlo("xla"),
+    }))
+""")
+
+
+def _libtpu_path() -> str | None:
+    """The folder to put on the path for libtpu ("" if importable already), or None."""
+    if importlib.util.find_spec("libtpu") is not None:
+        return ""
+    return str(LIBTPU_DIR) if (LIBTPU_DIR / "libtpu").is_dir() else None
+
+
+@pytest.mark.slow
+def test_tpu_plan_compiles_the_step_for_a_tpu_slice_with_splash():
+    """--tpu: the demo's stage-3 step compiled by libtpu for a v5e 2x2 slice on this CPU host,
+    and `auto` attention compiled for a chip of it is the Pallas kernel (a Mosaic custom
+    call), `xla` is not. Needs `make libtpu`; skipped without it unless
+    EXO2EGO_REQUIRE_LIBTPU=1 (CI)."""
+    path = _libtpu_path()
+    if path is None:
+        reason = f"libtpu is not installed (make libtpu puts it in {LIBTPU_DIR})"
+        if os.environ.get("EXO2EGO_REQUIRE_LIBTPU") == "1":
+            pytest.fail(f"{reason} (EXO2EGO_REQUIRE_LIBTPU=1)")
+        pytest.skip(reason)
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (path, str(ROOT), env.get("PYTHONPATH")) if p)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", _TPU_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line is not None, proc.stderr[-3000:]
+    got = json.loads(line.removeprefix("RESULT "))
+    assert got["compiled_for"] == "TPU v5 lite (v5e:2x2, libtpu AOT)"
+    assert got["devices"] == 4 and got["mesh"] == [1, 4, 1]
+    assert got["total"] > got["params"] > 0 and got["temp"] > 0
+    assert got["auto_kernel"] and not got["xla_kernel"]

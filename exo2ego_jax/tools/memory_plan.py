@@ -270,7 +270,7 @@ def _bytes(shapes: Any, shardings: Any) -> int:
 
 
 def tpu_devices(topology: str) -> list[jax.Device]:
-    """The chips of a TPU slice ``topology`` (e.g. ``v5e:4x4``, ``v4:2x2x2``) for
+    """The chips of a TPU slice ``topology`` (e.g. ``v5e:4x4``, ``v5p:2x2x2``) for
     ahead-of-time compilation by libtpu's compiler on any host (no TPU needed)."""
     try:
         return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
