@@ -69,15 +69,15 @@ import dataclasses
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from results import write_section  # bench/results.py (this script's directory)
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 MARK = "@@ACC@@"  # worker replies on stdout (libraries may print too)
 PREFIX = 16  # text tokens before <video>
 IMPLS = ("xla", "cudnn", "splash", "reference")
@@ -652,19 +652,6 @@ def report(args, info: dict, att: dict | None, steps: list[dict], skipped: list[
     if skipped:
         lines += ["", f"Skipped (time budget {args.budget_s:.0f}s): {', '.join(skipped)}."]
     return "\n".join(lines)
-
-
-def write_section(name: str, table: str) -> None:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{table}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
 
 
 # ----------------------------------------------------------------------------- main

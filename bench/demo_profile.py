@@ -39,7 +39,8 @@ import time
 from pathlib import Path
 
 import jax
-from accelerator import matmul_peak, write_section  # bench/accelerator.py (same directory)
+from accelerator import matmul_peak  # bench/accelerator.py (same directory)
+from results import write_section  # bench/results.py
 
 from exo2ego_jax.demo import runner
 

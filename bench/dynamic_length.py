@@ -22,14 +22,12 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+from results import write_section  # noqa: E402  (bench/results.py)
 
 from configs import demo as demo_configs  # noqa: E402
 from exo2ego_jax.training.loop import train  # noqa: E402
 from input_pipeline.prepare import prepare  # noqa: E402
 from input_pipeline.synthetic import generate_world  # noqa: E402
-
-RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- dynamic_length:start -->", "<!-- dynamic_length:end -->"
 
 
 def run(root: Path, data: Path, dynamic: bool, steps: int, stage: int, parents: Path) -> tuple:
@@ -75,7 +73,6 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()[0]
     table = "\n".join(
         [
-            START,
             "## Per-batch text padding: same losses (demo preset, CPU float32)",
             "",
             f"`python bench/dynamic_length.py --steps {args.steps}` — {time.strftime('%Y-%m-%d')},"
@@ -89,17 +86,11 @@ def main(argv: list[str] | None = None) -> None:
             "max rel diff | steps/s off | steps/s on |",
             "|---|---:|---|---|---:|---:|---:|---:|",
             *rows,
-            END,
         ]
     )
     print(table)
     if not args.no_write:
-        text = RESULTS.read_text() if RESULTS.exists() else ""
-        if START in text:
-            text = text[: text.index(START)] + table + text[text.index(END) + len(END) :]
-        else:
-            text = text.rstrip() + "\n\n" + table + "\n"
-        RESULTS.write_text(text)
+        write_section("dynamic_length", table)
 
 
 if __name__ == "__main__":

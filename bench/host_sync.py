@@ -27,15 +27,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from results import write_section  # bench/results.py (this script's directory)
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 sys.path.insert(0, str(HERE.parent / "tests"))  # train_helpers.CountingStream
 
@@ -187,19 +187,6 @@ def report(
     )
 
 
-def write_section(table: str, name: str) -> None:
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{table}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=200, help="steps per run")
@@ -232,7 +219,7 @@ def main(argv=None) -> None:
     table = report(args, runs, load, time.perf_counter() - t0, host_s)
     print(table)
     if not args.no_write:
-        write_section(table, "host_sync_xla1" if args.xla_threads == 1 else "host_sync")
+        write_section("host_sync_xla1" if args.xla_threads == 1 else "host_sync", table)
 
 
 if __name__ == "__main__":

@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
+
+from results import write_section  # bench/results.py (this script's directory)
 
 BATCH, PROMPT, NEW = 4, 512, 64
-RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- llm_vs_torch:start -->", "<!-- llm_vs_torch:end -->"
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -251,19 +249,7 @@ def main(argv=None) -> None:
         print("\n".join(lines[-(len(rows) + 7) :]), flush=True)
     table = "\n".join(lines)
     if not args.no_write:
-        write_section(table)
-
-
-def write_section(table: str) -> None:
-    block = f"{START}\n{table}\n{END}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
+        write_section("llm_vs_torch", table)
 
 
 if __name__ == "__main__":

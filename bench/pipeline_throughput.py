@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import re
 import shutil
 import statistics
 import sys
@@ -48,8 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- pipeline_throughput:start -->", "<!-- pipeline_throughput:end -->"
+from results import write_section  # bench/results.py (this script's directory)
+
 BATCH, FRAMES, SIZE, TEXT = 4, 8, 64, 128
 
 # --paper: clip shape, test videos and the consumption estimate.
@@ -666,18 +665,6 @@ def paper_main(args) -> str:
     return paper_report(res, load, args.reps, total)
 
 
-def write_section(table: str, start: str = START, end: str = END) -> None:
-    block = f"{start}\n{table}\n{end}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--world", type=Path, help="demo world (default: generate one)")
@@ -699,7 +686,7 @@ def main(argv=None) -> None:
         table = paper_main(args)
         print(table)
         if not args.no_write:
-            write_section(table, "<!-- pipeline_paper:start -->", "<!-- pipeline_paper:end -->")
+            write_section("pipeline_paper", table)
         return
 
     import tensorflow_datasets as tfds
@@ -737,7 +724,7 @@ def main(argv=None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     print(table)
     if not args.no_write:
-        write_section(table)
+        write_section("pipeline_throughput", table)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -36,9 +35,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import write_section  # bench/results.py (this script's directory)
+
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
-START, END = "<!-- stage3_before_after:start -->", "<!-- stage3_before_after:end -->"
 MARK = "@@"  # bench/train_step.py's reply prefix
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
@@ -220,18 +219,6 @@ def summarize(args, passes: list[dict], total_s: float) -> str:
     return "\n".join(lines)
 
 
-def write_section(table: str) -> None:
-    block = f"{START}\n{table}\n{END}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--before", default="/work/wt/pre16", help="the 'before' checkout")
@@ -258,7 +245,7 @@ def main(argv=None) -> None:
     table = summarize(args, passes, time.perf_counter() - t0)
     print(table)
     if not args.no_write:
-        write_section(table)
+        write_section("stage3_before_after", table)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ import dataclasses
 import datetime
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -52,8 +51,8 @@ import tempfile
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- train_step:start -->", "<!-- train_step:end -->"
+from results import write_section  # bench/results.py (this script's directory)
+
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 MARK = "@@"  # prefix of the worker replies on stdout (libraries may print too)
 
@@ -622,7 +621,7 @@ def main(argv=None) -> None:
     summary = summarize(args, shape, rounds, passes, time.perf_counter() - t_start)
     print(summary)
     if not args.no_write:
-        write_section(summary)
+        write_section("train_step", summary)
 
 
 def run_pass(args, shape: Shape, rounds: int, threads: int) -> dict:
@@ -820,18 +819,6 @@ def summarize(args, shape: Shape, rounds: int, passes: list[dict], total_s: floa
     for p in passes:
         lines += summarize_pass(p, shape, rounds)
     return "\n".join(lines)
-
-
-def write_section(table: str) -> None:
-    block = f"{START}\n{table}\n{END}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    RESULTS.write_text(text)
-    print(f"wrote {RESULTS}")
 
 
 if __name__ == "__main__":

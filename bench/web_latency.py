@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import secrets
 import shutil
 import socket
@@ -43,13 +42,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # this checkout, and the tiny-model fixture
 
 import jax  # noqa: E402
+from results import write_section  # noqa: E402  (bench/results.py)
 
 from configs import demo as demo_configs  # noqa: E402
 from exo2ego_jax import chat, web  # noqa: E402
-from input_pipeline import atomic  # noqa: E402
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
-START, END = "<!-- web_latency:start -->", "<!-- web_latency:end -->"
 QUESTION = "What is C doing?"
 CACHE_EVENTS = ("/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses")
 
@@ -257,18 +254,6 @@ def report(args, config, runs, starts, loads, conditions) -> str:
     return "\n".join(lines)
 
 
-def write_section(table: str) -> None:
-    block = f"{START}\n{table}\n{END}"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    pattern = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip() + f"\n\n{block}\n"
-    atomic.write_text(RESULTS, text)
-    print(f"wrote {RESULTS}")
-
-
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workdir", default="workdirs/demo", help="the demo's workdir")
@@ -309,7 +294,7 @@ def main(argv=None) -> None:
     table = report(args, config, runs, starts, (load0, load1), conditions)
     print(table)
     if not args.no_write:
-        write_section(table)
+        write_section("web_latency", table)
 
 
 if __name__ == "__main__":

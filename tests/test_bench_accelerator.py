@@ -12,10 +12,14 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_accelerator", BENCH / "accelerator.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up by name
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(BENCH))  # it imports bench/results.py as its script would
+    try:
+        spec = importlib.util.spec_from_file_location("bench_accelerator", BENCH / "accelerator.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(BENCH))
     return module
 
 
