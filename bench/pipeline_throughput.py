@@ -399,30 +399,19 @@ def decode_clip(
 
 
 def _pinned_rate(fn, windows: list[tuple[float, float]], reps: int) -> dict:
-    """Pairs per CPU-second and per wall-second of ``fn(start, end)`` (one pair) over
-    ``windows``, in this process pinned to one CPU; medians over ``reps`` passes."""
+    """:func:`_threaded_rate` with this process pinned to one CPU: the rate of one core."""
     cpus = os.sched_getaffinity(0)
-    cpu_rates, wall_rates = [], []
     try:
         os.sched_setaffinity(0, {min(cpus)})
-        for _ in range(reps):
-            c0, w0 = time.process_time(), time.perf_counter()
-            for s, e in windows:
-                fn(s, e)
-            c1, w1 = time.process_time(), time.perf_counter()
-            cpu_rates.append(len(windows) / max(c1 - c0, 1e-9))
-            wall_rates.append(len(windows) / max(w1 - w0, 1e-9))
+        return _threaded_rate(fn, windows, reps)
     finally:
         os.sched_setaffinity(0, cpus)
-    return {
-        "cpu": statistics.median(cpu_rates),
-        "wall": statistics.median(wall_rates),
-        "all": [round(r, 2) for r in cpu_rates],
-    }
 
 
 def _threaded_rate(fn, windows, reps: int) -> dict:
-    """As :func:`_pinned_rate` but unpinned (the decoder's own threads may use every CPU)."""
+    """Pairs per CPU-second and per wall-second of ``fn(start, end)`` (one pair) over
+    ``windows``, medians over ``reps`` passes; unpinned (a decoder's own threads may use
+    every CPU)."""
     cpu_rates, wall_rates = [], []
     for _ in range(reps):
         c0, w0 = time.process_time(), time.perf_counter()

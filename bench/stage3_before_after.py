@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shutil
 import statistics
@@ -36,10 +35,11 @@ import time
 from pathlib import Path
 
 from results import write_section  # bench/results.py (this script's directory)
+from train_step import Worker  # bench/train_step.py's worker driver
 
 HERE = Path(__file__).resolve().parent
-MARK = "@@"  # bench/train_step.py's reply prefix
-SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+#: What the ``full`` worker of each checkout is asked to build (bench/train_step.py flags).
+WORKER_ARGS = argparse.Namespace(layout="scan", remat="none", quick=False, no_peft=False)
 
 
 def _commit(tree: Path) -> str:
@@ -55,71 +55,23 @@ def _commit(tree: Path) -> str:
         return "?"
 
 
-class Side:
-    """One ``bench/train_step.py --worker full`` process of one checkout."""
-
-    def __init__(self, name: str, tree: Path, workdir: Path, threads: int):
-        self.name, self.tree = name, tree
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(tree))
-        env.pop("XLA_FLAGS", None)
-        if threads == 1:
-            env["XLA_FLAGS"] = SINGLE_THREAD_XLA
-        cmd = [sys.executable, str(tree / "bench/train_step.py"), "--worker", "full"]
-        cmd += ["--workdir", str(workdir), "--layout", "scan", "--remat", "none"]
-        self.log = open(workdir / f"{name}.log", "w")
-        cpu = min(os.sched_getaffinity(0))
-        pin = (lambda: os.sched_setaffinity(0, {cpu})) if threads == 1 else None
-        self.proc = subprocess.Popen(
-            cmd,
-            cwd=tree,
-            env=env,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self.log,
-            text=True,
-            preexec_fn=pin,
-        )
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        for line in self.proc.stdout:
-            if line.startswith(MARK):
-                return json.loads(line[len(MARK) :])
-        self.log.flush()
-        raise RuntimeError(f"{self.name} worker died:\n{Path(self.log.name).read_text()[-4000:]}")
-
-    def step(self) -> dict:
-        self.proc.stdin.write("step\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.write("quit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
-        except Exception:  # noqa: BLE001
-            self.proc.kill()
-        self.log.close()
-
-
 def run(args, threads: int) -> dict:
     print(f"--- {threads} thread(s) per side", flush=True)
     tmp = Path(tempfile.mkdtemp(prefix="stage3_ba_"))
     trees = {"before": Path(args.before).resolve(), "after": HERE.parent}
-    sides: dict[str, Side] = {}
+    sides: dict[str, Worker] = {}
     load = [os.getloadavg()]
     try:
         for name, tree in trees.items():  # one at a time: no compile overlaps the other
             (tmp / name).mkdir()
-            sides[name] = Side(name, tree, tmp / name, threads)
+            sides[name] = Worker("full", tmp / name, WORKER_ARGS, threads, tree=tree)
             print(f"{name}: ready in {sides[name].info['setup_s']:.0f}s", flush=True)
         times: dict[str, list[tuple[float, float]]] = {n: [] for n in sides}
         order = list(sides)
         for r in range(args.rounds):
             load.append(os.getloadavg())
             for name in order[r % 2 :] + order[: r % 2]:
-                out = sides[name].step()
+                out = sides[name].ask("step")
                 times[name].append((out["wall"], out["cpu"]))
             print(
                 f"round {r}: "

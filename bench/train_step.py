@@ -536,14 +536,20 @@ def serve(side: str, workdir: Path, shape: Shape, args) -> None:
 
 
 class Worker:
-    def __init__(self, side: str, workdir: Path, args, threads: int = 2):
+    """One ``--worker side`` process answering ``step`` / ``quit`` on stdin. ``tree``: run
+    that checkout's copy of this script (its code on ``PYTHONPATH``; default this one)."""
+
+    def __init__(self, side: str, workdir: Path, args, threads: int = 2, tree: Path | None = None):
         self.side = side
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu")
         env.pop("XLA_FLAGS", None)
         env["BENCH_THREADS"] = str(threads)
         if threads == 1:
             env["XLA_FLAGS"] = SINGLE_THREAD_XLA
-        cmd = [sys.executable, __file__, "--worker", side, "--workdir", str(workdir)]
+        if tree is not None:
+            env["PYTHONPATH"] = str(tree)
+        script = tree / "bench" / "train_step.py" if tree is not None else Path(__file__)
+        cmd = [sys.executable, str(script), "--worker", side, "--workdir", str(workdir)]
         cmd += ["--layout", args.layout, "--remat", args.remat]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--no-peft"] if args.no_peft else []
@@ -554,6 +560,7 @@ class Worker:
         pin = (lambda: os.sched_setaffinity(0, {cpu})) if threads == 1 else None
         self.proc = subprocess.Popen(
             cmd,
+            cwd=tree,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
