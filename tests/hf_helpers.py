@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -50,3 +51,15 @@ def perturb_params(params, seed: int, const_std: float = 0.3, std: float = 0.02)
         return (x + (const_std if constant else std) * noise).astype(x.dtype)
 
     return jax.tree_util.tree_map(one, params)
+
+
+def right_padded_batch(lengths, total, vocab, seed=0, low=3):
+    """``(ids, mask)`` int64 ``[len(lengths), total]``: row ``i`` holds ``lengths[i]`` random
+    ids in ``[low, vocab)`` then zeros (mask 1 on the real tokens)."""
+    rs = np.random.RandomState(seed)
+    ids = np.zeros((len(lengths), total), np.int64)
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, :n] = rs.randint(low, vocab, n)
+        mask[i, :n] = 1
+    return ids, mask

@@ -33,7 +33,7 @@ import safetensors.torch
 import torch
 import transformers
 from flax import traverse_util
-from hf_helpers import perturb_params
+from hf_helpers import perturb_params, right_padded_batch
 from reference.stc_connector_torch import STCConnector as TorchSTC
 
 from configs import common
@@ -127,16 +127,6 @@ def _without_lora(params: dict) -> dict:
     return traverse_util.unflatten_dict({p: v for p, v in flat.items() if not lora_param_filter(p)})
 
 
-def _right_padded(lengths, total, vocab, seed=0):
-    rs = np.random.RandomState(seed)
-    ids = np.zeros((len(lengths), total), np.int64)
-    mask = np.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = rs.randint(4, vocab, n)
-        mask[i, :n] = 1
-    return ids, mask
-
-
 def _our_logits(module: MistralLM, params, ids, mask) -> np.ndarray:
     fn = jax.jit(lambda p, i, m: module.apply({"params": p}, i, attention_mask=m).logits)
     return np.asarray(fn(params, jnp.asarray(ids), jnp.asarray(mask)))
@@ -185,7 +175,7 @@ def test_hf_mistral_matches_unmerged_lora(setup):
     assert llm.lora is not None and llm.lora.scale == 2.0
     hf = transformers.AutoModelForCausalLM.from_pretrained(out / "hf_mistral").eval()
     assert type(hf).__name__ == "MistralForCausalLM" and hf.dtype == torch.float32
-    ids, mask = _right_padded([12, 7], 12, llm.vocab_size)
+    ids, mask = right_padded_batch([12, 7], 12, llm.vocab_size, low=4)
     ours = _our_logits(MistralLM(llm), _host_llm(trained), ids, mask)  # LoRA on, unmerged
     diff = _max_diff(_torch_logits(hf, mask, input_ids=torch.tensor(ids)), ours, mask)
     # The comparison is not vacuous: the adapters move the logits far more than TOL.
@@ -233,7 +223,7 @@ def test_peft_adapter_on_base_matches(setup, tmp_path):
     save_mistral(dataclasses.replace(llm, lora=None), base_params, tmp_path / "base")
     base = transformers.MistralForCausalLM.from_pretrained(tmp_path / "base")
     model = peft.PeftModel.from_pretrained(base, out / "peft_adapter").eval()
-    ids, mask = _right_padded([11, 5], 11, llm.vocab_size, seed=1)
+    ids, mask = right_padded_batch([11, 5], 11, llm.vocab_size, seed=1, low=4)
     ours = _our_logits(MistralLM(llm), _host_llm(trained), ids, mask)
     diff = _max_diff(_torch_logits(model, mask, input_ids=torch.tensor(ids)), ours, mask)
     print(f"PEFT adapter on base vs ours, token ids: max|logit diff| = {diff:.2e}")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_helpers import norm_weights_distinct, perturb_, perturb_params
+from hf_helpers import norm_weights_distinct, perturb_, perturb_params, right_padded_batch
 
 from exo2ego_jax.models import mistral as M
 from exo2ego_jax.models.lora import LoRAConfig, lora_param_filter
@@ -43,16 +43,6 @@ def make_hf(tmp_path, seed=0, max_shard_size=None, **overrides):
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(tmp_path, **kwargs)
     return model
-
-
-def right_padded_batch(lengths, total, vocab, seed=0):
-    rs = np.random.RandomState(seed)
-    ids = np.zeros((len(lengths), total), np.int64)
-    mask = np.zeros_like(ids)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = rs.randint(3, vocab, n)
-        mask[i, :n] = 1
-    return ids, mask
 
 
 def logits_fn(module):

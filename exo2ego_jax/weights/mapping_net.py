@@ -43,7 +43,13 @@ from flax import traverse_util
 
 from exo2ego_jax.models.mapping import Grid, MappingConfig, MappingNetwork
 from exo2ego_jax.weights.errors import CheckpointError
-from exo2ego_jax.weights.param_map import ParamMapping, check_tensors, iter_hf_tensors, read_params
+from exo2ego_jax.weights.param_map import (
+    ParamMapping,
+    check_tensors,
+    iter_hf_tensors,
+    read_params,
+    unmapped,
+)
 from exo2ego_jax.weights.safetensors_format import write_safetensors_file
 from exo2ego_jax.weights.tensors import TensorSource
 from input_pipeline import atomic
@@ -156,8 +162,7 @@ def load_mapping(
     mappings = param_mappings(config, features, grid)
     source = TensorSource(Path(file))
     check_tensors(source, mappings, f" (from {config_path(file).name})")
-    used = {n for m in mappings for n in m.hf_names}
-    leftover = [n for n in source.names() if n not in used]
+    leftover = unmapped(source.names(), mappings)
     if leftover:
         raise CheckpointError(
             f"{source.where}: tensors {leftover[:3]} have no place in the mapping network of "

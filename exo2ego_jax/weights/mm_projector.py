@@ -40,6 +40,7 @@ from exo2ego_jax.weights.param_map import (
     check_tensors,
     iter_hf_tensors,
     read_params,
+    unmapped,
 )
 from exo2ego_jax.weights.safetensors_format import write_safetensors_file
 from exo2ego_jax.weights.tensors import TensorSource
@@ -244,8 +245,7 @@ def open_checkpoint(
     except CheckpointError as e:
         raise CheckpointError(f"{where}: {e}") from None
     mappings = param_mappings(config, prefix)
-    known = {n for m in mappings for n in m.hf_names}
-    unknown = [n for n in names.values() if n not in known]
+    unknown = unmapped(names.values(), mappings)
     if unknown:
         raise CheckpointError(
             f"{where}: unexpected tensor {unknown[0]!r} for the STC connector inferred from "

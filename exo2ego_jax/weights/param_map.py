@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -121,6 +121,12 @@ class MappedCheckpoint(NamedTuple):
 
 def _more(items: Sequence[str]) -> str:
     return f" (and {len(items) - 1} more: {list(items[1:4])})" if len(items) > 1 else ""
+
+
+def unmapped(names: Iterable[str], mappings: Sequence[ParamMapping]) -> list[str]:
+    """The tensor names in ``names`` that none of ``mappings`` reads, in order."""
+    used = {n for m in mappings for n in m.hf_names}
+    return [n for n in names if n not in used]
 
 
 def check_tensors(source: TensorSource, mappings: Sequence[ParamMapping], why: str = "") -> None:

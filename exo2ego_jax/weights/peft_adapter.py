@@ -39,6 +39,7 @@ from exo2ego_jax.weights.param_map import (
     check_tensors,
     iter_hf_tensors,
     read_params,
+    unmapped,
 )
 from exo2ego_jax.weights.safetensors_format import write_safetensors_file
 from exo2ego_jax.weights.tensors import TensorSource
@@ -214,8 +215,7 @@ def load_peft_adapter(
     mappings = param_mappings(dataclasses.replace(config, lora=lora))
     source = TensorSource(Path(path) / WEIGHTS_FILE)
     check_tensors(source, mappings, f" (r={lora.rank} from {CONFIG_FILE})")
-    used = {n for m in mappings for n in m.hf_names}
-    leftover = [n for n in source.names() if n not in used]
+    leftover = unmapped(source.names(), mappings)
     if leftover:
         raise CheckpointError(
             f"{source.where}: {len(leftover)} tensors have no place in this model's adapters, "
