@@ -56,7 +56,6 @@ import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -73,6 +72,7 @@ from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.models.remat import REMAT_POLICIES
 from exo2ego_jax.training.optim import make_optimizer
 from exo2ego_jax.training.step import TrainState, batch_shardings, cast_frozen, jit_train_step
+from input_pipeline import atomic
 
 GiB = 2**30
 _DEVICE_FLAG = "--xla_force_host_platform_device_count"
@@ -576,7 +576,7 @@ def main(argv: Sequence[str] | None = None, *, log: Callable[[str], None] = prin
     table = markdown_table(rows)
     log(table)
     if fv.out:
-        Path(fv.out).write_text(table)
+        atomic.write_text(fv.out, table)
     return rows
 
 
