@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from exo2ego_jax.models import remat as remat_lib
 from exo2ego_jax.models.attention import ATTENTION_IMPLS, attend
+from exo2ego_jax.models.conv import Conv
 from input_pipeline.normalization import CLIP_MEAN, CLIP_STD
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -252,7 +253,7 @@ class CLIPVisionEmbeddings(nn.Module):
                 f"pixel_values {pixel_values.shape} do not match the tower's "
                 f"[B, {cfg.image_size}, {cfg.image_size}, {cfg.num_channels}] (NHWC)"
             )
-        patches = nn.Conv(
+        patches = Conv(
             cfg.hidden_size,
             kernel_size=(cfg.patch_size, cfg.patch_size),
             strides=(cfg.patch_size, cfg.patch_size),

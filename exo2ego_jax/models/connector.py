@@ -30,6 +30,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from exo2ego_jax.models.conv import Conv
+
 Array = jax.Array
 Dtype = Any
 
@@ -142,8 +144,8 @@ def _conv(
     padding: int = 0,
     groups: int = 1,
     use_bias: bool = False,
-) -> nn.Conv:
-    """An ``nn.Conv`` whose kernel carries logical axes; ``channel_axes`` = (in, out).
+) -> Conv:
+    """A :class:`~exo2ego_jax.models.conv.Conv` whose kernel carries logical axes; ``channel_axes`` = (in, out).
 
     Spatial kernel dims are never sharded. Flax rejects a logical name repeated within one
     array, so only the leading spatial dim is named ``conv_space`` and the others are None.
@@ -153,12 +155,12 @@ def _conv(
     Known issues); the depthwise and squeeze-excite convs use ``mlp``.
     """
     axes = ("conv_space",) + (None,) * (len(kernel) - 1) + tuple(channel_axes)
-    return nn.Conv(
+    return Conv(
         features,
         kernel,
         strides=strides,
-        padding=[(padding, padding)] * len(kernel),
-        feature_group_count=groups,
+        padding=padding,
+        groups=groups,
         use_bias=use_bias,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,

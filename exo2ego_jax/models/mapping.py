@@ -70,6 +70,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from exo2ego_jax.models.conv import Conv
+
 Grid = tuple[int, int, int]
 
 _KERNEL_INIT = nn.initializers.lecun_normal()
@@ -279,7 +281,7 @@ class GeneratorConv(nn.Module):
                 padding = "VALID"
             else:  # CycleGAN down-sampling convs always zero-pad
                 padding = ((k // 2, k // 2), (k // 2, k // 2))
-            x = nn.Conv(
+            x = Conv(
                 self.features,
                 (k, k),
                 strides=(self.stride, self.stride),
@@ -350,7 +352,7 @@ class ResnetGenerator(nn.Module):
         h = GeneratorConv(cfg, ngf, 3, stride=-2, name="up_1")(h)
         h = _pad_hw(h, 3, cfg.padding)
         # Final conv: always biased (CycleGAN), not followed by a norm, no tanh.
-        return nn.Conv(
+        return Conv(
             self.features,
             (7, 7),
             padding="VALID",
