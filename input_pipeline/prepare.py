@@ -28,7 +28,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import tensorflow_datasets as tfds
-from tqdm import tqdm
 
 from input_pipeline import atomic
 from input_pipeline.datasets import (
@@ -41,6 +40,7 @@ from input_pipeline.datasets import (
     summary_lines,
 )
 from input_pipeline.egobench import BENCHMARKS
+from input_pipeline.progress import bar as progress_bar
 from input_pipeline.tokenizer import DEFAULT_VOCAB_SIZE, train_demo_tokenizer
 
 __all__ = ["corpus_text", "dataset_summary", "prepare", "main"]
@@ -100,7 +100,8 @@ def prepare(
     if not progress:
         tfds.disable_progress_bar()
     done: dict[str, Path] = {}
-    for name in tqdm(names, desc="preparing datasets", unit="dataset", disable=not progress):
+    bar = progress_bar(names, desc="preparing datasets", unit="dataset", disable=not progress)
+    for name in bar:
         window = window_s if name == "ego_exo_clip" else None
         done[name] = build(
             name,

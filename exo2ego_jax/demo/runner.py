@@ -38,6 +38,7 @@ from exo2ego_jax.eval.evaluate import evaluate
 from exo2ego_jax.models.mistral import from_hf_config
 from exo2ego_jax.training import checkpoints
 from exo2ego_jax.training.loop import train
+from input_pipeline import progress
 from input_pipeline.prepare import prepare
 from input_pipeline.synthetic import generate_world
 
@@ -53,16 +54,23 @@ class Phases:
     ``LM pretraining``, ``CLIP-corpus rendering``, ``CLIP pretraining``, ``stage 0`` ...
     ``stage 3``, ``EgoBench``, ``chat check``."""
 
-    def __init__(self) -> None:
+    def __init__(self, display: progress.RunDisplay | None = None) -> None:
         self.seconds: dict[str, float] = {}
         self.details: dict[str, dict] = {}
+        self.display = display
 
     @contextlib.contextmanager
     def timed(self, name: str, **details):
         """Times the ``with`` block as phase ``name``; yields its details dict (to add to)."""
         t0 = time.perf_counter()
-        yield self.details.setdefault(name, dict(details))
+        with self.showing(name):
+            yield self.details.setdefault(name, dict(details))
         self.seconds[name] = time.perf_counter() - t0
+
+    def showing(self, name: str):
+        """The progress display's phase ``name`` for the ``with`` block (a phase timed by
+        :meth:`record` afterwards, or split in two there, shows as one)."""
+        return self.display.phase(name) if self.display else contextlib.nullcontext()
 
     def record(self, name: str, seconds: float, **details) -> None:
         """A phase timed elsewhere."""
@@ -99,20 +107,21 @@ def prepare_data(
     """
     phases = phases if phases is not None else Phases()
     world, prepared = data_dir / "world", data_dir / "prepared"
+    outputs = prepared_outputs(data_dir)
     model = demo_configs.stage_config(0, data_dir, data_dir).model  # vocabulary, tower, LM
     shapes = config_lib.build_model_config(model)
-    if not (world / "world.json").exists():
+    if not outputs["world rendering"].exists():
         kwargs = {"num_takes": WORLD_TAKES, **(world_kwargs or {})}
         with phases.timed("world rendering", takes=kwargs["num_takes"]):
             generate_world(world, seed=seed, progress=progress, **kwargs)
         seconds = phases.seconds["world rendering"]
         log(f"[demo] generated the synthetic world in {seconds:.0f}s -> {world}")
-    if not (prepared / "tokenizer").exists():
+    if not outputs["dataset preparation"].exists():
         with phases.timed("dataset preparation"):
             prepare(world, prepared, progress=progress)
         seconds = phases.seconds["dataset preparation"]
         log(f"[demo] prepared datasets + tokenizer in {seconds:.0f}s -> {prepared}")
-    if not (prepared / "llm" / "config.json").exists():
+    if not outputs["LM pretraining"].exists():
         steps = {"steps": lm_steps} if lm_steps > 0 else {}
         with phases.timed("LM pretraining") as details:
             s = pretrain_lm(
@@ -130,12 +139,15 @@ def prepare_data(
             f"({s['seconds']:.0f}s)"
         )
     check_demo_lm(prepared / "llm", shapes.llm)
-    if not (prepared / "clip" / "config.json").exists():
+    if not outputs["CLIP pretraining"].exists():
         tower = shapes.clip
         sizes = {"steps": clip_steps} if clip_steps > 0 else {}
         sizes |= {"num_takes": clip_takes} if clip_takes > 0 else {}
         t0 = time.perf_counter()
-        s = pretrain_clip(prepared / "clip", config=tower, seed=seed, progress=progress, **sizes)
+        with phases.showing("CLIP pretraining"):
+            s = pretrain_clip(
+                prepared / "clip", config=tower, seed=seed, progress=progress, **sizes
+            )
         seconds = time.perf_counter() - t0
         clips = s["clips"] + s["val_clips"]
         phases.record("CLIP-corpus rendering", s["corpus_seconds"], clips=clips)
@@ -148,6 +160,17 @@ def prepare_data(
             f"{s['first_loss']:.2f} -> {s['last_loss']:.2f}; held-out accuracy {acc}{ego_acc} "
             f"({s['seconds']:.0f}s, of which {s['corpus_seconds']:.0f}s rendering the corpus)"
         )
+
+
+def prepared_outputs(data_dir: Path) -> dict[str, Path]:
+    """The file each of steps 1-3 leaves behind (a step is skipped when its file exists)."""
+    world, prepared = data_dir / "world", data_dir / "prepared"
+    return {
+        "world rendering": world / "world.json",
+        "dataset preparation": prepared / "tokenizer",
+        "LM pretraining": prepared / "llm" / "config.json",
+        "CLIP pretraining": prepared / "clip" / "config.json",
+    }
 
 
 def check_demo_lm(path: Path, llm) -> None:
@@ -178,6 +201,24 @@ QUICK = {
 }
 
 
+#: Seconds each phase of the progress display is expected to take (the CLIP phase includes
+#: rendering its corpus): ``python bench/demo_profile.py [--quick]`` on the 2-core reference
+#: machine (bench/RESULTS.md). The display scales them by this machine's speed on the phases
+#: already finished, so only their proportions matter much.
+EXPECTED_SECONDS = {
+    "quick": {
+        "world rendering": 13, "dataset preparation": 1, "LM pretraining": 9,
+        "CLIP pretraining": 30, "stage 0": 41, "stage 1": 13, "stage 2": 26, "stage 3": 44,
+        "EgoBench": 14, "chat check": 8,
+    },
+    "default": {
+        "world rendering": 120, "dataset preparation": 3, "LM pretraining": 30,
+        "CLIP pretraining": 240, "stage 0": 120, "stage 1": 40, "stage 2": 80, "stage 3": 150,
+        "EgoBench": 60, "chat check": 30,
+    },
+}  # fmt: skip
+
+
 def use_compilation_cache(workdir: Path) -> None:
     """A persistent XLA cache in ``<workdir>/jax_cache`` (stages and reruns share programs);
     an already configured cache is kept."""
@@ -194,6 +235,25 @@ def evaluate_demo(workdir: Path, data_dir: Path, *, log=print, overrides=None) -
     return metrics
 
 
+def _stage_finished(config) -> int | None:
+    """The last step of ``config``'s stage if its workdir holds a finished run, else None."""
+    try:
+        step, meta = checkpoints.read_meta(Path(config.workdir))
+    except checkpoints.HandOffError:
+        return None
+    return step if meta.get("finished") else None
+
+
+def planned_phases(workdir: Path, data_dir: Path, stage_overrides: dict | None = None) -> list[str]:
+    """The phases a run would go through, in order (finished pieces found on disk are not)."""
+    todo = [k for k, path in prepared_outputs(data_dir).items() if not path.exists()]
+    for stage in range(4):
+        config = demo_configs.stage_config(stage, workdir, data_dir, **(stage_overrides or {}))
+        if _stage_finished(config) is None:
+            todo.append(f"stage {stage}")
+    return todo + ["EgoBench", "chat check"]
+
+
 def run(
     workdir: str | Path = "workdirs/demo",
     data_dir: str | Path = "demo_data",
@@ -203,61 +263,46 @@ def run(
     log=print,
     phases: Phases | None = None,
     stage_overrides: dict | None = None,
+    seed: int = 0,
 ) -> dict:
     """Runs the demo end to end; returns per-stage loss summaries and timings, eval results,
     the chat check's counts and every phase's wall time. ``world_takes``: size of the world
     if it has to be generated; ``quick``: the :data:`QUICK` sizes; ``phases`` receives the
     phases' timings as they end; ``stage_overrides``: dotted config fields over every
-    stage's (e.g. ``{"profile_timing": True}``)."""
+    stage's (e.g. ``{"profile_timing": True}``); ``seed``: the stages' seed (initialisation
+    and data order; the world and the stand-ins are always seed 0, so every seed is tested
+    on the same EgoBench items). One progress line shows the phase and the time left."""
     workdir, data_dir = Path(workdir), Path(data_dir)
     phases = phases if phases is not None else Phases()
     logging.getLogger("absl").setLevel(logging.WARNING)  # keep Orbax's INFO chatter quiet
     use_compilation_cache(workdir)
+    stage_overrides = {**(QUICK["stage"] if quick else {}), "seed": seed, **(stage_overrides or {})}
+    plan = planned_phases(workdir, data_dir, stage_overrides)
+    expected = EXPECTED_SECONDS["quick" if quick else "default"]
     t0 = time.time()
-    if quick:
-        prepare_data(
-            data_dir,
-            log=log,
-            world_kwargs=QUICK["world"],
-            lm_steps=QUICK["lm_steps"],
-            clip_steps=QUICK["clip_steps"],
-            clip_takes=QUICK["clip_takes"],
-            phases=phases,
-        )
-    else:
-        prepare_data(data_dir, log=log, world_kwargs={"num_takes": world_takes}, phases=phases)
-    results: dict = {"stages": {}}
-    for stage in range(4):
-        overrides = {**(QUICK["stage"] if quick else {}), **(stage_overrides or {})}
-        config = demo_configs.stage_config(stage, workdir, data_dir, **overrides)
-        wd = Path(config.workdir)
-        try:
-            step, meta = checkpoints.read_meta(wd)
-        except checkpoints.HandOffError:
-            step, meta = None, {}
-        if meta.get("finished"):
-            log(f"[demo] stage {stage}: already finished ({wd}, step {step})")
-            continue
-        t_stage = time.perf_counter()
-        summary = train(config, wd, log=logging.info)
-        if summary["first_loss"] is None:
-            log(f"[demo] stage {stage}: already finished ({wd}, step {summary['steps']})")
-            continue
-        steps_run = summary["steps"] - summary["start_step"]
-        phases.record(f"stage {stage}", time.perf_counter() - t_stage, steps=steps_run)
-        log(
-            f"[demo] stage {stage}: {summary['steps']} steps, loss "
-            f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
-        )
-        keep = ("first_loss", "last_loss", "steps", "start_step", "compiled_shapes", "timing")
-        results["stages"][stage] = {k: summary[k] for k in keep}
-    with phases.timed("EgoBench"):
-        results["eval"] = evaluate_demo(
-            workdir, data_dir, log=log, overrides=QUICK["eval"] if quick else None
-        )
-    chat_clips = QUICK["chat_clips"] if quick else 20
-    with phases.timed("chat check", clips=chat_clips):
-        check = chat_check.check(workdir, data_dir, num_clips=chat_clips)
+    with progress.run_display("demo", plan, expected) as display:
+        phases.display = display
+        if quick:
+            prepare_data(
+                data_dir,
+                log=log,
+                world_kwargs=QUICK["world"],
+                lm_steps=QUICK["lm_steps"],
+                clip_steps=QUICK["clip_steps"],
+                clip_takes=QUICK["clip_takes"],
+                phases=phases,
+            )
+        else:
+            world = {"num_takes": world_takes}
+            prepare_data(data_dir, log=log, world_kwargs=world, phases=phases)
+        results = {"stages": _train_stages(workdir, data_dir, stage_overrides, phases, log)}
+        with phases.timed("EgoBench"):
+            results["eval"] = evaluate_demo(
+                workdir, data_dir, log=log, overrides=QUICK["eval"] if quick else None
+            )
+        chat_clips = QUICK["chat_clips"] if quick else 20
+        with phases.timed("chat check", clips=chat_clips):
+            check = chat_check.check(workdir, data_dir, num_clips=chat_clips)
     results["chat_check"] = {k: check[k] for k in ("question", "correct", "total", "parts")}
     parts = ", ".join(f"{k} {v}" for k, v in check["parts"].items())
     log(
@@ -265,6 +310,7 @@ def run(
         f"exactly to {check['question']!r} (right {parts}); details: python -m "
         f"exo2ego_jax.demo.chat_check --workdir {workdir} --data_dir {data_dir}"
     )
+    results["seed"] = seed
     results["seconds"] = time.time() - t0
     results["phases"] = phases.summary()
     (workdir / "demo_summary.json").write_text(json.dumps(results, indent=2))
@@ -273,3 +319,30 @@ def run(
         f"{workdir / 'demo_summary.json'}"
     )
     return results
+
+
+def _train_stages(workdir: Path, data_dir: Path, overrides: dict, phases: Phases, log) -> dict:
+    """Step 4: stages 0-3 (a finished stage is kept); each stage's loss summary and timing."""
+    summaries: dict = {}
+    for stage in range(4):
+        config = demo_configs.stage_config(stage, workdir, data_dir, **overrides)
+        wd = Path(config.workdir)
+        if (step := _stage_finished(config)) is not None:
+            log(f"[demo] stage {stage}: already finished ({wd}, step {step})")
+            continue
+        t_stage = time.perf_counter()
+        with phases.showing(f"stage {stage}"):
+            summary = train(config, wd, log=logging.info)
+        if summary["first_loss"] is None:
+            log(f"[demo] stage {stage}: already finished ({wd}, step {summary['steps']})")
+            continue
+        steps_run = summary["steps"] - summary["start_step"]
+        phases.record(f"stage {stage}", time.perf_counter() - t_stage, steps=steps_run)
+        log(
+            f"[demo] stage {stage}: {summary['steps']} steps, loss "
+            f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f} "
+            f"({phases.seconds[f'stage {stage}']:.0f}s)"
+        )
+        keep = ("first_loss", "last_loss", "steps", "start_step", "compiled_shapes", "timing")
+        summaries[stage] = {k: summary[k] for k in keep}
+    return summaries

@@ -33,7 +33,6 @@ from typing import Any
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
 from exo2ego_jax import config_lib, runtime
 from exo2ego_jax import sharding as sharding_lib
@@ -43,6 +42,7 @@ from exo2ego_jax.runtime import Log, Trained
 from exo2ego_jax.training import checkpoints
 from input_pipeline import atomic, egobench
 from input_pipeline.egobench import EvalItem, RetrievalBenchmark
+from input_pipeline.progress import bar as progress_bar
 
 Benchmark = list[EvalItem] | RetrievalBenchmark
 MODES = ("loglik", "letters")
@@ -189,7 +189,7 @@ def run_task(
     # The model is built only when something is left to score (a finished rerun never
     # loads it), and before the bar opens so its log lines do not cut through the bar.
     scorer = make_scorer(config, task, bench, get_trained()) if todo else None
-    bar = tqdm(
+    bar = progress_bar(
         total=len(items), initial=len(items) - todo, desc=task, unit="item", disable=not progress
     )
     synced = jax.process_count() == 1

@@ -39,11 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm.auto import tqdm
 
 from exo2ego_jax.models import decode
 from exo2ego_jax.models.mistral import KVCache
 from input_pipeline.egobench import Clip, EvalItem
+from input_pipeline.progress import bar as progress_bar
 from input_pipeline.templates import (
     CLASS_QUESTION,
     DEFAULT_SYSTEM_PROMPT,
@@ -318,7 +318,7 @@ def continuation_logprobs(
     pad_id = int(tokenizer.pad_token_id)
     out: list[np.ndarray] = []
     batches = range(0, len(requests), batch_size)
-    for b0 in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+    for b0 in progress_bar(batches, desc=desc, disable=not progress, unit="batch"):
         batch = list(requests[b0 : b0 + batch_size])
         n_real = len(batch)
         batch += [batch[0]] * (batch_size - n_real)  # fixed batch shape: one compilation
@@ -408,7 +408,7 @@ def generate_texts(
     engine = _engine(model)
     pad_id = int(tokenizer.pad_token_id)
     texts: list[str] = []
-    for b0 in tqdm(range(0, len(clips), batch_size), desc=desc, disable=not progress):
+    for b0 in progress_bar(range(0, len(clips), batch_size), desc=desc, disable=not progress):
         idx = list(range(b0, min(b0 + batch_size, len(clips))))
         n_real = len(idx)
         idx += [idx[0]] * (batch_size - n_real)

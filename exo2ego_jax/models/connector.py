@@ -145,7 +145,8 @@ def _conv(
     groups: int = 1,
     use_bias: bool = False,
 ) -> Conv:
-    """A :class:`~exo2ego_jax.models.conv.Conv` whose kernel carries logical axes; ``channel_axes`` = (in, out).
+    """A :class:`~exo2ego_jax.models.conv.Conv` whose kernel carries logical axes;
+    ``channel_axes`` = (in, out).
 
     Spatial kernel dims are never sharded. Flax rejects a logical name repeated within one
     array, so only the leading spatial dim is named ``conv_space`` and the others are None.

@@ -64,7 +64,9 @@ def _depthwise(x: Array, kernel: Array, pairs: list[tuple[int, int]]) -> Array:
     out = [x.shape[1 + d] - k + 1 for d, k in enumerate(ksize)]
     total = None
     for offset in itertools.product(*(range(k) for k in ksize)):
-        window = x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out)), slice(None))]
+        window = x[
+            (slice(None), *(slice(o, o + n) for o, n in zip(offset, out, strict=True)), slice(None))
+        ]
         term = window * kernel[offset][0]
         total = term if total is None else total + term
     return total
@@ -78,8 +80,10 @@ def _patchify(x: Array, kernel: Array, pairs: list[tuple[int, int]]) -> Array:
     b, n = x.shape[0], len(ksize)
     out = [(x.shape[1 + d] - k) // k + 1 for d, k in enumerate(ksize)]
     # Rows / columns past the last whole block are never read by the conv either.
-    x = x[(slice(None), *(slice(0, o * k) for o, k in zip(out, ksize)), slice(None))]
-    blocks = x.reshape(b, *itertools.chain(*zip(out, ksize)), c)  # [B, O1, K1, O2, K2, ..., C]
+    x = x[(slice(None), *(slice(0, o * k) for o, k in zip(out, ksize, strict=True)), slice(None))]
+    blocks = x.reshape(
+        b, *itertools.chain(*zip(out, ksize, strict=True)), c
+    )  # [B, O1, K1, O2, K2, ..., C]
     order = [0, *range(1, 2 * n, 2), *range(2, 2 * n + 1, 2), 2 * n + 1]
     blocks = blocks.transpose(order).reshape(b, *out, math.prod(ksize) * c)
     return blocks @ kernel.reshape(-1, f)

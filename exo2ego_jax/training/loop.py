@@ -33,7 +33,6 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
-from tqdm.auto import tqdm
 
 from exo2ego_jax import config_lib, runtime, stages
 from exo2ego_jax import sharding as sharding_lib
@@ -53,6 +52,7 @@ from exo2ego_jax.training.step import (
 )
 from exo2ego_jax.training.streams import Stream, length_buckets, make_streams, trim_to_buckets
 from input_pipeline import atomic
+from input_pipeline.progress import bar as progress_bar
 
 Log = Callable[[str], None]
 
@@ -479,7 +479,7 @@ def _loop(run: _Run, state: TrainState, host_batch: dict, start_step: int) -> di
     meta_base = _checkpoint_meta(run.resolved)
     config_json = checkpoints.dump_json(config.to_dict())
     losses: list[float] = []
-    bar = tqdm(
+    bar = progress_bar(
         total=run.total_steps,
         initial=start_step,
         disable=not (run.progress and primary),
