@@ -48,6 +48,12 @@ _WORLD_TAKES = flags.DEFINE_integer(
     "Demo: takes in the world when it is generated (default exo2ego_jax.demo.runner.WORLD_TAKES, "
     "320; fewer = faster and weaker).",
 )
+_SEED = flags.DEFINE_integer(
+    "seed",
+    0,
+    "Demo: the stages' seed (initialisation, data order); the world and the stand-in CLIP / LM "
+    "stay seed 0, so every seed is scored on the same EgoBench items.",
+)
 _VIDEO = flags.DEFINE_string("video", None, "Chat: the ego video to ask about.")
 _QUESTION = flags.DEFINE_string("question", None, "Chat: the question.")
 
@@ -107,9 +113,12 @@ def main(argv: list[str]) -> None:
         takes = {"world_takes": _WORLD_TAKES.value} if _WORLD_TAKES.value else {}
         suffix = "-quick" if _QUICK.value else ""  # never mixed with a full demo's files
         demo.run(
-            workdir=_WORKDIR.value or f"workdirs/demo{suffix}",
+            # A seed's stages never resume another seed's checkpoints; the data is shared.
+            workdir=_WORKDIR.value
+            or f"workdirs/demo{suffix}" + (f"-seed{_SEED.value}" if _SEED.value else ""),
             data_dir=_DATA.value or f"demo_data{suffix}",
             quick=_QUICK.value,
+            seed=_SEED.value,
             **takes,
         )
         return

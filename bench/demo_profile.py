@@ -85,7 +85,7 @@ def profile(quick: bool, workdir: Path, data_dir: Path) -> dict:
         data_dir,
         quick=quick,
         phases=phases,
-        stage_overrides={"profile_timing": True},
+        stage_overrides={"profile_timing": True, "count_model_flops": True},
     )
     demo_s = time.perf_counter() - t0
     peak_after = matmul_peak(PEAK_N, "float32")["best"]

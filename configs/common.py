@@ -116,6 +116,7 @@ def demo_overrides(stage: int) -> dict[str, Any]:
         "mesh.shape": (-1, 1, 1),
         "checkpoint.every_steps": 100,
         "log_every": 10,
+        "count_model_flops": False,
         # The demo's own pretrained stand-ins (``python main.py --demo`` makes them).
         "init.clip": "demo_data/prepared/clip",
         "init.llm": "demo_data/prepared/llm",
@@ -199,6 +200,9 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     # off), and the chip's peak TFLOP/s for the logged MFU (0 = from exo2ego_jax.training.perf).
     c.profile_steps = (0, 0)
     c.peak_tflops = 0.0
+    # Count each batch shape's model FLOPs (one more lowering of the step, 1-5 s each on a
+    # CPU) for the logged TFLOP/s and MFU; the demo turns it off.
+    c.count_model_flops = True
     # Wait for the device after every step, so that the summary's timing (device_s) holds all
     # of the steps' compute: a host sync per step, for profiling only (bench/demo_profile.py).
     c.profile_timing = False

@@ -15,11 +15,21 @@ computes, with the same parameters and the same result up to float rounding:
 * a kernel tiled without overlap (stride == kernel size, no groups) as "patchify + matmul":
   the padded input is cut into kernel-sized blocks and multiplied with the flattened kernel
   (the usual ViT patch-embedding form; a matmul on every backend);
-* anything else with ``jax.lax.conv_general_dilated``.
+* a dense conv with no more input than output channels (the mapping networks' 7×7 head and
+  residual-block convs), on a CPU only, as "im2col + matmul": the input's
+  kernel-tap views stacked along channels times the flattened kernel. Measured forward +
+  backward, the head (7×7, 8 -> 64 channels on ``[32, 14, 14, 8]``): 19 ms as a conv,
+  4.6 ms; with more input than output channels (the 7×7 stem, 64 -> 8) the stacked views
+  are large and the conv is faster (22-36 ms against 99 ms), so it stays a conv. im2col
+  costs K² times the input's memory, which a TPU or GPU at paper size should not pay;
+* anything else (and on an accelerator every dense conv) with
+  ``jax.lax.conv_general_dilated``.
 
 All forms are exact rewrites (tests/test_conv.py checks values and gradients against
-``conv_general_dilated``), so they are used on every backend: on an accelerator the matmul
-and elementwise forms are at least as fast as the generic conv.
+``conv_general_dilated``); the first three are used on every backend (on an accelerator
+the matmul and elementwise forms are at least as fast as the generic conv). The backend is
+``attention.current_backend()``, so an ahead-of-time compile for a TPU on a CPU host picks
+the TPU's forms.
 """
 
 from __future__ import annotations
@@ -32,6 +42,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from exo2ego_jax.models import attention
 
 Array = jax.Array
 Padding = str | int | Sequence[tuple[int, int]]
@@ -89,6 +101,40 @@ def _patchify(x: Array, kernel: Array, pairs: list[tuple[int, int]]) -> Array:
     return blocks @ kernel.reshape(-1, f)
 
 
+def _dilate_pad(x: Array, pairs: list[tuple[int, int]], dilation: tuple[int, ...]) -> Array:
+    """Zeros between input elements (a transposed conv) and the padding, in one ``lax.pad``
+    (whose gradient is a strided slice)."""
+    spatial = [(lo, hi, d - 1) for (lo, hi), d in zip(pairs, dilation, strict=True)]
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), [(0, 0, 0), *spatial, (0, 0, 0)])
+
+
+def _views(x: Array, offset: tuple[int, ...], out: list[int], strides: tuple[int, ...]) -> Array:
+    """``x[:, o_d : o_d + (out_d - 1)·s_d + 1 : s_d, ..., :]``: the input under one kernel tap."""
+    spatial = (
+        slice(o, o + (n - 1) * s + 1, s) for o, n, s in zip(offset, out, strides, strict=True)
+    )
+    return x[(slice(None), *spatial, slice(None))]
+
+
+def _im2col(
+    x: Array,
+    kernel: Array,
+    strides: tuple[int, ...],
+    pairs: list[tuple[int, int]],
+    dilation: tuple[int, ...],
+) -> Array:
+    """A dense conv as one matmul: ``x float[B, *S, C]``, ``kernel float[*K, C, F]`` ->
+    ``float[B, *O, F]``. The (input-dilated, padded) input's K shifted, strided views are
+    stacked along channels, ``float[B, *O, prod(K)·C]``, in the kernel's row-major order."""
+    ksize, f = kernel.shape[:-2], kernel.shape[-1]
+    x = _dilate_pad(x, pairs, dilation)
+    out = [
+        (x.shape[1 + d] - k) // s + 1 for d, (k, s) in enumerate(zip(ksize, strides, strict=True))
+    ]
+    views = [_views(x, o, out, strides) for o in itertools.product(*(range(k) for k in ksize))]
+    return jnp.concatenate(views, axis=-1) @ kernel.reshape(-1, f)
+
+
 def conv(
     x: Array,
     kernel: Array,
@@ -96,22 +142,27 @@ def conv(
     strides: Sequence[int] | None = None,
     padding: Padding = "VALID",
     groups: int = 1,
+    input_dilation: Sequence[int] | None = None,
 ) -> Array:
     """An N-d convolution, channels last: ``x float[B, *S, C_in]``, ``kernel float[*K,
     C_in / groups, F]`` -> ``float[B, *S', F]`` (as ``nn.Conv`` / ``conv_general_dilated``
-    with ``feature_group_count=groups``), computed in the fastest exact form (module doc)."""
+    with ``feature_group_count=groups`` and ``lhs_dilation=input_dilation``, which makes a
+    transposed conv), computed in the fastest exact form (module doc)."""
     ksize = tuple(kernel.shape[:-2])
     n = len(ksize)
     strides = tuple(strides or (1,) * n)
+    dilation = tuple(input_dilation or (1,) * n)
     pairs = _pairs(padding, n)
     c_in, f = x.shape[-1], kernel.shape[-1]
-    unit_strides = all(s == 1 for s in strides)
-    if groups == 1 and unit_strides and all(k == 1 for k in ksize):
+    plain = all(s == 1 for s in strides) and all(d == 1 for d in dilation)
+    if groups == 1 and plain and all(k == 1 for k in ksize):
         return _pad(x, pairs) @ kernel.reshape(c_in, f)
-    if groups == c_in == f and kernel.shape[-2] == 1 and unit_strides:
+    if groups == c_in == f and kernel.shape[-2] == 1 and plain:
         return _depthwise(x, kernel, pairs)
-    if groups == 1 and strides == ksize:
+    if groups == 1 and strides == ksize and all(d == 1 for d in dilation):
         return _patchify(x, kernel, pairs)
+    if groups == 1 and c_in <= f and attention.current_backend() == "cpu":
+        return _im2col(x, kernel, strides, pairs, dilation)
     spatial = "DHW"[-n:] if n <= 3 else None
     if spatial is None:
         raise ValueError(f"conv: {n} spatial dims are not supported (at most 3)")
@@ -120,6 +171,7 @@ def conv(
         kernel,
         window_strides=strides,
         padding=pairs,
+        lhs_dilation=dilation,
         feature_group_count=groups,
         dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"),
     )

@@ -70,7 +70,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from exo2ego_jax.models.conv import Conv
+from exo2ego_jax.models.conv import Conv, conv
 
 Grid = tuple[int, int, int]
 
@@ -234,13 +234,11 @@ class ConvTranspose2x(nn.Module):
         # Transposed conv = conv of the 2×-dilated input with the spatially flipped kernel,
         # padded (k-1-p) before and (k-1-p + output_padding) after.
         lo, hi = k - 1 - p, k - 1 - p + 1
-        y = jax.lax.conv_general_dilated(
+        y = conv(
             x.astype(self.dtype),
             kernel[::-1, ::-1].astype(self.dtype),
-            window_strides=(1, 1),
             padding=((lo, hi), (lo, hi)),
-            lhs_dilation=(2, 2),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            input_dilation=(2, 2),
         )
         if self.use_bias:
             bias = self.param(

@@ -186,7 +186,9 @@ def train(
         rng = jax.random.key(config.seed + 1, impl=config.get("prng_impl") or None)
         batch = sharding_lib.shard_batch(host_batch, mesh, rules)
         timing.lap("host")
-        steps, memory = _compile(model, stage, optimizer, (state, frozen, batch, rng), log)
+        args = (state, frozen, batch, rng)
+        count = config.get("count_model_flops", True)
+        steps, memory = _compile(model, stage, optimizer, args, log, count_flops=count)
         timing.lap("compile")
         timing.move(steps.total_seconds()[1], "compile", "flop_count")
         run = _Run(
@@ -262,10 +264,12 @@ def _resume(ckpt, state: TrainState, iterators, log) -> tuple[TrainState, int]:
     return TrainState(params, opt_state), start_step
 
 
-def _compile(model, stage, optimizer, args, log) -> tuple[CompiledSteps, dict[str, float]]:
+def _compile(
+    model, stage, optimizer, args, log, count_flops: bool = True
+) -> tuple[CompiledSteps, dict[str, float]]:
     """``(CompiledSteps, memory)``: the jitted step compiled for the shapes of ``args =
     (state, frozen, batch, rng)`` (a batch already on the mesh), and its per-device memory
-    (logged)."""
+    (logged); ``count_flops``: count each batch shape's model FLOPs (logged MFU)."""
     state, frozen, batch, _ = args
     jitted = jit_train_step(
         model,
@@ -275,9 +279,11 @@ def _compile(model, stage, optimizer, args, log) -> tuple[CompiledSteps, dict[st
         frozen_shardings=shardings_of(frozen),
         batch_shardings=shardings_of(batch),
     )
-    steps = CompiledSteps(
-        jitted, log=log, count_flops=lambda b: model_flops_per_device(model, stage, optimizer, b)
-    )
+
+    def count(batch):
+        return model_flops_per_device(model, stage, optimizer, batch)
+
+    steps = CompiledSteps(jitted, log=log, count_flops=count if count_flops else None)
     return steps, _log_memory(steps.compiled(*args), log)
 
 
