@@ -98,11 +98,18 @@ class Camera:
     focal: float
     size: int
     model: str = "pinhole"  # "pinhole" | "fisheye" (equidistant)
+    # rays per ss, computed once: a fixed camera films every frame of a take with the same rays
+    _rays: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def rays(self, ss: int) -> np.ndarray:
-        """Unit ray directions in world coordinates, ``float32[S, S, 3]`` with S = size * ss."""
-        local = _camera_dirs(self.model, self.size, float(self.focal), ss)
-        return _vecmat(local, self.rotation)
+        """Unit ray directions in world coordinates, ``float32[S, S, 3]`` with S = size * ss
+        (read-only, cached on the camera)."""
+        if ss not in self._rays:
+            local = _camera_dirs(self.model, self.size, float(self.focal), ss)
+            rays = _vecmat(local, self.rotation)
+            rays.flags.writeable = False
+            self._rays[ss] = rays
+        return self._rays[ss]
 
     def project(self, points: np.ndarray, ss: int) -> tuple[np.ndarray, np.ndarray]:
         """Project world points ``float[N, 3]`` to super-sampled pixel coords ``float[N, 2]``
@@ -206,16 +213,20 @@ class _Canvas:
         the window's shape selects a subset of its pixels.
         """
         dep_view, col_view = self.depth[win], self.color[win]
-        dep = dep_view if mask is None else dep_view[mask]
+        if mask is None:  # masked copies: no gather / scatter of the window's pixels
+            upd = hit & (t < dep_view)
+            np.copyto(dep_view, t, where=upd)
+            np.copyto(col_view, rgb, where=upd[..., None])
+            return
+        dep = dep_view[mask]
         upd = hit & (t < dep)
         if not upd.any():
             return
-        col = col_view if mask is None else col_view[mask]
+        col = col_view[mask]
         dep[upd] = t[upd]
         col[upd] = rgb[upd] if rgb.ndim > 1 else rgb
-        if mask is not None:  # fancy indexing copied: write the subset back
-            dep_view[mask] = dep
-            col_view[mask] = col
+        dep_view[mask] = dep  # fancy indexing copied: write the subset back
+        col_view[mask] = col
 
     def empty(self, win) -> np.ndarray:
         """Boolean mask of the window's pixels that nothing has been drawn on yet."""
@@ -389,6 +400,45 @@ def _draw_shadow(cv: _Canvas, center_xy, radius: float) -> None:
     cv.put(win, np.nan_to_num(t, nan=np.inf), hit, col)
 
 
+# The room's materials, indices into _ROOM_PALETTE: floor tiles, ceiling, then per wall (in
+# _WALLS order) its paint, then its landmark, then the skirting board shared by all walls.
+_FLOOR_DARK, _FLOOR_LIGHT, _CEILING, _WALL0, _MARK0, _SKIRTING = 0, 1, 2, 3, 7, 11
+# Walls: (axis of the face normal, whether the ray leaves through the + face), paint, landmark
+# rectangle (h0, h1, v0, v1) in (the wall's horizontal coordinate, z) and the landmark colour
+# (window, door, shelf, poster) for orientation. The horizontal coordinate is x for the walls
+# across y and y for the walls across x.
+_WALLS = (
+    ((1, True), [0.72, 0.78, 0.86], (-0.9, 0.9, 0.3, 1.3), [0.85, 0.95, 1.0]),
+    ((1, False), [0.84, 0.78, 0.66], (-0.5, 0.4, -0.75, 1.2), [0.35, 0.22, 0.12]),
+    ((0, True), [0.70, 0.80, 0.70], (0.0, 1.0, 0.2, 0.3), [0.30, 0.20, 0.10]),
+    ((0, False), [0.86, 0.72, 0.74], (-0.5, 0.5, 0.2, 1.0), [0.15, 0.45, 0.55]),
+)
+_ROOM_PALETTE = np.array(
+    [[0.38, 0.38, 0.40], [0.50, 0.50, 0.52], [0.90, 0.90, 0.88]]
+    + [w[1] for w in _WALLS]
+    + [w[3] for w in _WALLS]
+    + [[0.3, 0.3, 0.3]],
+    np.float32,
+)
+# landmark rectangles per wall, float32[4] each: compared in float32, as float32 coordinates
+# are with Python floats
+_WALL_RECTS = [np.array([w[2][k] for w in _WALLS], np.float32) for k in range(4)]
+
+
+def _room_materials(axis: np.ndarray, pos: np.ndarray, x, y, z) -> np.ndarray:
+    """Material index (into ``_ROOM_PALETTE``) of room hits ``int64[N]`` from the exit face
+    (``axis int[N]``, ``pos bool[N]``) and the hit point ``x, y, z float32[N]``."""
+    tiles = (np.floor(x / 0.5) + np.floor(y / 0.5)) % 2  # floor: grey checker tiles
+    floor = np.where(tiles > 0, _FLOOR_LIGHT, _FLOOR_DARK)
+    on_floor_or_ceiling = np.where(pos, _CEILING, floor)
+    wall = np.where(axis == 1, 0, 2) + np.where(pos, 0, 1)  # index into _WALLS
+    h = np.where(axis == 1, x, y)
+    h0, h1, v0, v1 = (r[wall] for r in _WALL_RECTS)
+    mark = (h > h0) & (h < h1) & (z > v0) & (z < v1)
+    on_wall = np.where(z < -0.65, _SKIRTING, np.where(mark, _MARK0 + wall, _WALL0 + wall))
+    return np.where(axis == 2, on_floor_or_ceiling, on_wall)
+
+
 def _draw_room(cv: _Canvas) -> None:
     """Floor, walls and ceiling (the ray leaves an axis-aligned box), on empty pixels only."""
     mask = cv.empty((slice(None), slice(None)))
@@ -403,32 +453,7 @@ def _draw_room(cv: _Canvas) -> None:
     t = _min3(ts)
     x, y, z = (o[k] + t * d[:, k] for k in range(3))
     dir_on_axis = np.where(axis == 0, d[:, 0], np.where(axis == 1, d[:, 1], d[:, 2]))
-    pos = dir_on_axis > 0
-    col = np.empty(d.shape, np.float32)
-    # floor: grey checker tiles; ceiling: white
-    floor = (axis == 2) & ~pos
-    tiles = (np.floor(x[floor] / 0.5) + np.floor(y[floor] / 0.5)) % 2
-    col[floor] = np.where(tiles[:, None] > 0, [0.50, 0.50, 0.52], [0.38, 0.38, 0.40])
-    col[(axis == 2) & pos] = [0.90, 0.90, 0.88]
-    # walls: each its own tint with a landmark (window, door, shelf, poster) for orientation
-    walls = {
-        (1, True): ([0.72, 0.78, 0.86], x, (-0.9, 0.9, 0.3, 1.3), [0.85, 0.95, 1.0]),
-        (1, False): ([0.84, 0.78, 0.66], x, (-0.5, 0.4, -0.75, 1.2), [0.35, 0.22, 0.12]),
-        (0, True): ([0.70, 0.80, 0.70], y, (0.0, 1.0, 0.2, 0.3), [0.30, 0.20, 0.10]),
-        (0, False): ([0.86, 0.72, 0.74], y, (-0.5, 0.5, 0.2, 1.0), [0.15, 0.45, 0.55]),
-    }
-    for (ax, positive), (wall_rgb, hcoord, rect, mark_rgb) in walls.items():
-        m = (axis == ax) & (pos == positive)
-        if not m.any():
-            continue
-        h0, h1, v0, v1 = rect
-        hm, zm = hcoord[m], z[m]
-        sub = np.empty((hm.size, 3), np.float32)
-        sub[:] = wall_rgb
-        sub[(hm > h0) & (hm < h1) & (zm > v0) & (zm < v1)] = mark_rgb
-        sub[zm < -0.65] = [0.3, 0.3, 0.3]  # skirting board
-        col[m] = sub
-    cv.color[mask] = col
+    cv.color[mask] = _ROOM_PALETTE[_room_materials(axis, dir_on_axis > 0, x, y, z)]
     cv.depth[mask] = t
 
 

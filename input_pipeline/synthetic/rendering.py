@@ -132,9 +132,25 @@ def render_take(
     else:
         cam = _exo_camera(rig, take.size)
         bg = render_background(cam, ss)
+        prev = None
         for k, i in enumerate(frames):
+            if prev is not None and _same_scene(tl, i, frames[prev]):
+                out[k] = out[prev]  # nothing moved and the camera is fixed: the same pixels
+                continue
             out[k] = render_scene(_scene(take, tl, i), cam, ss=ss, background=bg)
+            prev = k
     return out
+
+
+def _same_scene(tl: Timeline, i: int, j: int) -> bool:
+    """Whether frames ``i`` and ``j`` show the same scene (all that :func:`_scene` reads)."""
+    return (
+        tl.actor_dy[i] == tl.actor_dy[j]
+        and tl.head_yaw[i] == tl.head_yaw[j]
+        and tl.streams[i] == tl.streams[j]
+        and np.array_equal(tl.hands[i], tl.hands[j])
+        and np.array_equal(tl.objects[i], tl.objects[j])
+    )
 
 
 def object_screen_positions(
