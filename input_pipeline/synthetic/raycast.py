@@ -175,6 +175,10 @@ class SceneState:
     streams: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
+# Windows smaller than this are rendered as they are: shrinking them costs more than it saves.
+_NEAR_MIN_PIXELS = 1024
+
+
 class _Canvas:
     """Super-sampled colour + depth buffers and the rays of one camera."""
 
@@ -232,6 +236,36 @@ class _Canvas:
         """Boolean mask of the window's pixels that nothing has been drawn on yet."""
         return np.isinf(self.depth[win])
 
+    def near(self, win, center, radius: float) -> tuple[slice, slice] | None:
+        """The part of ``win`` (rows, cols) whose rays pass within ``radius`` of ``center``
+        (``float[3]``), or None: the pixels a shape inside that sphere can cover.
+
+        A cheap test that shrinks the window of a shape that fills little of it (a slanted
+        arm, fisheye padding) before the exact test. It is conservative (the sphere is grown
+        by 5% + 5 mm, far more than float32 rounding can move a pixel's hit test), so the
+        pixels left out are ones the shape misses: what is drawn does not change.
+        """
+        rows, cols = win
+        if (rows.stop - rows.start) * (cols.stop - cols.start) < _NEAR_MIN_PIXELS:
+            return win
+        m = np.asarray(center, np.float64) - self.origin
+        mm = float(m @ m)
+        r2 = (1.05 * radius + 0.005) ** 2
+        if mm <= r2:  # the camera is inside the sphere: every ray passes near
+            return win
+        d = self.rays[win]
+        dm = d[..., 0] * m[0] + d[..., 1] * m[1] + d[..., 2] * m[2]
+        ok = (mm - dm * dm) < r2  # squared distance of the sphere's centre from each ray
+        in_row = np.flatnonzero(ok.any(1))
+        if in_row.size == 0:
+            return None
+        in_col = np.flatnonzero(ok.any(0))
+        r0, c0 = rows.start, cols.start
+        return (
+            slice(r0 + int(in_row[0]), r0 + int(in_row[-1]) + 1),
+            slice(c0 + int(in_col[0]), c0 + int(in_col[-1]) + 1),
+        )
+
 
 def _max3(a: np.ndarray) -> np.ndarray:
     # component-wise: numpy reductions over a trailing axis of length 3 are ~50x slower
@@ -245,6 +279,27 @@ def _min3(a: np.ndarray) -> np.ndarray:
 def _argmax3(a: np.ndarray) -> np.ndarray:
     idx = np.where(a[..., 1] > a[..., 0], 1, 0)
     return np.where(a[..., 2] > np.maximum(a[..., 0], a[..., 1]), 2, idx)
+
+
+def _tinted(rgb: np.ndarray, shade: np.ndarray) -> np.ndarray:
+    """``rgb[3] * shade[..., None]`` as ``float32[..., 3]``, one channel at a time (numpy
+    broadcasts over a trailing axis of length 3 several times slower). The products are
+    computed in the promoted dtype (float64 when ``rgb`` or ``shade`` is: ``_LIGHT`` is) and
+    rounded once to float32, exactly as the colour buffer would round them."""
+    out = np.empty(shade.shape + (3,), np.float32)
+    for k in range(3):
+        np.multiply(rgb[k], shade, out=out[..., k])
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _vignette(size: int, strength: float) -> np.ndarray:
+    """Darkening factor ``float32[size, size]`` towards the corners (read-only, cached)."""
+    g = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    r2 = g[None, :] ** 2 + g[:, None] ** 2
+    out = 1.0 - strength * r2 / 2.0
+    out.flags.writeable = False
+    return out
 
 
 def _dot3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -288,7 +343,7 @@ def _draw_box(cv: _Canvas, center, half, yaw: float, rgb) -> None:
     n_local = [np.where(axis == k, -np.sign(d[..., k]), 0.0) for k in range(3)]
     n_world = [sum(n_local[k] * rot[k, j] for k in range(3)) for j in range(3)]
     shade = _AMBIENT + _DIFFUSE * np.maximum(sum(n_world[j] * _LIGHT[j] for j in range(3)), 0.0)
-    cv.put(win, t, hit, np.asarray(rgb, np.float32) * shade[..., None].astype(np.float32))
+    cv.put(win, t, hit, _tinted(np.asarray(rgb, np.float32), shade.astype(np.float32)))
 
 
 def _draw_cylinder(
@@ -305,6 +360,9 @@ def _draw_cylinder(
     lo = np.array([cx - radius, cy - radius, z0], np.float32)
     hi = np.array([cx + radius, cy + radius, z1], np.float32)
     win = cv.window(_box_corners(lo, hi))
+    if win is not None:
+        half_h = 0.5 * (z1 - z0)
+        win = cv.near(win, (cx, cy, z0 + half_h), float(np.hypot(radius, half_h)))
     if win is None:
         return
     d = cv.rays[win]
@@ -331,11 +389,13 @@ def _draw_cylinder(
     side_shade = _AMBIENT + _DIFFUSE * np.maximum(nx * _LIGHT[0] + ny * _LIGHT[1], 0.0)
     top_shade = _AMBIENT + _DIFFUSE * _LIGHT[2]
     base = np.asarray(rgb, np.float32)
-    col = base * np.where(use_top, top_shade, side_shade)[..., None]
+    col = _tinted(base, np.where(use_top, top_shade, side_shade))
     if inner is not None:
         frac, inner_rgb = inner
         in_mask = use_top & (rho2 <= (frac * radius) ** 2)
-        col = np.where(in_mask[..., None], np.asarray(inner_rgb, np.float32) * top_shade, col)
+        inner_col = np.asarray(inner_rgb, np.float32) * top_shade
+        for k in range(3):
+            np.copyto(col[..., k], inner_col[k], where=in_mask)
     cv.put(win, np.nan_to_num(t, nan=np.inf), hit, col)
 
 
@@ -348,6 +408,9 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
     a = np.asarray(a, np.float32)
     b = np.asarray(b, np.float32)
     win = cv.window(_box_corners(np.minimum(a, b) - radius, np.maximum(a, b) + radius))
+    if win is not None:
+        half = 0.5 * float(np.linalg.norm(b.astype(np.float64) - a))
+        win = cv.near(win, 0.5 * (a.astype(np.float64) + b), half + radius)
     if win is None:
         return
     mask = cv.empty(win) if only_empty else None
@@ -375,7 +438,7 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
     ndl = (
         (ex - back * dx) * _LIGHT[0] + (ey - back * dy) * _LIGHT[1] + (ez - back * dz) * _LIGHT[2]
     ) / radius
-    col = np.asarray(rgb, np.float32) * (_AMBIENT + _DIFFUSE * np.maximum(ndl, 0.0))[..., None]
+    col = _tinted(np.asarray(rgb, np.float32), _AMBIENT + _DIFFUSE * np.maximum(ndl, 0.0))
     cv.put(win, t_hit, hit & (t_hit > 0), col, mask)
 
 
@@ -396,7 +459,7 @@ def _draw_shadow(cv: _Canvas, center_xy, radius: float) -> None:
     py = cv.origin[1] + t * d[..., 1] - cy
     r2 = (px * px + py * py) / (radius * radius)
     hit = (t > 0) & (r2 < 1.0)
-    col = _WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]) * (0.55 + 0.3 * r2[..., None])
+    col = _tinted(_WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]), 0.55 + 0.3 * r2)
     cv.put(win, np.nan_to_num(t, nan=np.inf), hit, col)
 
 
@@ -482,8 +545,10 @@ def _draw_table(cv: _Canvas) -> None:
         top = hits[0]
         t = np.where(top, ts[0][0], ts[1][0])
         grain = 0.93 + 0.07 * np.sin(ts[0][1] * np.float32(2 * np.pi / 0.06))
-        top_col = _WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]) * grain[..., None]
-        col = np.where(top[..., None], top_col, _WOOD * 0.6)
+        col = _tinted(_WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]), grain)  # the top
+        side = ~top
+        for k, value in enumerate(_WOOD * 0.6):
+            np.copyto(col[..., k], value, where=side)
         cv.put(win, np.nan_to_num(t, nan=np.inf), top | hits[1], col)
     for lx in (TABLE_MIN[0] + 0.05, TABLE_MAX[0] - 0.05):
         for ly in (TABLE_MIN[1] + 0.05, TABLE_MAX[1] - 0.05):
@@ -595,9 +660,9 @@ def render_scene(
         _draw_room(cv)  # last: it only fills what nothing else covers
     s = cam.size
     img = sum(cv.color[i::ss, j::ss] for i in range(ss) for j in range(ss)) / (ss * ss)
-    img *= np.asarray(tint, np.float32)
-    if vignette:
-        g = (np.arange(s, dtype=np.float32) + 0.5) / s * 2 - 1
-        r2 = g[None, :] ** 2 + g[:, None] ** 2
-        img *= (1.0 - vignette * r2 / 2.0)[..., None]
+    shade = _vignette(s, vignette) if vignette else None
+    for k, value in enumerate(np.asarray(tint, np.float32)):  # per channel: no broadcasting
+        img[..., k] *= value
+        if shade is not None:
+            img[..., k] *= shade
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)
