@@ -177,6 +177,9 @@ class SceneState:
 
 # Windows smaller than this are rendered as they are: shrinking them costs more than it saves.
 _NEAR_MIN_PIXELS = 1024
+# Capsules in windows smaller than this are intersected in one batch per frame (numpy's
+# per-call cost dominates there); larger ones on their own (no copies of their rays).
+_BATCH_MAX_PIXELS = 4096
 
 
 class _Canvas:
@@ -192,6 +195,25 @@ class _Canvas:
             self.depth = np.full((self.s, self.s), np.inf, np.float32)
         else:
             self.color, self.depth = background[0].copy(), background[1].copy()
+        # between defer() and flush(): the writes, in drawing order, and the capsules
+        self.queue: list[tuple] | None = None
+        self.capsules: list[tuple] = []
+
+    def defer(self) -> None:
+        """Queue writes until :meth:`flush`, and intersect capsules there in one batch.
+
+        What a shape draws depends only on the camera and the shape (not on the buffers),
+        except under ``only_empty``, which is never deferred: so computing the capsules
+        together and then writing everything in the original order changes no pixel.
+        """
+        self.queue, self.capsules = [], []
+
+    def flush(self) -> None:
+        """Intersect the queued capsules, then do every queued write in drawing order."""
+        queue, self.queue = self.queue, None
+        hits = _capsule_hits(self, self.capsules) if self.capsules else []
+        for item in queue:
+            self.put(*(hits[item] if isinstance(item, int) else item))
 
     def window(self, corners: np.ndarray, pad: int = 2) -> tuple[slice, slice] | None:
         """Screen-space box (rows, cols) that contains the projection of ``corners``."""
@@ -216,6 +238,9 @@ class _Canvas:
         Arrays are shaped like the window, or like ``window[mask]`` when a boolean ``mask`` of
         the window's shape selects a subset of its pixels.
         """
+        if self.queue is not None:
+            self.queue.append((win, t, hit, rgb, mask))
+            return
         dep_view, col_view = self.depth[win], self.color[win]
         if mask is None:  # masked copies: no gather / scatter of the window's pixels
             upd = hit & (t < dep_view)
@@ -413,6 +438,12 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
         win = cv.near(win, 0.5 * (a.astype(np.float64) + b), half + radius)
     if win is None:
         return
+    area = (win[0].stop - win[0].start) * (win[1].stop - win[1].start)
+    if cv.queue is not None and not only_empty and area < _BATCH_MAX_PIXELS:
+        # intersected together with the frame's other small capsules
+        cv.queue.append(len(cv.capsules))
+        cv.capsules.append((win, a, b, radius, rgb))
+        return
     mask = cv.empty(win) if only_empty else None
     d = cv.rays[win] if mask is None else cv.rays[win][mask]
     if d.size == 0:
@@ -440,6 +471,69 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
     ) / radius
     col = _tinted(np.asarray(rgb, np.float32), _AMBIENT + _DIFFUSE * np.maximum(ndl, 0.0))
     cv.put(win, t_hit, hit & (t_hit > 0), col, mask)
+
+
+def _capsule_hits(cv: _Canvas, capsules: list[tuple]) -> list[tuple]:
+    """:func:`_draw_capsule` for many capsules ``(win, a, b, radius, rgb)`` at once: the
+    arguments of their writes ``(win, t, hit, rgb, None)``, ``float32[h, w]`` / ``bool`` /
+    ``float32[h, w, 3]`` per window.
+
+    All the capsules' pixels go through one set of numpy calls (a frame has ~15 capsules in
+    small windows, where the calls cost more than the arithmetic). Per pixel, the operations,
+    their order and their dtypes are those of :func:`_draw_capsule` (a capsule's scalars
+    become per-pixel float32 values, exactly as numpy casts them there), so are the results.
+    """
+    wins = [c[0] for c in capsules]
+    counts = [(w[0].stop - w[0].start) * (w[1].stop - w[1].start) for w in wins]
+    d = np.concatenate([cv.rays[w].reshape(-1, 3) for w in wins])
+    dx, dy, dz = d[:, 0], d[:, 1], d[:, 2]
+    a = np.stack([c[1] for c in capsules])
+    u = np.stack([c[2] for c in capsules]) - a  # float32[P, 3]
+    w0 = cv.origin - a
+    radius = [c[3] for c in capsules]
+    # the scalars of _draw_capsule: float(u @ u) and float(u @ w0) enter float32 arithmetic
+    # as float32, radius * radius is rounded to float32, the division by radius is float64
+    uu = np.array([float(x @ x) for x in u], np.float32)
+    uw = np.array([float(x @ y) for x, y in zip(u, w0, strict=True)], np.float32)
+    r2 = np.array([r * r for r in radius], np.float32)
+    per_pixel = np.repeat(np.concatenate([u, w0, np.stack([uu, uw, r2], 1)], 1), counts, axis=0)
+    ux, uy, uz, wx, wy, wz, cc, cw, rr = (np.ascontiguousarray(c) for c in per_pixel.T)
+    rad = np.repeat(np.asarray(radius, np.float64), counts)
+    sphere = np.repeat(uu.astype(np.float64) < 1e-12, counts)
+    bb = dx * ux + dy * uy + dz * uz
+    dd = dx * wx + dy * wy + dz * wz
+    s = np.clip((cw - bb * dd) / np.maximum(cc - bb * bb, np.float32(1e-9)), 0.0, 1.0)
+    s[sphere] = 0.0
+    t = np.maximum(s * bb - dd, 0.0)
+    ex, ey, ez = wx + t * dx - s * ux, wy + t * dy - s * uy, wz + t * dz - s * uz
+    dist2 = ex * ex + ey * ey + ez * ez
+    hit = dist2 < rr
+    back = np.sqrt(np.maximum(rr - dist2, 0.0))
+    t_hit = t - back
+    ndl = (
+        (ex - back * dx) * _LIGHT[0] + (ey - back * dy) * _LIGHT[1] + (ez - back * dz) * _LIGHT[2]
+    ) / rad
+    shade = _AMBIENT + _DIFFUSE * np.maximum(ndl, 0.0)
+    rgb = np.repeat(np.asarray([c[4] for c in capsules], np.float32), counts, axis=0)
+    col = np.empty(rgb.shape, np.float32)
+    for k in range(3):
+        np.multiply(rgb[:, k], shade, out=col[:, k])
+    hit &= t_hit > 0
+    out, start = [], 0
+    for win, n in zip(wins, counts, strict=True):
+        shape = (win[0].stop - win[0].start, win[1].stop - win[1].start)
+        part = slice(start, start + n)
+        out.append(
+            (
+                win,
+                t_hit[part].reshape(shape),
+                hit[part].reshape(shape),
+                col[part].reshape(shape + (3,)),
+                None,
+            )
+        )
+        start += n
+    return out
 
 
 def _draw_shadow(cv: _Canvas, center_xy, radius: float) -> None:
@@ -643,6 +737,7 @@ def render_scene(
     cv = _Canvas(cam, ss, background)
     if background is None:
         _draw_table(cv)
+    cv.defer()
     for ob in sc.objects:
         r, _ = OBJECT_SIZES[ob.shape]
         if ob.pos[2] > 0.02:
@@ -656,6 +751,7 @@ def render_scene(
         _draw_arm(cv, shoulder, hand, side, sc.shirt, sc.skin)
     if body:
         _draw_body(cv, sc)
+    cv.flush()
     if background is None:
         _draw_room(cv)  # last: it only fills what nothing else covers
     s = cam.size
