@@ -104,11 +104,27 @@ class Camera:
     def rays(self, ss: int) -> np.ndarray:
         """Unit ray directions in world coordinates, ``float32[S, S, 3]`` with S = size * ss
         (read-only, cached on the camera)."""
+        return self._ray_arrays(ss)[0]
+
+    def ray_planes(self, ss: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The x, y and z components of :meth:`rays`, each a contiguous ``float32[S, S]``
+        (whole-image shapes read them faster than the interleaved array)."""
+        return self._ray_arrays(ss)[1]
+
+    def _ray_arrays(self, ss: int) -> tuple[np.ndarray, tuple]:
+        """(rays, ray planes), computed once per ``ss`` (read-only)."""
         if ss not in self._rays:
             local = _camera_dirs(self.model, self.size, float(self.focal), ss)
-            rays = _vecmat(local, self.rotation)
-            rays.flags.writeable = False
-            self._rays[ss] = rays
+            m = self.rotation
+            # the arithmetic of _vecmat(local, m), one output component at a time
+            planes = tuple(
+                local[..., 0] * m[0, k] + local[..., 1] * m[1, k] + local[..., 2] * m[2, k]
+                for k in range(3)
+            )
+            rays = np.stack(planes, axis=-1)
+            for a in (rays, *planes):
+                a.flags.writeable = False
+            self._rays[ss] = rays, planes
         return self._rays[ss]
 
     def project(self, points: np.ndarray, ss: int) -> tuple[np.ndarray, np.ndarray]:
@@ -190,6 +206,7 @@ class _Canvas:
         self.s = cam.size * ss
         self.origin = cam.position.astype(np.float32)
         self.rays = cam.rays(ss)
+        self.planes = cam.ray_planes(ss)
         if background is None:
             self.color = np.zeros((self.s, self.s, 3), np.float32)
             self.depth = np.full((self.s, self.s), np.inf, np.float32)
@@ -261,6 +278,19 @@ class _Canvas:
         """Boolean mask of the window's pixels that nothing has been drawn on yet."""
         return np.isinf(self.depth[win])
 
+    def bounds(self, win, ok: np.ndarray) -> tuple[slice, slice] | None:
+        """The smallest part of ``win`` holding every pixel where ``ok`` (``bool[h, w]``, the
+        window's shape), or None when there is none."""
+        in_row = np.flatnonzero(ok.any(1))
+        if in_row.size == 0:
+            return None
+        in_col = np.flatnonzero(ok.any(0))
+        r0, c0 = win[0].start, win[1].start
+        return (
+            slice(r0 + int(in_row[0]), r0 + int(in_row[-1]) + 1),
+            slice(c0 + int(in_col[0]), c0 + int(in_col[-1]) + 1),
+        )
+
     def near(self, win, center, radius: float) -> tuple[slice, slice] | None:
         """The part of ``win`` (rows, cols) whose rays pass within ``radius`` of ``center``
         (``float[3]``), or None: the pixels a shape inside that sphere can cover.
@@ -280,16 +310,7 @@ class _Canvas:
             return win
         d = self.rays[win]
         dm = d[..., 0] * m[0] + d[..., 1] * m[1] + d[..., 2] * m[2]
-        ok = (mm - dm * dm) < r2  # squared distance of the sphere's centre from each ray
-        in_row = np.flatnonzero(ok.any(1))
-        if in_row.size == 0:
-            return None
-        in_col = np.flatnonzero(ok.any(0))
-        r0, c0 = rows.start, cols.start
-        return (
-            slice(r0 + int(in_row[0]), r0 + int(in_row[-1]) + 1),
-            slice(c0 + int(in_col[0]), c0 + int(in_col[-1]) + 1),
-        )
+        return self.bounds(win, (mm - dm * dm) < r2)  # (squared distance of centre and ray)
 
 
 def _max3(a: np.ndarray) -> np.ndarray:
@@ -436,6 +457,8 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
     if win is not None:
         half = 0.5 * float(np.linalg.norm(b.astype(np.float64) - a))
         win = cv.near(win, 0.5 * (a.astype(np.float64) + b), half + radius)
+    if win is not None and only_empty:  # only the empty pixels' part of the window
+        win = cv.bounds(win, cv.empty(win))
     if win is None:
         return
     area = (win[0].stop - win[0].start) * (win[1].stop - win[1].start)
@@ -444,14 +467,10 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
         cv.queue.append(len(cv.capsules))
         cv.capsules.append((win, a, b, radius, rgb))
         return
-    mask = cv.empty(win) if only_empty else None
-    d = cv.rays[win] if mask is None else cv.rays[win][mask]
-    if d.size == 0:
-        return
     u = b - a
     w0 = cv.origin - a
     cc = float(u @ u)
-    dx, dy, dz = d[..., 0], d[..., 1], d[..., 2]
+    dx, dy, dz = (p[win] for p in cv.planes)
     bb = dx * u[0] + dy * u[1] + dz * u[2]
     dd = dx * w0[0] + dy * w0[1] + dz * w0[2]
     if cc < 1e-12:
@@ -470,7 +489,10 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
         (ex - back * dx) * _LIGHT[0] + (ey - back * dy) * _LIGHT[1] + (ez - back * dz) * _LIGHT[2]
     ) / radius
     col = _tinted(np.asarray(rgb, np.float32), _AMBIENT + _DIFFUSE * np.maximum(ndl, 0.0))
-    cv.put(win, t_hit, hit & (t_hit > 0), col, mask)
+    hit &= t_hit > 0
+    if only_empty:  # all of the window computed, but written only where nothing was drawn
+        hit &= cv.empty(win)
+    cv.put(win, t_hit, hit, col)
 
 
 def _capsule_hits(cv: _Canvas, capsules: list[tuple]) -> list[tuple]:
@@ -598,20 +620,24 @@ def _room_materials(axis: np.ndarray, pos: np.ndarray, x, y, z) -> np.ndarray:
 
 def _draw_room(cv: _Canvas) -> None:
     """Floor, walls and ceiling (the ray leaves an axis-aligned box), on empty pixels only."""
-    mask = cv.empty((slice(None), slice(None)))
-    d = cv.rays[mask]
-    if d.size == 0:
+    idx = np.flatnonzero(np.isinf(cv.depth))
+    if idx.size == 0:
         return
+    d = [p.reshape(-1)[idx] for p in cv.planes]  # x, y, z of the rays, float32[N] each
     o = cv.origin
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ts = (np.where(d > 0, ROOM_MAX, ROOM_MIN) - o) / d
-    ts = np.where(np.isfinite(ts) & (ts > 0), ts, np.inf)
-    axis = _argmax3(-ts)
-    t = _min3(ts)
-    x, y, z = (o[k] + t * d[:, k] for k in range(3))
-    dir_on_axis = np.where(axis == 0, d[:, 0], np.where(axis == 1, d[:, 1], d[:, 2]))
-    cv.color[mask] = _ROOM_PALETTE[_room_materials(axis, dir_on_axis > 0, x, y, z)]
-    cv.depth[mask] = t
+    ts = []
+    for k in range(3):  # distance to the wall the ray leaves through, per axis
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tk = (np.where(d[k] > 0, ROOM_MAX[k], ROOM_MIN[k]) - o[k]) / d[k]
+        ts.append(np.where(np.isfinite(tk) & (tk > 0), tk, np.inf))
+    # the first axis of the nearest exit (as _argmax3 of -ts) and its distance
+    axis = np.where(ts[1] < ts[0], 1, 0)
+    axis = np.where(ts[2] < np.minimum(ts[0], ts[1]), 2, axis)
+    t = np.minimum(np.minimum(ts[0], ts[1]), ts[2])
+    x, y, z = (o[k] + t * d[k] for k in range(3))
+    dir_on_axis = np.where(axis == 0, d[0], np.where(axis == 1, d[1], d[2]))
+    cv.color.reshape(-1, 3)[idx] = _ROOM_PALETTE[_room_materials(axis, dir_on_axis > 0, x, y, z)]
+    cv.depth.reshape(-1)[idx] = t
 
 
 def _draw_table(cv: _Canvas) -> None:
@@ -620,14 +646,14 @@ def _draw_table(cv: _Canvas) -> None:
     if win is not None:
         # cameras are above the table: a ray hits the top plane inside the rectangle, or else
         # enters through a side face if it is inside the rectangle at the bottom plane
-        d = cv.rays[win]
+        dx, dy, dz = (p[win] for p in cv.planes)
         o = cv.origin
         with np.errstate(divide="ignore", invalid="ignore"):
-            inv_dz = 1.0 / d[..., 2]
+            inv_dz = 1.0 / dz
         hits, ts = [], []
         for z in (TABLE_MAX[2], TABLE_MIN[2]):
             t = (z - o[2]) * inv_dz
-            px, py = o[0] + t * d[..., 0], o[1] + t * d[..., 1]
+            px, py = o[0] + t * dx, o[1] + t * dy
             hits.append(
                 (t > 0)
                 & (px >= TABLE_MIN[0])
