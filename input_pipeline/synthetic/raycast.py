@@ -222,25 +222,31 @@ class _Canvas:
             self.depth = np.full((self.s, self.s), np.inf, np.float32)
         else:
             self.color, self.depth = background[0].copy(), background[1].copy()
-        # between defer() and flush(): the writes, in drawing order, and the capsules
+        # between defer() and flush(): the writes, in drawing order, and the batched shapes
         self.queue: list[tuple] | None = None
-        self.capsules: list[tuple] = []
+        self.batches: dict[str, list[tuple]] = {}
 
     def defer(self) -> None:
-        """Queue writes until :meth:`flush`, and intersect capsules there in one batch.
+        """Queue writes until :meth:`flush`, and intersect small capsules and cylinders there
+        in one batch per kind.
 
         What a shape draws depends only on the camera and the shape (not on the buffers),
-        except under ``only_empty``, which is never deferred: so computing the capsules
+        except under ``only_empty``, which is never deferred: so computing the shapes
         together and then writing everything in the original order changes no pixel.
         """
-        self.queue, self.capsules = [], []
+        self.queue, self.batches = [], {"capsule": [], "cylinder": []}
+
+    def batch(self, kind: str, args: tuple) -> None:
+        """Queue the write of a ``kind`` shape (see :data:`_BATCHED`) computed at flush."""
+        self.queue.append((kind, len(self.batches[kind])))
+        self.batches[kind].append(args)
 
     def flush(self) -> None:
-        """Intersect the queued capsules, then do every queued write in drawing order."""
+        """Intersect the batched shapes, then do every queued write in drawing order."""
         queue, self.queue = self.queue, None
-        hits = _capsule_hits(self, self.capsules) if self.capsules else []
-        for item in queue:
-            self.put(*(hits[item] if isinstance(item, int) else item))
+        hits = {k: _BATCHED[k](self, v) for k, v in self.batches.items() if v}
+        for kind, item in queue:
+            self.put(*(item if kind == "put" else hits[kind][item]))
 
     def window(self, corners: np.ndarray, pad: int = 2) -> tuple[slice, slice] | None:
         """Screen-space box (rows, cols) that contains the projection of ``corners``."""
@@ -261,7 +267,7 @@ class _Canvas:
         """Depth-test and write ``rgb`` (``float[h, w, 3]`` or ``float[3]``) where ``hit``
         (``t float32[h, w]``, ``hit bool[h, w]``: the window's shape)."""
         if self.queue is not None:
-            self.queue.append((win, t, hit, rgb))
+            self.queue.append(("put", (win, t, hit, rgb)))
             return
         dep_view, col_view = self.depth[win], self.color[win]
         upd = hit & (t < dep_view)
@@ -416,6 +422,10 @@ def _draw_cylinder(
         win = cv.near(win, (cx, cy, z0 + half_h), float(np.hypot(radius, half_h)))
     if win is None:
         return
+    area = (win[0].stop - win[0].start) * (win[1].stop - win[1].start)
+    if cv.queue is not None and area < _BATCH_MAX_PIXELS:  # with the frame's small cylinders
+        cv.batch("cylinder", (win, cx, cy, radius, z0, z1, rgb, inner))
+        return
     dx, dy, dz = (p[win] for p in cv.planes)
     ox, oy, oz = cv.origin[0] - cx, cv.origin[1] - cy, cv.origin[2]
     a = np.maximum(dx * dx + dy * dy, 1e-12)
@@ -449,6 +459,80 @@ def _draw_cylinder(
     cv.put(win, _nan_to_inf(t), hit, col)
 
 
+def _cylinder_hits(cv: _Canvas, cylinders: list[tuple]) -> list[tuple]:
+    """:func:`_draw_cylinder` for many cylinders ``(win, cx, cy, radius, z0, z1, rgb, inner)``
+    at once: the arguments of their writes ``(win, t, hit, rgb)`` (as :func:`_capsule_hits`).
+
+    Per pixel, the operations, their order and their dtypes are those of
+    :func:`_draw_cylinder`: its float32 scalars (the origin relative to the axis, ``c``) are
+    computed by the same expressions, its Python floats become float32 where numpy casts
+    them so (comparisons and arithmetic with float32 arrays), the shading stays float64.
+    """
+    wins, counts = _batch_windows(cylinders)
+    dx, dy, dz = (np.concatenate([p[w].ravel() for w in wins]) for p in cv.planes)
+    per_cylinder = []
+    for _, cx, cy, radius, z0, z1, _, inner in cylinders:
+        ox, oy, oz = cv.origin[0] - cx, cv.origin[1] - cy, cv.origin[2]
+        c = ox * ox + oy * oy - radius * radius
+        frac2 = (inner[0] * radius) ** 2 if inner is not None else 0.0
+        per_cylinder.append([ox, oy, oz, c, z0, z1, radius * radius, radius, frac2])
+    params = np.repeat(np.asarray(per_cylinder, np.float32), counts, axis=0)
+    ox, oy, oz, c, z0, z1, r2, radius, frac2 = (np.ascontiguousarray(p) for p in params.T)
+    a = np.maximum(dx * dx + dy * dy, 1e-12)
+    b = 2.0 * (dx * ox + dy * oy)
+    disc = b * b - 4.0 * a * c
+    sq = np.sqrt(np.maximum(disc, 0.0))
+    t_side = (-b - sq) / (2.0 * a)
+    z_side = oz + t_side * dz
+    side_hit = (disc >= 0) & (t_side > 0) & (z_side >= z0) & (z_side <= z1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_top = (z1 - oz) / dz
+    px, py = ox + t_top * dx, oy + t_top * dy
+    rho2 = px * px + py * py
+    top_hit = (t_top > 0) & (rho2 <= r2)
+    use_top = top_hit & (~side_hit | (t_top < t_side))
+    t = np.where(use_top, t_top, np.where(side_hit, t_side, np.inf))
+    hit = side_hit | top_hit
+    nx = (ox + t_side * dx) / radius
+    ny = (oy + t_side * dy) / radius
+    side_shade = _AMBIENT + _DIFFUSE * np.maximum(nx * _LIGHT[0] + ny * _LIGHT[1], 0.0)
+    top_shade = _AMBIENT + _DIFFUSE * _LIGHT[2]
+    shade = np.where(use_top, top_shade, side_shade)
+    base = np.repeat(np.asarray([cy[6] for cy in cylinders], np.float32), counts, axis=0)
+    inner_rgb = [
+        np.asarray(cy[7][1] if cy[7] is not None else (0.0, 0.0, 0.0), np.float32) * top_shade
+        for cy in cylinders
+    ]
+    inner_rgb = np.repeat(np.asarray(inner_rgb), counts, axis=0)  # float64, as the original
+    has_inner = np.repeat([cy[7] is not None for cy in cylinders], counts)
+    in_mask = has_inner & use_top & (rho2 <= frac2)
+    col = np.empty(base.shape, np.float32)
+    for k in range(3):
+        np.multiply(base[:, k], shade, out=col[:, k])
+        np.copyto(col[:, k], inner_rgb[:, k], where=in_mask)
+    return _split_batch(wins, counts, _nan_to_inf(t), hit, col)
+
+
+def _batch_windows(shapes: list[tuple]) -> tuple[list, list[int]]:
+    """The windows of batched shapes (their first field) and their pixel counts."""
+    wins = [s[0] for s in shapes]
+    return wins, [(w[0].stop - w[0].start) * (w[1].stop - w[1].start) for w in wins]
+
+
+def _split_batch(wins, counts, t: np.ndarray, hit: np.ndarray, col: np.ndarray) -> list[tuple]:
+    """Per window, the write arguments ``(win, t[h, w], hit[h, w], col[h, w, 3])`` of a batch
+    computed on the windows' pixels concatenated (``t``, ``hit`` ``[N]``, ``col`` ``[N, 3]``)."""
+    out, start = [], 0
+    for win, n in zip(wins, counts, strict=True):
+        shape = (win[0].stop - win[0].start, win[1].stop - win[1].start)
+        part = slice(start, start + n)
+        out.append(
+            (win, t[part].reshape(shape), hit[part].reshape(shape), col[part].reshape(shape + (3,)))
+        )
+        start += n
+    return out
+
+
 def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = False) -> None:
     """Capsule (segment ``a``-``b`` swept by a sphere); a sphere when ``a == b``.
 
@@ -467,9 +551,7 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
         return
     area = (win[0].stop - win[0].start) * (win[1].stop - win[1].start)
     if cv.queue is not None and not only_empty and area < _BATCH_MAX_PIXELS:
-        # intersected together with the frame's other small capsules
-        cv.queue.append(len(cv.capsules))
-        cv.capsules.append((win, a, b, radius, rgb))
+        cv.batch("capsule", (win, a, b, radius, rgb))  # with the frame's other small capsules
         return
     u = b - a
     w0 = cv.origin - a
@@ -509,8 +591,7 @@ def _capsule_hits(cv: _Canvas, capsules: list[tuple]) -> list[tuple]:
     their order and their dtypes are those of :func:`_draw_capsule` (a capsule's scalars
     become per-pixel float32 values, exactly as numpy casts them there), so are the results.
     """
-    wins = [c[0] for c in capsules]
-    counts = [(w[0].stop - w[0].start) * (w[1].stop - w[1].start) for w in wins]
+    wins, counts = _batch_windows(capsules)
     dx, dy, dz = (np.concatenate([p[w].ravel() for w in wins]) for p in cv.planes)
     a = np.stack([c[1] for c in capsules])
     u = np.stack([c[2] for c in capsules]) - a  # float32[P, 3]
@@ -544,20 +625,11 @@ def _capsule_hits(cv: _Canvas, capsules: list[tuple]) -> list[tuple]:
     for k in range(3):
         np.multiply(rgb[:, k], shade, out=col[:, k])
     hit &= t_hit > 0
-    out, start = [], 0
-    for win, n in zip(wins, counts, strict=True):
-        shape = (win[0].stop - win[0].start, win[1].stop - win[1].start)
-        part = slice(start, start + n)
-        out.append(
-            (
-                win,
-                t_hit[part].reshape(shape),
-                hit[part].reshape(shape),
-                col[part].reshape(shape + (3,)),
-            )
-        )
-        start += n
-    return out
+    return _split_batch(wins, counts, t_hit, hit, col)
+
+
+# the shapes computed in batches between _Canvas.defer and _Canvas.flush
+_BATCHED = {"capsule": _capsule_hits, "cylinder": _cylinder_hits}
 
 
 def _draw_shadow(cv: _Canvas, center_xy, radius: float) -> None:
