@@ -143,14 +143,10 @@ def render_take(
 
 
 def _same_scene(tl: Timeline, i: int, j: int) -> bool:
-    """Whether frames ``i`` and ``j`` show the same scene (all that :func:`_scene` reads)."""
-    return (
-        tl.actor_dy[i] == tl.actor_dy[j]
-        and tl.head_yaw[i] == tl.head_yaw[j]
-        and tl.streams[i] == tl.streams[j]
-        and np.array_equal(tl.hands[i], tl.hands[j])
-        and np.array_equal(tl.objects[i], tl.objects[j])
-    )
+    """Whether frames ``i`` and ``j`` show the same scene (all that :func:`_scene` reads),
+    bit for bit (so -0.0 and 0.0 differ)."""
+    arrays = (tl.actor_dy, tl.head_yaw, tl.hands, tl.objects)
+    return tl.streams[i] == tl.streams[j] and all(a[i].tobytes() == a[j].tobytes() for a in arrays)
 
 
 def object_screen_positions(
