@@ -68,6 +68,12 @@ def _vecmat(v: np.ndarray, m: np.ndarray) -> np.ndarray:
     return out
 
 
+def _vecmat_points(v: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """:func:`_vecmat` for a few points ``float32[N, 3]``: the same products and sums in the
+    same order, in 5 numpy calls instead of 20 (broadcasting is slow only for large N)."""
+    return v[:, 0:1] * m[0] + v[:, 1:2] * m[1] + v[:, 2:3] * m[2]
+
+
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
@@ -98,16 +104,44 @@ class Camera:
     focal: float
     size: int
     model: str = "pinhole"  # "pinhole" | "fisheye" (equidistant)
+    # rays per ss, computed once: a fixed camera films every frame of a take with the same rays
+    _rays: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def rays(self, ss: int) -> np.ndarray:
-        """Unit ray directions in world coordinates, ``float32[S, S, 3]`` with S = size * ss."""
-        local = _camera_dirs(self.model, self.size, float(self.focal), ss)
-        return _vecmat(local, self.rotation)
+        """Unit ray directions in world coordinates, ``float32[S, S, 3]`` with S = size * ss
+        (read-only, cached on the camera)."""
+        rays, planes = self._ray_arrays(ss)
+        if rays is None:
+            rays = np.stack(planes, axis=-1)
+            rays.flags.writeable = False
+            self._rays[ss] = rays, planes
+        return rays
+
+    def ray_planes(self, ss: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The x, y and z components of :meth:`rays`, each a contiguous ``float32[S, S]``
+        (whole-image shapes read them faster than the interleaved array)."""
+        return self._ray_arrays(ss)[1]
+
+    def _ray_arrays(self, ss: int) -> tuple[np.ndarray, tuple]:
+        """(rays, ray planes), computed once per ``ss`` (read-only; the interleaved rays,
+        which the renderer does not use, only when asked for)."""
+        if ss not in self._rays:
+            local = _camera_dirs(self.model, self.size, float(self.focal), ss)
+            m = self.rotation
+            # the arithmetic of _vecmat(local, m), one output component at a time
+            planes = tuple(
+                local[..., 0] * m[0, k] + local[..., 1] * m[1, k] + local[..., 2] * m[2, k]
+                for k in range(3)
+            )
+            for a in planes:
+                a.flags.writeable = False
+            self._rays[ss] = None, planes
+        return self._rays[ss]
 
     def project(self, points: np.ndarray, ss: int) -> tuple[np.ndarray, np.ndarray]:
         """Project world points ``float[N, 3]`` to super-sampled pixel coords ``float[N, 2]``
         (x, y); the second output flags points in front of the camera."""
-        p = _vecmat(np.asarray(points, np.float32) - self.position, self.rotation.T)
+        p = _vecmat_points(np.asarray(points, np.float32) - self.position, self.rotation.T)
         c = self.size * ss / 2.0
         f = self.focal * ss
         if self.model == "pinhole":
@@ -168,6 +202,13 @@ class SceneState:
     streams: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
+# Windows smaller than this are rendered as they are: shrinking them costs more than it saves.
+_NEAR_MIN_PIXELS = 1024
+# Capsules in windows smaller than this are intersected in one batch per frame (numpy's
+# per-call cost dominates there); larger ones on their own (no copies of their rays).
+_BATCH_MAX_PIXELS = 4096
+
+
 class _Canvas:
     """Super-sampled colour + depth buffers and the rays of one camera."""
 
@@ -175,12 +216,37 @@ class _Canvas:
         self.cam, self.ss = cam, ss
         self.s = cam.size * ss
         self.origin = cam.position.astype(np.float32)
-        self.rays = cam.rays(ss)
+        self.planes = cam.ray_planes(ss)  # the rays' x, y, z: float32[S, S] each
         if background is None:
             self.color = np.zeros((self.s, self.s, 3), np.float32)
             self.depth = np.full((self.s, self.s), np.inf, np.float32)
         else:
             self.color, self.depth = background[0].copy(), background[1].copy()
+        # between defer() and flush(): the writes, in drawing order, and the batched shapes
+        self.queue: list[tuple] | None = None
+        self.batches: dict[str, list[tuple]] = {}
+
+    def defer(self) -> None:
+        """Queue writes until :meth:`flush`, and intersect small capsules and cylinders there
+        in one batch per kind.
+
+        What a shape draws depends only on the camera and the shape (not on the buffers),
+        except under ``only_empty``, which is never deferred: so computing the shapes
+        together and then writing everything in the original order changes no pixel.
+        """
+        self.queue, self.batches = [], {"capsule": [], "cylinder": []}
+
+    def batch(self, kind: str, args: tuple) -> None:
+        """Queue the write of a ``kind`` shape (see :data:`_BATCHED`) computed at flush."""
+        self.queue.append((kind, len(self.batches[kind])))
+        self.batches[kind].append(args)
+
+    def flush(self) -> None:
+        """Intersect the batched shapes, then do every queued write in drawing order."""
+        queue, self.queue = self.queue, None
+        hits = {k: _BATCHED[k](self, v) for k, v in self.batches.items() if v}
+        for kind, item in queue:
+            self.put(*(item if kind == "put" else hits[kind][item]))
 
     def window(self, corners: np.ndarray, pad: int = 2) -> tuple[slice, slice] | None:
         """Screen-space box (rows, cols) that contains the projection of ``corners``."""
@@ -197,29 +263,56 @@ class _Canvas:
             return None
         return slice(y0, y1), slice(x0, x1)
 
-    def put(
-        self, win, t: np.ndarray, hit: np.ndarray, rgb: np.ndarray, mask: np.ndarray | None = None
-    ) -> None:
-        """Depth-test and write ``rgb`` (``float[..., 3]`` or ``float[3]``) where ``hit``.
-
-        Arrays are shaped like the window, or like ``window[mask]`` when a boolean ``mask`` of
-        the window's shape selects a subset of its pixels.
-        """
-        dep_view, col_view = self.depth[win], self.color[win]
-        dep = dep_view if mask is None else dep_view[mask]
-        upd = hit & (t < dep)
-        if not upd.any():
+    def put(self, win, t: np.ndarray, hit: np.ndarray, rgb: np.ndarray) -> None:
+        """Depth-test and write ``rgb`` (``float[h, w, 3]`` or ``float[3]``) where ``hit``
+        (``t float32[h, w]``, ``hit bool[h, w]``: the window's shape)."""
+        if self.queue is not None:
+            self.queue.append(("put", (win, t, hit, rgb)))
             return
-        col = col_view if mask is None else col_view[mask]
-        dep[upd] = t[upd]
-        col[upd] = rgb[upd] if rgb.ndim > 1 else rgb
-        if mask is not None:  # fancy indexing copied: write the subset back
-            dep_view[mask] = dep
-            col_view[mask] = col
+        dep_view, col_view = self.depth[win], self.color[win]
+        upd = hit & (t < dep_view)
+        np.copyto(dep_view, t, where=upd)  # masked copies: no gather / scatter of pixels
+        np.copyto(col_view, rgb, where=upd[..., None])
 
     def empty(self, win) -> np.ndarray:
         """Boolean mask of the window's pixels that nothing has been drawn on yet."""
         return np.isinf(self.depth[win])
+
+    def bounds(self, win, ok: np.ndarray) -> tuple[slice, slice] | None:
+        """The smallest part of ``win`` holding every pixel where ``ok`` (``bool[h, w]``, the
+        window's shape), or None when there is none."""
+        in_row = np.flatnonzero(ok.any(1))
+        if in_row.size == 0:
+            return None
+        in_col = np.flatnonzero(ok.any(0))
+        r0, c0 = win[0].start, win[1].start
+        return (
+            slice(r0 + int(in_row[0]), r0 + int(in_row[-1]) + 1),
+            slice(c0 + int(in_col[0]), c0 + int(in_col[-1]) + 1),
+        )
+
+    def near(self, win, center, radius: float) -> tuple[slice, slice] | None:
+        """The part of ``win`` (rows, cols) whose rays pass within ``radius`` of ``center``
+        (``float[3]``), or None: the pixels a shape inside that sphere can cover.
+
+        A cheap test that shrinks the window of a shape that fills little of it (a slanted
+        arm, fisheye padding) before the exact test. It is conservative (the sphere is grown
+        by 5% + 5 mm, far more than float32 rounding can move a pixel's hit test), so the
+        pixels left out are ones the shape misses: what is drawn does not change.
+        """
+        rows, cols = win
+        if self.cam.model != "fisheye":  # pinhole windows are tight already (-9% area)
+            return win
+        if (rows.stop - rows.start) * (cols.stop - cols.start) < _NEAR_MIN_PIXELS:
+            return win
+        m = np.asarray(center, np.float64) - self.origin
+        mm = float(m @ m)
+        r2 = (1.05 * radius + 0.005) ** 2
+        if mm <= r2:  # the camera is inside the sphere: every ray passes near
+            return win
+        dx, dy, dz = (p[win] for p in self.planes)
+        dm = dx * m[0] + dy * m[1] + dz * m[2]
+        return self.bounds(win, (mm - dm * dm) < r2)  # (squared distance of centre and ray)
 
 
 def _max3(a: np.ndarray) -> np.ndarray:
@@ -236,6 +329,34 @@ def _argmax3(a: np.ndarray) -> np.ndarray:
     return np.where(a[..., 2] > np.maximum(a[..., 0], a[..., 1]), 2, idx)
 
 
+def _nan_to_inf(t: np.ndarray) -> np.ndarray:
+    """``np.nan_to_num(t, nan=np.inf)`` (NaN -> inf, +-inf -> the largest finite float) in
+    3 numpy calls instead of ~15: a shape's distances, float32[...]."""
+    big = np.finfo(t.dtype).max
+    return np.where(np.isnan(t), np.inf, np.clip(t, -big, big))
+
+
+def _tinted(rgb: np.ndarray, shade: np.ndarray) -> np.ndarray:
+    """``rgb[3] * shade[..., None]`` as ``float32[..., 3]``, one channel at a time (numpy
+    broadcasts over a trailing axis of length 3 several times slower). The products are
+    computed in the promoted dtype (float64 when ``rgb`` or ``shade`` is: ``_LIGHT`` is) and
+    rounded once to float32, exactly as the colour buffer would round them."""
+    out = np.empty(shade.shape + (3,), np.float32)
+    for k in range(3):
+        np.multiply(rgb[k], shade, out=out[..., k])
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _vignette(size: int, strength: float) -> np.ndarray:
+    """Darkening factor ``float32[size, size]`` towards the corners (read-only, cached)."""
+    g = (np.arange(size, dtype=np.float32) + 0.5) / size * 2 - 1
+    r2 = g[None, :] ** 2 + g[:, None] ** 2
+    out = 1.0 - strength * r2 / 2.0
+    out.flags.writeable = False
+    return out
+
+
 def _dot3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
 
@@ -249,12 +370,16 @@ def _slab(o: np.ndarray, d: np.ndarray, half: np.ndarray):
     tn = np.minimum(t1, t2)
     t_near, t_far = _max3(tn), _min3(np.maximum(t1, t2))
     hit = (t_far >= t_near) & (t_near > 0)
-    return np.nan_to_num(t_near, nan=np.inf), hit, _argmax3(tn)
+    return _nan_to_inf(t_near), hit, _argmax3(tn)
+
+
+# which of the 8 corners of a box take the low coordinate on each axis
+_CORNER_IS_LO = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)]) == 0
 
 
 def _box_corners(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    idx = np.array([[i, j, k] for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    return np.where(idx == 0, lo, hi).astype(np.float32)
+    """The 8 corners ``float32[8, 3]`` of the axis-aligned box from ``lo`` to ``hi``."""
+    return np.where(_CORNER_IS_LO, lo, hi).astype(np.float32)
 
 
 def _shade(normal: np.ndarray) -> np.ndarray:
@@ -271,13 +396,13 @@ def _draw_box(cv: _Canvas, center, half, yaw: float, rgb) -> None:
     win = cv.window(_box_corners(center - [r, r, half[2]], center + [r, r, half[2]]))
     if win is None:
         return
-    d = _vecmat(cv.rays[win], rot.T)
+    d = _vecmat(np.stack([p[win] for p in cv.planes], axis=-1), rot.T)
     t, hit, axis = _slab(_vecmat(cv.origin - center, rot.T), d, half)
     # outward normal of the entry face, back in world coordinates, for Lambert shading
     n_local = [np.where(axis == k, -np.sign(d[..., k]), 0.0) for k in range(3)]
     n_world = [sum(n_local[k] * rot[k, j] for k in range(3)) for j in range(3)]
     shade = _AMBIENT + _DIFFUSE * np.maximum(sum(n_world[j] * _LIGHT[j] for j in range(3)), 0.0)
-    cv.put(win, t, hit, np.asarray(rgb, np.float32) * shade[..., None].astype(np.float32))
+    cv.put(win, t, hit, _tinted(np.asarray(rgb, np.float32), shade.astype(np.float32)))
 
 
 def _draw_cylinder(
@@ -294,11 +419,17 @@ def _draw_cylinder(
     lo = np.array([cx - radius, cy - radius, z0], np.float32)
     hi = np.array([cx + radius, cy + radius, z1], np.float32)
     win = cv.window(_box_corners(lo, hi))
+    if win is not None:
+        half_h = 0.5 * (z1 - z0)
+        win = cv.near(win, (cx, cy, z0 + half_h), float(np.hypot(radius, half_h)))
     if win is None:
         return
-    d = cv.rays[win]
+    area = (win[0].stop - win[0].start) * (win[1].stop - win[1].start)
+    if cv.queue is not None and area < _BATCH_MAX_PIXELS:  # with the frame's small cylinders
+        cv.batch("cylinder", (win, cx, cy, radius, z0, z1, rgb, inner))
+        return
+    dx, dy, dz = (p[win] for p in cv.planes)
     ox, oy, oz = cv.origin[0] - cx, cv.origin[1] - cy, cv.origin[2]
-    dx, dy, dz = d[..., 0], d[..., 1], d[..., 2]
     a = np.maximum(dx * dx + dy * dy, 1e-12)
     b = 2.0 * (dx * ox + dy * oy)
     c = ox * ox + oy * oy - radius * radius
@@ -320,12 +451,88 @@ def _draw_cylinder(
     side_shade = _AMBIENT + _DIFFUSE * np.maximum(nx * _LIGHT[0] + ny * _LIGHT[1], 0.0)
     top_shade = _AMBIENT + _DIFFUSE * _LIGHT[2]
     base = np.asarray(rgb, np.float32)
-    col = base * np.where(use_top, top_shade, side_shade)[..., None]
+    col = _tinted(base, np.where(use_top, top_shade, side_shade))
     if inner is not None:
         frac, inner_rgb = inner
         in_mask = use_top & (rho2 <= (frac * radius) ** 2)
-        col = np.where(in_mask[..., None], np.asarray(inner_rgb, np.float32) * top_shade, col)
-    cv.put(win, np.nan_to_num(t, nan=np.inf), hit, col)
+        inner_col = np.asarray(inner_rgb, np.float32) * top_shade
+        for k in range(3):
+            np.copyto(col[..., k], inner_col[k], where=in_mask)
+    cv.put(win, _nan_to_inf(t), hit, col)
+
+
+def _cylinder_hits(cv: _Canvas, cylinders: list[tuple]) -> list[tuple]:
+    """:func:`_draw_cylinder` for many cylinders ``(win, cx, cy, radius, z0, z1, rgb, inner)``
+    at once: the arguments of their writes ``(win, t, hit, rgb)`` (as :func:`_capsule_hits`).
+
+    Per pixel, the operations, their order and their dtypes are those of
+    :func:`_draw_cylinder`: its float32 scalars (the origin relative to the axis, ``c``) are
+    computed by the same expressions, its Python floats become float32 where numpy casts
+    them so (comparisons and arithmetic with float32 arrays), the shading stays float64.
+    """
+    wins, counts = _batch_windows(cylinders)
+    dx, dy, dz = (np.concatenate([p[w].ravel() for w in wins]) for p in cv.planes)
+    per_cylinder = []
+    for _, cx, cy, radius, z0, z1, _, inner in cylinders:
+        ox, oy, oz = cv.origin[0] - cx, cv.origin[1] - cy, cv.origin[2]
+        c = ox * ox + oy * oy - radius * radius
+        frac2 = (inner[0] * radius) ** 2 if inner is not None else 0.0
+        per_cylinder.append([ox, oy, oz, c, z0, z1, radius * radius, radius, frac2])
+    params = np.repeat(np.asarray(per_cylinder, np.float32), counts, axis=0)
+    ox, oy, oz, c, z0, z1, r2, radius, frac2 = (np.ascontiguousarray(p) for p in params.T)
+    a = np.maximum(dx * dx + dy * dy, 1e-12)
+    b = 2.0 * (dx * ox + dy * oy)
+    disc = b * b - 4.0 * a * c
+    sq = np.sqrt(np.maximum(disc, 0.0))
+    t_side = (-b - sq) / (2.0 * a)
+    z_side = oz + t_side * dz
+    side_hit = (disc >= 0) & (t_side > 0) & (z_side >= z0) & (z_side <= z1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t_top = (z1 - oz) / dz
+    px, py = ox + t_top * dx, oy + t_top * dy
+    rho2 = px * px + py * py
+    top_hit = (t_top > 0) & (rho2 <= r2)
+    use_top = top_hit & (~side_hit | (t_top < t_side))
+    t = np.where(use_top, t_top, np.where(side_hit, t_side, np.inf))
+    hit = side_hit | top_hit
+    nx = (ox + t_side * dx) / radius
+    ny = (oy + t_side * dy) / radius
+    side_shade = _AMBIENT + _DIFFUSE * np.maximum(nx * _LIGHT[0] + ny * _LIGHT[1], 0.0)
+    top_shade = _AMBIENT + _DIFFUSE * _LIGHT[2]
+    shade = np.where(use_top, top_shade, side_shade)
+    base = np.repeat(np.asarray([cy[6] for cy in cylinders], np.float32), counts, axis=0)
+    inner_rgb = [
+        np.asarray(cy[7][1] if cy[7] is not None else (0.0, 0.0, 0.0), np.float32) * top_shade
+        for cy in cylinders
+    ]
+    inner_rgb = np.repeat(np.asarray(inner_rgb), counts, axis=0)  # float64, as the original
+    has_inner = np.repeat([cy[7] is not None for cy in cylinders], counts)
+    in_mask = has_inner & use_top & (rho2 <= frac2)
+    col = np.empty(base.shape, np.float32)
+    for k in range(3):
+        np.multiply(base[:, k], shade, out=col[:, k])
+        np.copyto(col[:, k], inner_rgb[:, k], where=in_mask)
+    return _split_batch(wins, counts, _nan_to_inf(t), hit, col)
+
+
+def _batch_windows(shapes: list[tuple]) -> tuple[list, list[int]]:
+    """The windows of batched shapes (their first field) and their pixel counts."""
+    wins = [s[0] for s in shapes]
+    return wins, [(w[0].stop - w[0].start) * (w[1].stop - w[1].start) for w in wins]
+
+
+def _split_batch(wins, counts, t: np.ndarray, hit: np.ndarray, col: np.ndarray) -> list[tuple]:
+    """Per window, the write arguments ``(win, t[h, w], hit[h, w], col[h, w, 3])`` of a batch
+    computed on the windows' pixels concatenated (``t``, ``hit`` ``[N]``, ``col`` ``[N, 3]``)."""
+    out, start = [], 0
+    for win, n in zip(wins, counts, strict=True):
+        shape = (win[0].stop - win[0].start, win[1].stop - win[1].start)
+        part = slice(start, start + n)
+        out.append(
+            (win, t[part].reshape(shape), hit[part].reshape(shape), col[part].reshape(shape + (3,)))
+        )
+        start += n
+    return out
 
 
 def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = False) -> None:
@@ -337,16 +544,21 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
     a = np.asarray(a, np.float32)
     b = np.asarray(b, np.float32)
     win = cv.window(_box_corners(np.minimum(a, b) - radius, np.maximum(a, b) + radius))
+    if win is not None:
+        half = 0.5 * float(np.linalg.norm(b.astype(np.float64) - a))
+        win = cv.near(win, 0.5 * (a.astype(np.float64) + b), half + radius)
+    if win is not None and only_empty:  # only the empty pixels' part of the window
+        win = cv.bounds(win, cv.empty(win))
     if win is None:
         return
-    mask = cv.empty(win) if only_empty else None
-    d = cv.rays[win] if mask is None else cv.rays[win][mask]
-    if d.size == 0:
+    area = (win[0].stop - win[0].start) * (win[1].stop - win[1].start)
+    if cv.queue is not None and not only_empty and area < _BATCH_MAX_PIXELS:
+        cv.batch("capsule", (win, a, b, radius, rgb))  # with the frame's other small capsules
         return
     u = b - a
     w0 = cv.origin - a
     cc = float(u @ u)
-    dx, dy, dz = d[..., 0], d[..., 1], d[..., 2]
+    dx, dy, dz = (p[win] for p in cv.planes)
     bb = dx * u[0] + dy * u[1] + dz * u[2]
     dd = dx * w0[0] + dy * w0[1] + dz * w0[2]
     if cc < 1e-12:
@@ -364,8 +576,62 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
     ndl = (
         (ex - back * dx) * _LIGHT[0] + (ey - back * dy) * _LIGHT[1] + (ez - back * dz) * _LIGHT[2]
     ) / radius
-    col = np.asarray(rgb, np.float32) * (_AMBIENT + _DIFFUSE * np.maximum(ndl, 0.0))[..., None]
-    cv.put(win, t_hit, hit & (t_hit > 0), col, mask)
+    col = _tinted(np.asarray(rgb, np.float32), _AMBIENT + _DIFFUSE * np.maximum(ndl, 0.0))
+    hit &= t_hit > 0
+    if only_empty:  # all of the window computed, but written only where nothing was drawn
+        hit &= cv.empty(win)
+    cv.put(win, t_hit, hit, col)
+
+
+def _capsule_hits(cv: _Canvas, capsules: list[tuple]) -> list[tuple]:
+    """:func:`_draw_capsule` for many capsules ``(win, a, b, radius, rgb)`` at once: the
+    arguments of their writes ``(win, t, hit, rgb)``, ``float32[h, w]`` / ``bool`` /
+    ``float32[h, w, 3]`` per window.
+
+    All the capsules' pixels go through one set of numpy calls (a frame has ~15 capsules in
+    small windows, where the calls cost more than the arithmetic). Per pixel, the operations,
+    their order and their dtypes are those of :func:`_draw_capsule` (a capsule's scalars
+    become per-pixel float32 values, exactly as numpy casts them there), so are the results.
+    """
+    wins, counts = _batch_windows(capsules)
+    dx, dy, dz = (np.concatenate([p[w].ravel() for w in wins]) for p in cv.planes)
+    a = np.stack([c[1] for c in capsules])
+    u = np.stack([c[2] for c in capsules]) - a  # float32[P, 3]
+    w0 = cv.origin - a
+    radius = [c[3] for c in capsules]
+    # the scalars of _draw_capsule: float(u @ u) and float(u @ w0) enter float32 arithmetic
+    # as float32, radius * radius is rounded to float32, the division by radius is float64
+    uu = np.array([float(x @ x) for x in u], np.float32)
+    uw = np.array([float(x @ y) for x, y in zip(u, w0, strict=True)], np.float32)
+    r2 = np.array([r * r for r in radius], np.float32)
+    per_pixel = np.repeat(np.concatenate([u, w0, np.stack([uu, uw, r2], 1)], 1), counts, axis=0)
+    ux, uy, uz, wx, wy, wz, cc, cw, rr = (np.ascontiguousarray(c) for c in per_pixel.T)
+    rad = np.repeat(np.asarray(radius, np.float64), counts)
+    sphere = np.repeat(uu.astype(np.float64) < 1e-12, counts)
+    bb = dx * ux + dy * uy + dz * uz
+    dd = dx * wx + dy * wy + dz * wz
+    s = np.clip((cw - bb * dd) / np.maximum(cc - bb * bb, np.float32(1e-9)), 0.0, 1.0)
+    s[sphere] = 0.0
+    t = np.maximum(s * bb - dd, 0.0)
+    ex, ey, ez = wx + t * dx - s * ux, wy + t * dy - s * uy, wz + t * dz - s * uz
+    dist2 = ex * ex + ey * ey + ez * ez
+    hit = dist2 < rr
+    back = np.sqrt(np.maximum(rr - dist2, 0.0))
+    t_hit = t - back
+    ndl = (
+        (ex - back * dx) * _LIGHT[0] + (ey - back * dy) * _LIGHT[1] + (ez - back * dz) * _LIGHT[2]
+    ) / rad
+    shade = _AMBIENT + _DIFFUSE * np.maximum(ndl, 0.0)
+    rgb = np.repeat(np.asarray([c[4] for c in capsules], np.float32), counts, axis=0)
+    col = np.empty(rgb.shape, np.float32)
+    for k in range(3):
+        np.multiply(rgb[:, k], shade, out=col[:, k])
+    hit &= t_hit > 0
+    return _split_batch(wins, counts, t_hit, hit, col)
+
+
+# the shapes computed in batches between _Canvas.defer and _Canvas.flush
+_BATCHED = {"capsule": _capsule_hits, "cylinder": _cylinder_hits}
 
 
 def _draw_shadow(cv: _Canvas, center_xy, radius: float) -> None:
@@ -378,58 +644,76 @@ def _draw_shadow(cv: _Canvas, center_xy, radius: float) -> None:
     win = cv.window(_box_corners(lo, lo + [2 * radius, 2 * radius, 0.0]))
     if win is None:
         return
-    d = cv.rays[win]
+    dx, dy, dz = (p[win] for p in cv.planes)
     with np.errstate(divide="ignore", invalid="ignore"):
-        t = (z - cv.origin[2]) / d[..., 2]
-    px = cv.origin[0] + t * d[..., 0] - cx
-    py = cv.origin[1] + t * d[..., 1] - cy
+        t = (z - cv.origin[2]) / dz
+    px = cv.origin[0] + t * dx - cx
+    py = cv.origin[1] + t * dy - cy
     r2 = (px * px + py * py) / (radius * radius)
     hit = (t > 0) & (r2 < 1.0)
-    col = _WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]) * (0.55 + 0.3 * r2[..., None])
-    cv.put(win, np.nan_to_num(t, nan=np.inf), hit, col)
+    col = _tinted(_WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]), 0.55 + 0.3 * r2)
+    cv.put(win, _nan_to_inf(t), hit, col)
+
+
+# The room's materials, indices into _ROOM_PALETTE: floor tiles, ceiling, then per wall (in
+# _WALLS order) its paint, then its landmark, then the skirting board shared by all walls.
+_FLOOR_DARK, _FLOOR_LIGHT, _CEILING, _WALL0, _MARK0, _SKIRTING = 0, 1, 2, 3, 7, 11
+# Walls: (axis of the face normal, whether the ray leaves through the + face), paint, landmark
+# rectangle (h0, h1, v0, v1) in (the wall's horizontal coordinate, z) and the landmark colour
+# (window, door, shelf, poster) for orientation. The horizontal coordinate is x for the walls
+# across y and y for the walls across x.
+_WALLS = (
+    ((1, True), [0.72, 0.78, 0.86], (-0.9, 0.9, 0.3, 1.3), [0.85, 0.95, 1.0]),
+    ((1, False), [0.84, 0.78, 0.66], (-0.5, 0.4, -0.75, 1.2), [0.35, 0.22, 0.12]),
+    ((0, True), [0.70, 0.80, 0.70], (0.0, 1.0, 0.2, 0.3), [0.30, 0.20, 0.10]),
+    ((0, False), [0.86, 0.72, 0.74], (-0.5, 0.5, 0.2, 1.0), [0.15, 0.45, 0.55]),
+)
+_ROOM_PALETTE = np.array(
+    [[0.38, 0.38, 0.40], [0.50, 0.50, 0.52], [0.90, 0.90, 0.88]]
+    + [w[1] for w in _WALLS]
+    + [w[3] for w in _WALLS]
+    + [[0.3, 0.3, 0.3]],
+    np.float32,
+)
+# landmark rectangles per wall, float32[4] each: compared in float32, as float32 coordinates
+# are with Python floats
+_WALL_RECTS = [np.array([w[2][k] for w in _WALLS], np.float32) for k in range(4)]
+
+
+def _room_materials(axis: np.ndarray, pos: np.ndarray, x, y, z) -> np.ndarray:
+    """Material index (into ``_ROOM_PALETTE``) of room hits ``int64[N]`` from the exit face
+    (``axis int[N]``, ``pos bool[N]``) and the hit point ``x, y, z float32[N]``."""
+    tiles = (np.floor(x / 0.5) + np.floor(y / 0.5)) % 2  # floor: grey checker tiles
+    floor = np.where(tiles > 0, _FLOOR_LIGHT, _FLOOR_DARK)
+    on_floor_or_ceiling = np.where(pos, _CEILING, floor)
+    wall = np.where(axis == 1, 0, 2) + np.where(pos, 0, 1)  # index into _WALLS
+    h = np.where(axis == 1, x, y)
+    h0, h1, v0, v1 = (r[wall] for r in _WALL_RECTS)
+    mark = (h > h0) & (h < h1) & (z > v0) & (z < v1)
+    on_wall = np.where(z < -0.65, _SKIRTING, np.where(mark, _MARK0 + wall, _WALL0 + wall))
+    return np.where(axis == 2, on_floor_or_ceiling, on_wall)
 
 
 def _draw_room(cv: _Canvas) -> None:
     """Floor, walls and ceiling (the ray leaves an axis-aligned box), on empty pixels only."""
-    mask = cv.empty((slice(None), slice(None)))
-    d = cv.rays[mask]
-    if d.size == 0:
+    idx = np.flatnonzero(np.isinf(cv.depth))
+    if idx.size == 0:
         return
+    d = [p.reshape(-1)[idx] for p in cv.planes]  # x, y, z of the rays, float32[N] each
     o = cv.origin
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ts = (np.where(d > 0, ROOM_MAX, ROOM_MIN) - o) / d
-    ts = np.where(np.isfinite(ts) & (ts > 0), ts, np.inf)
-    axis = _argmax3(-ts)
-    t = _min3(ts)
-    x, y, z = (o[k] + t * d[:, k] for k in range(3))
-    dir_on_axis = np.where(axis == 0, d[:, 0], np.where(axis == 1, d[:, 1], d[:, 2]))
-    pos = dir_on_axis > 0
-    col = np.empty(d.shape, np.float32)
-    # floor: grey checker tiles; ceiling: white
-    floor = (axis == 2) & ~pos
-    tiles = (np.floor(x[floor] / 0.5) + np.floor(y[floor] / 0.5)) % 2
-    col[floor] = np.where(tiles[:, None] > 0, [0.50, 0.50, 0.52], [0.38, 0.38, 0.40])
-    col[(axis == 2) & pos] = [0.90, 0.90, 0.88]
-    # walls: each its own tint with a landmark (window, door, shelf, poster) for orientation
-    walls = {
-        (1, True): ([0.72, 0.78, 0.86], x, (-0.9, 0.9, 0.3, 1.3), [0.85, 0.95, 1.0]),
-        (1, False): ([0.84, 0.78, 0.66], x, (-0.5, 0.4, -0.75, 1.2), [0.35, 0.22, 0.12]),
-        (0, True): ([0.70, 0.80, 0.70], y, (0.0, 1.0, 0.2, 0.3), [0.30, 0.20, 0.10]),
-        (0, False): ([0.86, 0.72, 0.74], y, (-0.5, 0.5, 0.2, 1.0), [0.15, 0.45, 0.55]),
-    }
-    for (ax, positive), (wall_rgb, hcoord, rect, mark_rgb) in walls.items():
-        m = (axis == ax) & (pos == positive)
-        if not m.any():
-            continue
-        h0, h1, v0, v1 = rect
-        hm, zm = hcoord[m], z[m]
-        sub = np.empty((hm.size, 3), np.float32)
-        sub[:] = wall_rgb
-        sub[(hm > h0) & (hm < h1) & (zm > v0) & (zm < v1)] = mark_rgb
-        sub[zm < -0.65] = [0.3, 0.3, 0.3]  # skirting board
-        col[m] = sub
-    cv.color[mask] = col
-    cv.depth[mask] = t
+    ts = []
+    for k in range(3):  # distance to the wall the ray leaves through, per axis
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tk = (np.where(d[k] > 0, ROOM_MAX[k], ROOM_MIN[k]) - o[k]) / d[k]
+        ts.append(np.where(np.isfinite(tk) & (tk > 0), tk, np.inf))
+    # the first axis of the nearest exit (as _argmax3 of -ts) and its distance
+    axis = np.where(ts[1] < ts[0], 1, 0)
+    axis = np.where(ts[2] < np.minimum(ts[0], ts[1]), 2, axis)
+    t = np.minimum(np.minimum(ts[0], ts[1]), ts[2])
+    x, y, z = (o[k] + t * d[k] for k in range(3))
+    dir_on_axis = np.where(axis == 0, d[0], np.where(axis == 1, d[1], d[2]))
+    cv.color.reshape(-1, 3)[idx] = _ROOM_PALETTE[_room_materials(axis, dir_on_axis > 0, x, y, z)]
+    cv.depth.reshape(-1)[idx] = t
 
 
 def _draw_table(cv: _Canvas) -> None:
@@ -438,14 +722,14 @@ def _draw_table(cv: _Canvas) -> None:
     if win is not None:
         # cameras are above the table: a ray hits the top plane inside the rectangle, or else
         # enters through a side face if it is inside the rectangle at the bottom plane
-        d = cv.rays[win]
+        dx, dy, dz = (p[win] for p in cv.planes)
         o = cv.origin
         with np.errstate(divide="ignore", invalid="ignore"):
-            inv_dz = 1.0 / d[..., 2]
+            inv_dz = 1.0 / dz
         hits, ts = [], []
         for z in (TABLE_MAX[2], TABLE_MIN[2]):
             t = (z - o[2]) * inv_dz
-            px, py = o[0] + t * d[..., 0], o[1] + t * d[..., 1]
+            px, py = o[0] + t * dx, o[1] + t * dy
             hits.append(
                 (t > 0)
                 & (px >= TABLE_MIN[0])
@@ -457,9 +741,11 @@ def _draw_table(cv: _Canvas) -> None:
         top = hits[0]
         t = np.where(top, ts[0][0], ts[1][0])
         grain = 0.93 + 0.07 * np.sin(ts[0][1] * np.float32(2 * np.pi / 0.06))
-        top_col = _WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]) * grain[..., None]
-        col = np.where(top[..., None], top_col, _WOOD * 0.6)
-        cv.put(win, np.nan_to_num(t, nan=np.inf), top | hits[1], col)
+        col = _tinted(_WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]), grain)  # the top
+        side = ~top
+        for k, value in enumerate(_WOOD * 0.6):
+            np.copyto(col[..., k], value, where=side)
+        cv.put(win, _nan_to_inf(t), top | hits[1], col)
     for lx in (TABLE_MIN[0] + 0.05, TABLE_MAX[0] - 0.05):
         for ly in (TABLE_MIN[1] + 0.05, TABLE_MAX[1] - 0.05):
             _draw_capsule(
@@ -534,6 +820,18 @@ def render_background(cam: Camera, ss: int = 2) -> tuple[np.ndarray, np.ndarray]
     return cv.color, cv.depth
 
 
+def _box_filter(color: np.ndarray, ss: int) -> np.ndarray:
+    """Mean of each ``ss x ss`` block of ``float32[S, S, 3]``: ``float32[S/ss, S/ss, 3]``
+    (the sub-pixels added in row-major order, in place, then divided)."""
+    img = color[0::ss, 0::ss].copy()
+    for i in range(ss):
+        for j in range(ss):
+            if i or j:
+                img += color[i::ss, j::ss]
+    img /= ss * ss
+    return img
+
+
 def render_scene(
     sc: SceneState,
     cam: Camera,
@@ -553,6 +851,7 @@ def render_scene(
     cv = _Canvas(cam, ss, background)
     if background is None:
         _draw_table(cv)
+    cv.defer()
     for ob in sc.objects:
         r, _ = OBJECT_SIZES[ob.shape]
         if ob.pos[2] > 0.02:
@@ -566,13 +865,14 @@ def render_scene(
         _draw_arm(cv, shoulder, hand, side, sc.shirt, sc.skin)
     if body:
         _draw_body(cv, sc)
+    cv.flush()
     if background is None:
         _draw_room(cv)  # last: it only fills what nothing else covers
     s = cam.size
-    img = sum(cv.color[i::ss, j::ss] for i in range(ss) for j in range(ss)) / (ss * ss)
-    img *= np.asarray(tint, np.float32)
-    if vignette:
-        g = (np.arange(s, dtype=np.float32) + 0.5) / s * 2 - 1
-        r2 = g[None, :] ** 2 + g[:, None] ** 2
-        img *= (1.0 - vignette * r2 / 2.0)[..., None]
+    img = _box_filter(cv.color, ss)
+    shade = _vignette(s, vignette) if vignette else None
+    for k, value in enumerate(np.asarray(tint, np.float32)):  # per channel: no broadcasting
+        img[..., k] *= value
+        if shade is not None:
+            img[..., k] *= shade
     return np.clip(img * 255.0 + 0.5, 0, 255).astype(np.uint8)

@@ -132,9 +132,21 @@ def render_take(
     else:
         cam = _exo_camera(rig, take.size)
         bg = render_background(cam, ss)
+        prev = None
         for k, i in enumerate(frames):
+            if prev is not None and _same_scene(tl, i, frames[prev]):
+                out[k] = out[prev]  # nothing moved and the camera is fixed: the same pixels
+                continue
             out[k] = render_scene(_scene(take, tl, i), cam, ss=ss, background=bg)
+            prev = k
     return out
+
+
+def _same_scene(tl: Timeline, i: int, j: int) -> bool:
+    """Whether frames ``i`` and ``j`` show the same scene (all that :func:`_scene` reads),
+    bit for bit (so -0.0 and 0.0 differ)."""
+    arrays = (tl.actor_dy, tl.head_yaw, tl.hands, tl.objects)
+    return tl.streams[i] == tl.streams[j] and all(a[i].tobytes() == a[j].tobytes() for a in arrays)
 
 
 def object_screen_positions(
