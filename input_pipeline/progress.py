@@ -100,7 +100,8 @@ class RunDisplay:
 
     def phase_bar(self, iterable: Iterable | None, **kwargs: Any) -> tqdm:
         desc = kwargs.pop("desc", None)
-        kwargs["desc"] = f"{self.prefix()} {desc}" if desc else self.prefix()
+        same = desc is None or desc == self.current  # "[demo 6/10 stage 0] stage 0" reads badly
+        kwargs["desc"] = self.prefix() if same else f"{self.prefix()} {desc}"
         kwargs.setdefault("leave", False)
         b = _PhaseBar(iterable, display=self, **kwargs)
         self._bar = b

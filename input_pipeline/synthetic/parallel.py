@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
-from tqdm.auto import tqdm
+from input_pipeline.progress import bar as progress_bar
 
 __all__ = ["map_in_processes"]
 
@@ -37,7 +37,7 @@ def map_in_processes(
     caller then cleans up.
     """
     n = workers if workers is not None else min(2, os.cpu_count() or 1)
-    bar = tqdm(total=len(jobs), desc=desc, unit=unit, disable=not progress)
+    bar = progress_bar(total=len(jobs), desc=desc, unit=unit, disable=not progress)
     results: list[_Result] = []
     try:
         if n <= 1:
