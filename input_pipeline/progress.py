@@ -75,7 +75,10 @@ class RunDisplay:
         now = max(self.expected.get(self.current, 0.0) * factor - elapsed, 0.0)
         b = self._bar
         if b is not None and b.total and b.n > b.initial:
-            rate = (b.n - b.initial) / max(b._time() - b.start_t, 1e-9)  # tqdm's clock
+            # tqdm's smoothed recent rate (a stage's first step includes its compilation),
+            # else the average since the bar opened (on tqdm's clock).
+            rate = tqdm.format_dict.fget(b).get("rate")
+            rate = rate or (b.n - b.initial) / max(b._time() - b.start_t, 1e-9)
             now = (b.total - b.n) / rate
         return now + rest
 

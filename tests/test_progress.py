@@ -37,7 +37,7 @@ def test_time_left_scales_the_expected_phases_by_this_machines_speed(clock):
         assert display.speed() == pytest.approx(2.0)
         assert display.left() == pytest.approx((20 + 30) * 2)
         with display.phase("train"):
-            b = progress.bar(total=100, desc="stage 0", file=io.StringIO())
+            b = progress.bar(total=100, desc="stage 0", file=io.StringIO(), smoothing=0)
             assert isinstance(b, progress._PhaseBar)
             assert b.desc.startswith("[demo 2/3 train] stage 0")
             b._time, b.start_t = clock, clock.now  # tqdm's own clock
