@@ -1,0 +1,149 @@
+"""What one demo train step costs, per stage, before and after a change (CPU, float32).
+
+For each stage, ``training.loop.train`` on the ``demo`` preset (random init, batch 8 of 4
+frames at 64 px, fed by ``tests/train_helpers.CountingStream``) runs ``--steps`` steps with a
+host sync after each; per step we record the wall time and the process's CPU time (user +
+system over XLA's threads: on a shared machine the CPU time moves much less with the load
+than the wall time does). Medians over the steps after the first three. Each side runs in
+its own process from its own checkout (``--before``: a temporary ``git worktree``), sides
+alternating per round. Section ``stage_step_cost`` of ``bench/RESULTS.md``.
+
+    python bench/stage_step_cost.py --before 0e8f3a0 [--stages 0,1,2,3] [--steps 25]
+        [--rounds 1] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from results import write_section  # bench/results.py (this script's directory)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def worker(stages: list[int], steps: int) -> None:
+    """In the checkout on ``sys.path``: one JSON line per stage on stdout."""
+    import importlib
+
+    import jax
+    from train_helpers import streams_for
+
+    from exo2ego_jax.training import loop
+    from exo2ego_jax.training.step import CompiledSteps
+
+    original, record = CompiledSteps.__call__, []
+
+    def timed(self, *a, **kw):
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = original(self, *a, **kw)
+        jax.block_until_ready(out[:2])
+        record.append((time.perf_counter() - wall, time.process_time() - cpu))
+        return out
+
+    CompiledSteps.__call__ = timed
+    for stage in stages:
+        c = importlib.import_module(f"configs.stage{stage}").get_config("demo")
+        c.init.llm = c.init.clip = ""
+        c.init.stages = ()
+        c.optim.num_steps, c.log_every = steps, 10**6
+        c.checkpoint.every_steps, c.checkpoint.async_save = 10**9, False
+        c.mesh.shape = (-1, 1, 1)
+        record.clear()
+        with tempfile.TemporaryDirectory() as wd:
+            streams = streams_for(stage, n=steps * 16)
+            loop.train(c, wd, streams=streams, log=lambda _: None, progress=False)
+        kept = record[3:]
+        wall = statistics.median(r[0] for r in kept) * 1e3
+        cpu = statistics.median(r[1] for r in kept) * 1e3
+        print(json.dumps({"stage": stage, "wall_ms": wall, "cpu_ms": cpu}), flush=True)
+
+
+def run_side(checkout: Path, stages: list[int], steps: int) -> dict[int, dict]:
+    env = {**os.environ, "PYTHONPATH": f"{checkout}{os.pathsep}{checkout / 'tests'}"}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--steps", str(steps)]
+    cmd += ["--stages", ",".join(map(str, stages))]
+    done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"worker in {checkout} failed:\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {r["stage"]: r for r in rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--before", help="git revision of the 'before' side")
+    parser.add_argument("--stages", default="0,1,2,3")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    stages = [int(s) for s in args.stages.split(",")]
+    if args.worker:
+        worker(stages, args.steps)
+        return
+    if not args.before:
+        parser.error("--before REV is required")
+    start, loads = time.perf_counter(), [os.getloadavg()[0]]
+    sides: dict[str, list[dict[int, dict]]] = {"before": [], "after": []}
+    with tempfile.TemporaryDirectory(prefix="stage_step_cost_") as tmp:
+        old = Path(tmp) / "before"
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(old), args.before],
+            cwd=ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+        try:
+            for _ in range(args.rounds):
+                for side, checkout in (("before", old), ("after", ROOT)):
+                    sides[side].append(run_side(checkout, stages, args.steps))
+                    loads.append(os.getloadavg()[0])
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT)
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+
+    def med(side: str, stage: int, key: str) -> float:
+        return statistics.median(r[stage][key] for r in sides[side])
+
+    rows = [
+        "| stage | CPU ms / step, before | after | speed-up | wall ms / step, before | after |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for s in stages:
+        b, a = med("before", s, "cpu_ms"), med("after", s, "cpu_ms")
+        rows.append(
+            f"| {s} | {b:.0f} | {a:.0f} | {b / a:.2f}x | {med('before', s, 'wall_ms'):.0f} | "
+            f"{med('after', s, 'wall_ms'):.0f} |"
+        )
+    text = "\n".join(
+        [
+            f"## Demo train step per stage: {args.before} vs {head} (CPU, float32)",
+            "",
+            f"`python bench/stage_step_cost.py --before {args.before} --steps {args.steps} "
+            f"--rounds {args.rounds}` — {datetime.date.today()}, {os.cpu_count()} CPUs shared "
+            f"with other jobs; load average (1 min) at the start and after each side: "
+            f"{', '.join(f'{x:.1f}' for x in loads)}; whole run "
+            f"{time.perf_counter() - start:.0f}s. `configs/stageN.py:demo`, random init, "
+            f"batch 8; a host sync after each step; medians over steps 4-{args.steps} (and "
+            f"over rounds). CPU time is the process's (both of XLA's threads).",
+            "",
+            *rows,
+        ]
+    )
+    print(text)
+    if not args.no_write:
+        write_section("stage_step_cost", text)
+
+
+if __name__ == "__main__":
+    main()
