@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from results import write_section  # bench/results.py (this script's directory)
-
-ROOT = Path(__file__).resolve().parent.parent
+import checkouts  # bench/checkouts.py (this script's directory)
+from checkouts import ROOT, worktree
+from results import write_section  # bench/results.py
 
 
 def run_demo(checkout: Path, quick: bool, scratch: Path) -> dict:
@@ -77,23 +77,16 @@ def main() -> None:
     args = parser.parse_args()
     start = time.perf_counter()
     runs: dict[str, list[dict]] = {"before": [], "after": []}
-    with tempfile.TemporaryDirectory(prefix="demo_before_after_") as tmp:
-        old = Path(tmp) / "before"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(old), args.before],
-            cwd=ROOT, check=True, capture_output=True,
-        )  # fmt: skip
-        try:
-            for r in range(args.rounds):
-                for side, checkout in (("before", old), ("after", ROOT)):
-                    scratch = Path(tmp) / f"{side}{r}"
-                    runs[side].append(run_demo(checkout, args.quick, scratch))
-                    print(f"round {r + 1} {side}: {runs[side][-1]['wall']:.0f}s", flush=True)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT)
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    with (
+        tempfile.TemporaryDirectory(prefix="demo_before_after_") as tmp,
+        worktree(args.before) as old,
+    ):
+        for r in range(args.rounds):
+            for side, checkout in (("before", old), ("after", ROOT)):
+                scratch = Path(tmp) / f"{side}{r}"
+                runs[side].append(run_demo(checkout, args.quick, scratch))
+                print(f"round {r + 1} {side}: {runs[side][-1]['wall']:.0f}s", flush=True)
+    head = checkouts.head()
     loads = ", ".join(
         f"{side} {r['load'][0]:.1f} -> {r['load'][1]:.1f}" for side in runs for r in runs[side]
     )

@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from results import write_section  # bench/results.py (this script's directory)
-
-ROOT = Path(__file__).resolve().parent.parent
+import checkouts  # bench/checkouts.py (this script's directory)
+from checkouts import ROOT, worktree
+from results import write_section  # bench/results.py
 
 
 def worker(stages: list[int], steps: int) -> None:
@@ -95,22 +95,12 @@ def main() -> None:
         parser.error("--before REV is required")
     start, loads = time.perf_counter(), [os.getloadavg()[0]]
     sides: dict[str, list[dict[int, dict]]] = {"before": [], "after": []}
-    with tempfile.TemporaryDirectory(prefix="stage_step_cost_") as tmp:
-        old = Path(tmp) / "before"
-        subprocess.run(
-            ["git", "worktree", "add", "--detach", str(old), args.before],
-            cwd=ROOT, check=True, capture_output=True,
-        )  # fmt: skip
-        try:
-            for _ in range(args.rounds):
-                for side, checkout in (("before", old), ("after", ROOT)):
-                    sides[side].append(run_side(checkout, stages, args.steps))
-                    loads.append(os.getloadavg()[0])
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT)
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    with worktree(args.before) as old:
+        for _ in range(args.rounds):
+            for side, checkout in (("before", old), ("after", ROOT)):
+                sides[side].append(run_side(checkout, stages, args.steps))
+                loads.append(os.getloadavg()[0])
+    head = checkouts.head()
 
     def med(side: str, stage: int, key: str) -> float:
         return statistics.median(r[stage][key] for r in sides[side])
