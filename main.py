@@ -112,15 +112,18 @@ def main(argv: list[str]) -> None:
     if _DEMO.value:
         takes = {"world_takes": _WORLD_TAKES.value} if _WORLD_TAKES.value else {}
         suffix = "-quick" if _QUICK.value else ""  # never mixed with a full demo's files
-        demo.run(
-            # A seed's stages never resume another seed's checkpoints; the data is shared.
-            workdir=_WORKDIR.value
-            or f"workdirs/demo{suffix}" + (f"-seed{_SEED.value}" if _SEED.value else ""),
-            data_dir=_DATA.value or f"demo_data{suffix}",
-            quick=_QUICK.value,
-            seed=_SEED.value,
-            **takes,
-        )
+        try:
+            demo.run(
+                # A seed's stages never resume another seed's checkpoints; the data is shared.
+                workdir=_WORKDIR.value
+                or f"workdirs/demo{suffix}" + (f"-seed{_SEED.value}" if _SEED.value else ""),
+                data_dir=_DATA.value or f"demo_data{suffix}",
+                quick=_QUICK.value,
+                seed=_SEED.value,
+                **takes,
+            )
+        except demo.DemoInterrupted as e:
+            raise SystemExit(str(e)) from None
         return
     config = _CONFIG.value
     if config is None:

@@ -47,6 +47,10 @@ from input_pipeline.synthetic import generate_world
 WORLD_TAKES = 320
 
 
+class DemoInterrupted(RuntimeError):
+    """A stage was stopped (SIGTERM) before its last step: the demo stops there too."""
+
+
 class Phases:
     """The demo's phases as they run, in order: ``seconds[name]`` (wall clock) and
     ``details[name]`` (what the phase did, e.g. ``{"steps": 600}``). A phase skipped because
@@ -336,6 +340,12 @@ def _train_stages(workdir: Path, data_dir: Path, overrides: dict, phases: Phases
         if summary["first_loss"] is None:
             log(f"[demo] stage {stage}: already finished ({wd}, step {summary['steps']})")
             continue
+        if summary.get("preempted"):
+            # A later stage would start from this unfinished one: stop; a rerun resumes it.
+            raise DemoInterrupted(
+                f"[demo] stage {stage} stopped at step {summary['steps']} (SIGTERM); its "
+                f"checkpoint is in {wd}: rerun the same command to resume the demo"
+            )
         steps_run = summary["steps"] - summary["start_step"]
         phases.record(f"stage {stage}", time.perf_counter() - t_stage, steps=steps_run)
         log(
