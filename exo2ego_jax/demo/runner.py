@@ -206,9 +206,11 @@ QUICK = {
 
 
 #: Seconds each phase of the progress display is expected to take (the CLIP phase includes
-#: rendering its corpus): ``python bench/demo_profile.py [--quick]`` on the 2-core reference
-#: machine (bench/RESULTS.md). The display scales them by this machine's speed on the phases
-#: already finished, so only their proportions matter much.
+#: rendering its corpus) on an idle 2-core CPU. Quick: ``python bench/demo_profile.py
+#: --quick``; default: the last full profile's phases (bench/RESULTS.md) scaled by the
+#: measured speed-ups of rendering (``bench/render_cost.py``) and of the train steps
+#: (``bench/stage_step_cost.py``). The display rescales them by this machine's speed on the
+#: phases already finished, so their proportions matter more than their values.
 EXPECTED_SECONDS = {
     "quick": {
         "world rendering": 13, "dataset preparation": 1, "LM pretraining": 9,
@@ -216,9 +218,9 @@ EXPECTED_SECONDS = {
         "EgoBench": 14, "chat check": 8,
     },
     "default": {
-        "world rendering": 120, "dataset preparation": 3, "LM pretraining": 30,
-        "CLIP pretraining": 240, "stage 0": 120, "stage 1": 40, "stage 2": 80, "stage 3": 150,
-        "EgoBench": 60, "chat check": 30,
+        "world rendering": 300, "dataset preparation": 3, "LM pretraining": 32,
+        "CLIP pretraining": 2600, "stage 0": 600, "stage 1": 90, "stage 2": 250,
+        "stage 3": 500, "EgoBench": 120, "chat check": 60,
     },
 }  # fmt: skip
 
