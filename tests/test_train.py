@@ -133,7 +133,8 @@ def test_timing_splits_the_stage_wall_time(tmp_path, monkeypatch, sync):
         monkeypatch.setattr(checkpoints.StageCheckpointer, name, timed(original, "checkpoint"))
 
     # Losses read at step 2 (a checkpoint) and 3 (the last) only.
-    c = _config(0, tmp_path, steps=3, log_every=10, profile_timing=sync)
+    # The demo preset skips the FLOP count (config.count_model_flops); this test times it.
+    c = _config(0, tmp_path, steps=3, log_every=10, profile_timing=sync, count_model_flops=True)
     t0 = time.perf_counter()
     summary = train(c, tmp_path / "stage0", streams=streams_for(0), progress=False)
     wall = time.perf_counter() - t0
@@ -345,3 +346,16 @@ def test_hand_off_later_stages_override_earlier(tmp_path):
         assert ks and all(max(t for t in saved if k in saved[t]) == s for k in ks), part
     k = next(k for k in got if k.startswith("ego_encoder/connector/"))
     assert not np.array_equal(saved[0][k], saved[2][k])
+
+
+def test_without_the_flop_count_nothing_is_counted(tmp_path, monkeypatch):
+    """``config.count_model_flops=False`` (the demo's preset): no extra lowering per batch
+    shape, and no FLOP figures."""
+    calls = []
+    monkeypatch.setattr(loop, "model_flops_per_device", lambda *a: calls.append(a) or 1.0)
+    c = _config(0, tmp_path, steps=2, log_every=10)
+    assert c.count_model_flops is False  # the demo preset
+    summary = train(c, tmp_path / "stage0", streams=streams_for(0), progress=False)
+    assert calls == []
+    assert summary["timing"]["flop_count_s"] < 0.01  # nothing but the lap itself
+    assert not summary["timing"]["model_flops"]
