@@ -428,37 +428,8 @@ def _draw_cylinder(
     if cv.queue is not None and area < _BATCH_MAX_PIXELS:  # with the frame's small cylinders
         cv.batch("cylinder", (win, cx, cy, radius, z0, z1, rgb, inner))
         return
-    dx, dy, dz = (p[win] for p in cv.planes)
-    ox, oy, oz = cv.origin[0] - cx, cv.origin[1] - cy, cv.origin[2]
-    a = np.maximum(dx * dx + dy * dy, 1e-12)
-    b = 2.0 * (dx * ox + dy * oy)
-    c = ox * ox + oy * oy - radius * radius
-    disc = b * b - 4.0 * a * c
-    sq = np.sqrt(np.maximum(disc, 0.0))
-    t_side = (-b - sq) / (2.0 * a)
-    z_side = oz + t_side * dz
-    side_hit = (disc >= 0) & (t_side > 0) & (z_side >= z0) & (z_side <= z1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_top = (z1 - oz) / dz
-    px, py = ox + t_top * dx, oy + t_top * dy
-    rho2 = px * px + py * py
-    top_hit = (t_top > 0) & (rho2 <= radius * radius)
-    use_top = top_hit & (~side_hit | (t_top < t_side))
-    t = np.where(use_top, t_top, np.where(side_hit, t_side, np.inf))
-    hit = side_hit | top_hit
-    nx = (ox + t_side * dx) / radius
-    ny = (oy + t_side * dy) / radius
-    side_shade = _AMBIENT + _DIFFUSE * np.maximum(nx * _LIGHT[0] + ny * _LIGHT[1], 0.0)
-    top_shade = _AMBIENT + _DIFFUSE * _LIGHT[2]
-    base = np.asarray(rgb, np.float32)
-    col = _tinted(base, np.where(use_top, top_shade, side_shade))
-    if inner is not None:
-        frac, inner_rgb = inner
-        in_mask = use_top & (rho2 <= (frac * radius) ** 2)
-        inner_col = np.asarray(inner_rgb, np.float32) * top_shade
-        for k in range(3):
-            np.copyto(col[..., k], inner_col[k], where=in_mask)
-    cv.put(win, _nan_to_inf(t), hit, col)
+    # A large cylinder alone: the batched intersection of one (the same per-pixel operations).
+    cv.put(*_cylinder_hits(cv, [(win, cx, cy, radius, z0, z1, rgb, inner)])[0])
 
 
 def _cylinder_hits(cv: _Canvas, cylinders: list[tuple]) -> list[tuple]:
