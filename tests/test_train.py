@@ -142,7 +142,8 @@ def test_timing_splits_the_stage_wall_time(tmp_path, monkeypatch, sync):
     parts = {k: t[f"{k}_s"] for k in perf.TIMING_PARTS}
     assert all(v > 0 for v in parts.values()), parts
     assert sum(parts.values()) == pytest.approx(t["wall_s"], abs=1e-3)
-    assert t["wall_s"] == pytest.approx(wall, rel=0.02, abs=0.05)
+    # The stage's own clock misses only the call and return (teardown is charged to host).
+    assert t["wall_s"] <= wall and t["wall_s"] == pytest.approx(wall, rel=0.05, abs=0.05)
     assert t["data_s"] == pytest.approx(spent["data"], rel=0.05, abs=0.01)
     assert t["checkpoint_s"] == pytest.approx(spent["checkpoint"], rel=0.05, abs=0.01)
     assert spent["syncs"] == (3 if sync else 0)
