@@ -176,7 +176,7 @@ def report(args, out: dict, load: tuple[float, float], total: float, fresh: str)
             f"## Demo profile: `{demo_cmd}` phase by phase ({title})",
             "",
             f"`{cmd}` — {datetime.date.today().isoformat()}, jax {jax.__version__}, "
-            f"{os.cpu_count()} CPUs shared with other jobs, {xla_threads()}; load average "
+            f"{os.cpu_count()} CPUs, {xla_threads()}; load average "
             f"{load[0]:.1f} at the start, {load[1]:.1f} at the end; whole run {total:.0f}s "
             f"(the demo {demo_s:.0f}s, of which {timed:.0f}s in the phases below). {fresh}; "
             f"persistent compilation cache `{cache_dir}` {cache}. Stages with "

@@ -8,7 +8,9 @@
 3. pretrain the demo LLM on the training text (if missing)     ``<data_dir>/prepared/llm``
    (stands in for the downloaded Mistral-7B-Instruct) and the demo CLIP tower on a labelled
    corpus of freshly rendered takes (if missing)                 ``<data_dir>/prepared/clip``
-   (stands in for the downloaded CLIP ViT-L/14-336)
+   (stands in for the downloaded CLIP ViT-L/14-336); the full demo copies the tower that
+   same command made, shipped with the package (``exo2ego_jax.demo.shipped_clip``), unless
+   ``pretrain_clip``
 4. stages 0 -> 1 -> 2 -> 3, each handing its weights to the next through Orbax checkpoints
    (``<workdir>/stageN``; a rerun resumes / skips finished stages)
 5. the synthetic EgoBench with the stage-3 model, and a results table;
@@ -31,8 +33,8 @@ import jax
 
 from configs import demo as demo_configs
 from exo2ego_jax import config_lib
-from exo2ego_jax.demo import chat_check
-from exo2ego_jax.demo.pretrain_clip import pretrain as pretrain_clip
+from exo2ego_jax.demo import chat_check, shipped_clip
+from exo2ego_jax.demo.pretrain_clip import pretrain as pretrain_clip_tower
 from exo2ego_jax.demo.pretrain_lm import pretrain as pretrain_lm
 from exo2ego_jax.eval.evaluate import evaluate
 from exo2ego_jax.models.mistral import from_hf_config
@@ -101,13 +103,15 @@ def prepare_data(
     clip_takes: int = 0,
     progress: bool = True,
     phases: Phases | None = None,
+    pretrain_clip: bool = True,
 ) -> None:
     """Steps 1-3 (each skipped when its output exists), each timed into ``phases``.
 
     ``world_kwargs`` go to ``generate_world`` (``num_takes`` defaults to ``WORLD_TAKES``;
     an existing world is kept whatever its size); ``lm_steps`` /
     ``clip_steps`` > 0 shorten the demo LM / CLIP pretraining and ``clip_takes`` > 0 sets the
-    size of the CLIP corpus (0 = their defaults).
+    size of the CLIP corpus (0 = their defaults). ``pretrain_clip=False`` copies the
+    shipped tower instead when it is what pretraining would make (:func:`clip_phase`).
     """
     phases = phases if phases is not None else Phases()
     world, prepared = data_dir / "world", data_dir / "prepared"
@@ -143,13 +147,23 @@ def prepare_data(
             f"({s['seconds']:.0f}s)"
         )
     check_demo_lm(prepared / "llm", shapes.llm)
+    if not outputs["CLIP pretraining"].exists() and (
+        clip_phase(shapes.clip, pretrain_clip, seed, clip_steps, clip_takes) == SHIPPED_CLIP
+    ):
+        with phases.timed(SHIPPED_CLIP):
+            info = shipped_clip.install(prepared / "clip")
+        log(
+            f"[demo] demo CLIP: copied the shipped tower (sha256 "
+            f"{info['sha256']['model.safetensors'][:12]}..., made by `{info['command']}`; "
+            "--pretrain_clip pretrains it here instead, ~45 min on 2 cores)"
+        )
     if not outputs["CLIP pretraining"].exists():
         tower = shapes.clip
         sizes = {"steps": clip_steps} if clip_steps > 0 else {}
         sizes |= {"num_takes": clip_takes} if clip_takes > 0 else {}
         t0 = time.perf_counter()
         with phases.showing("CLIP pretraining"):
-            s = pretrain_clip(
+            s = pretrain_clip_tower(
                 prepared / "clip", config=tower, seed=seed, progress=progress, **sizes
             )
         seconds = time.perf_counter() - t0
@@ -164,6 +178,22 @@ def prepare_data(
             f"{s['first_loss']:.2f} -> {s['last_loss']:.2f}; held-out accuracy {acc}{ego_acc} "
             f"({s['seconds']:.0f}s, of which {s['corpus_seconds']:.0f}s rendering the corpus)"
         )
+
+
+#: The phase that copies the shipped stand-in CLIP instead of pretraining it.
+SHIPPED_CLIP = "CLIP stand-in (shipped)"
+
+
+def clip_phase(
+    tower, pretrain_clip: bool, seed: int = 0, clip_steps: int = 0, clip_takes: int = 0
+) -> str:
+    """``SHIPPED_CLIP`` when the shipped tower is exactly what pretraining would make here
+    (its shape, seed 0, the default corpus and steps) and ``pretrain_clip`` is off, else
+    ``"CLIP pretraining"``."""
+    default_run = seed == 0 and clip_steps <= 0 and clip_takes <= 0
+    if not pretrain_clip and default_run and shipped_clip.matches(tower):
+        return SHIPPED_CLIP
+    return "CLIP pretraining"
 
 
 def prepared_outputs(data_dir: Path) -> dict[str, Path]:
@@ -206,20 +236,21 @@ QUICK = {
 
 
 #: Seconds each phase of the progress display is expected to take (the CLIP phase includes
-#: rendering its corpus) on an idle 2-core CPU. Quick: ``python bench/demo_profile.py
-#: --quick``; default: the last full profile's phases (bench/RESULTS.md) scaled by the
-#: measured speed-ups of rendering (``bench/render_cost.py``) and of the train steps
-#: (``bench/stage_step_cost.py``). The display rescales them by this machine's speed on the
-#: phases already finished, so their proportions matter more than their values.
+#: rendering its corpus) on an idle 2-core CPU. Quick: ``python main.py --demo --quick`` on
+#: an idle machine (2.6 min, 2026-12-05); default: the last full profile's phases
+#: (bench/RESULTS.md) scaled by the measured speed-ups of rendering
+#: (``bench/render_cost.py``) and of the train steps (``bench/stage_step_cost.py``). The
+#: display rescales them by this machine's speed on the phases already finished, so their
+#: proportions matter more than their values.
 EXPECTED_SECONDS = {
     "quick": {
-        "world rendering": 13, "dataset preparation": 1, "LM pretraining": 9,
-        "CLIP pretraining": 30, "stage 0": 41, "stage 1": 13, "stage 2": 26, "stage 3": 44,
+        "world rendering": 6, "dataset preparation": 1, "LM pretraining": 6,
+        "CLIP pretraining": 21, "stage 0": 30, "stage 1": 10, "stage 2": 23, "stage 3": 37,
         "EgoBench": 14, "chat check": 8,
     },
     "default": {
         "world rendering": 300, "dataset preparation": 3, "LM pretraining": 32,
-        "CLIP pretraining": 2600, "stage 0": 600, "stage 1": 90, "stage 2": 250,
+        "CLIP pretraining": 2600, SHIPPED_CLIP: 1, "stage 0": 600, "stage 1": 90, "stage 2": 250,
         "stage 3": 500, "EgoBench": 120, "chat check": 60,
     },
 }  # fmt: skip
@@ -250,9 +281,19 @@ def _stage_finished(config) -> int | None:
     return step if meta.get("finished") else None
 
 
-def planned_phases(workdir: Path, data_dir: Path, stage_overrides: dict | None = None) -> list[str]:
-    """The phases a run would go through, in order (finished pieces found on disk are not)."""
-    todo = [k for k, path in prepared_outputs(data_dir).items() if not path.exists()]
+def planned_phases(
+    workdir: Path,
+    data_dir: Path,
+    stage_overrides: dict | None = None,
+    clip: str = "CLIP pretraining",
+) -> list[str]:
+    """The phases a run would go through, in order (finished pieces found on disk are not);
+    ``clip``: the CLIP phase's name (:func:`clip_phase`)."""
+    todo = [
+        clip if k == "CLIP pretraining" else k
+        for k, path in prepared_outputs(data_dir).items()
+        if not path.exists()
+    ]
     for stage in range(4):
         config = demo_configs.stage_config(stage, workdir, data_dir, **(stage_overrides or {}))
         if _stage_finished(config) is None:
@@ -270,6 +311,7 @@ def run(
     phases: Phases | None = None,
     stage_overrides: dict | None = None,
     seed: int = 0,
+    pretrain_clip: bool = False,
 ) -> dict:
     """Runs the demo end to end; returns per-stage loss summaries and timings, eval results,
     the chat check's counts and every phase's wall time. ``world_takes``: size of the world
@@ -277,13 +319,17 @@ def run(
     phases' timings as they end; ``stage_overrides``: dotted config fields over every
     stage's (e.g. ``{"profile_timing": True}``); ``seed``: the stages' seed (initialisation
     and data order; the world and the stand-ins are always seed 0, so every seed is tested
-    on the same EgoBench items). One progress line shows the phase and the time left."""
+    on the same EgoBench items); ``pretrain_clip``: pretrain the stand-in CLIP here even
+    when the shipped one is what that would make (``--quick`` always pretrains its small
+    one). One progress line shows the phase and the time left."""
     workdir, data_dir = Path(workdir), Path(data_dir)
     phases = phases if phases is not None else Phases()
     logging.getLogger("absl").setLevel(logging.WARNING)  # keep Orbax's INFO chatter quiet
     use_compilation_cache(workdir)
     stage_overrides = {**(QUICK["stage"] if quick else {}), "seed": seed, **(stage_overrides or {})}
-    plan = planned_phases(workdir, data_dir, stage_overrides)
+    tower = demo_configs.stage_config(0, workdir, data_dir).model
+    clip = clip_phase(config_lib.build_model_config(tower).clip, pretrain_clip or quick)
+    plan = planned_phases(workdir, data_dir, stage_overrides, clip)
     expected = EXPECTED_SECONDS["quick" if quick else "default"]
     t0 = time.time()
     with progress.run_display("demo", plan, expected) as display:
@@ -300,7 +346,13 @@ def run(
             )
         else:
             world = {"num_takes": world_takes}
-            prepare_data(data_dir, log=log, world_kwargs=world, phases=phases)
+            prepare_data(
+                data_dir,
+                log=log,
+                world_kwargs=world,
+                phases=phases,
+                pretrain_clip=pretrain_clip,
+            )
         results = {"stages": _train_stages(workdir, data_dir, stage_overrides, phases, log)}
         with phases.timed("EgoBench"):
             results["eval"] = evaluate_demo(

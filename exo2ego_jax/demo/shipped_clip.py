@@ -1,0 +1,187 @@
+r"""The demo's stand-in CLIP tower, shipped with the package so the demo need not pretrain it.
+
+Pretraining the stand-in CLIP is the demo's longest phase (rendering a 1,200-take labelled
+corpus, then 8,000 steps: ~45 min on 2 CPU cores) and it gives the same tower every time,
+so the package carries the result, made by the project's own command::
+
+    python -m exo2ego_jax.demo.pretrain_clip --out <dir>
+
+``assets/clip/`` holds its ``config.json`` and ``model.safetensors`` and a
+``manifest.json``: the command, the files' sha256, the machine it ran on (JAX version, CPU
+threads: XLA:CPU's float reductions follow its thread pool, so the bytes are reproducible
+on the same JAX with the same number of threads, not across thread counts) and a small-size
+run of the same command with its hash, which ``tests/test_shipped_clip.py`` repeats.
+
+``python main.py --demo`` copies the shipped tower when the demo asks for exactly what the
+command makes (the tower shape, seed 0, the default corpus and steps) and pretrains it
+otherwise, or with ``--pretrain_clip``. Rebuild or check it:
+
+    python -m exo2ego_jax.demo.shipped_clip build            # rerun the command, rewrite
+    python -m exo2ego_jax.demo.shipped_clip verify [--small]  # rerun, compare the bytes
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from exo2ego_jax.demo import pretrain_clip
+from exo2ego_jax.models.clip import CLIPVisionConfig
+from input_pipeline import atomic
+
+ASSET_DIR = Path(__file__).parent / "assets" / "clip"
+FILES = ("config.json", "model.safetensors")
+#: The command's arguments besides ``--out`` (its defaults: 1,200 takes, 8,000 steps, seed 0).
+FULL_ARGS: tuple[str, ...] = ()
+#: The small-size run of the same command that the manifest and the test record.
+SMALL_ARGS = ("--takes", "4", "--steps", "20")
+COMMAND = "python -m exo2ego_jax.demo.pretrain_clip --out <dir>"
+
+
+class ShippedClipError(RuntimeError):
+    """The shipped tower is missing or its bytes differ from its manifest."""
+
+
+def cpu_threads() -> int:
+    """The CPUs this process may run on (the size of XLA:CPU's thread pool)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def manifest(asset_dir: Path = ASSET_DIR) -> dict[str, Any]:
+    """The shipped tower's ``manifest.json``."""
+    path = Path(asset_dir) / "manifest.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ShippedClipError(
+            f"{path}: the shipped demo CLIP's manifest is missing or unreadable ({e}); "
+            "reinstall the package or run `python -m exo2ego_jax.demo.shipped_clip build`"
+        ) from e
+
+
+def matches(config: CLIPVisionConfig, asset_dir: Path = ASSET_DIR) -> bool:
+    """Whether the shipped tower has the shape ``config`` asks for (the runner also checks
+    that the seed, corpus size and steps are the command's defaults)."""
+    path = Path(asset_dir) / "config.json"
+    if not path.exists():
+        return False
+    shipped = json.loads(path.read_text())
+    wanted = config.to_hf_config()
+    return {k: v for k, v in shipped.items() if k != "dtype"} == {
+        k: v for k, v in wanted.items() if k != "dtype"
+    }
+
+
+def install(out_dir: str | os.PathLike, asset_dir: Path = ASSET_DIR) -> dict[str, Any]:
+    """Copies the shipped tower to ``out_dir`` (atomically) after checking every file's
+    sha256 against the manifest; returns the manifest."""
+    info = manifest(asset_dir)
+    for name in FILES:
+        got = sha256(Path(asset_dir) / name) if (Path(asset_dir) / name).exists() else None
+        if got != info["sha256"][name]:
+            raise ShippedClipError(
+                f"{Path(asset_dir) / name}: sha256 {got} differs from its manifest's "
+                f"{info['sha256'][name]}; reinstall the package, or pass --pretrain_clip to "
+                "pretrain the demo CLIP instead"
+            )
+    with atomic.staged_dir(out_dir) as stage:
+        for name in FILES:
+            shutil.copyfile(Path(asset_dir) / name, stage / name)
+    return info
+
+
+def run_command(out_dir: Path, args: tuple[str, ...]) -> dict[str, str]:
+    """Runs the pretraining command with ``args`` into ``out_dir``; the files' sha256."""
+    if pretrain_clip.main([*args, "--out", str(out_dir)]) != 0:
+        raise ShippedClipError(f"the pretraining command failed: {COMMAND} {' '.join(args)}")
+    return {name: sha256(Path(out_dir) / name) for name in FILES}
+
+
+def build(asset_dir: Path = ASSET_DIR, from_dir: Path | None = None) -> dict[str, Any]:
+    """Runs the command at full size (or takes its output from ``from_dir``, made by the
+    same command on this machine) and at the small size, and writes the tower and its
+    manifest to ``asset_dir``; returns the manifest."""
+    with tempfile.TemporaryDirectory() as tmp:
+        full = Path(from_dir) if from_dir else Path(tmp) / "full"
+        full_hashes = (
+            {name: sha256(full / name) for name in FILES}
+            if from_dir
+            else run_command(full, FULL_ARGS)
+        )
+        small_hashes = run_command(Path(tmp) / "small", SMALL_ARGS)
+        info = {
+            "what": "the demo's stand-in CLIP tower (exo2ego_jax.demo.shipped_clip)",
+            "command": " ".join([COMMAND, *FULL_ARGS]),
+            "sha256": full_hashes,
+            "small_check": {
+                "command": " ".join([COMMAND, *SMALL_ARGS]),
+                "sha256": small_hashes,
+            },
+            "built_with": {
+                "jax": jax.__version__,
+                "cpu_threads": cpu_threads(),
+                "python": sys.version.split()[0],
+            },
+        }
+        with atomic.staged_dir(asset_dir) as stage:
+            for name in FILES:
+                shutil.copyfile(full / name, stage / name)
+            (stage / "manifest.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def verify(small: bool, asset_dir: Path = ASSET_DIR) -> list[str]:
+    """Reruns the command (full or small size) and compares its files' sha256 with the
+    manifest's; returns the differing file names (empty: bit-exact)."""
+    info = manifest(asset_dir)
+    want = info["small_check"]["sha256"] if small else info["sha256"]
+    with tempfile.TemporaryDirectory() as tmp:
+        got = run_command(Path(tmp) / "tower", SMALL_ARGS if small else FULL_ARGS)
+    return [name for name in FILES if got[name] != want[name]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m exo2ego_jax.demo.shipped_clip", description=__doc__.split("\n\n")[0]
+    )
+    sub = p.add_subparsers(dest="action", required=True)
+    b = sub.add_parser("build", help="rerun the pretraining command and rewrite the assets")
+    b.add_argument("--from", dest="from_dir", help="a tower the same command already made")
+    v = sub.add_parser("verify", help="rerun the command and compare its bytes")
+    v.add_argument("--small", action="store_true", help="the small-size run (~30 s)")
+    a = p.parse_args(argv)
+    if a.action == "build":
+        info = build(from_dir=Path(a.from_dir) if a.from_dir else None)
+        print(f"wrote {ASSET_DIR} (model.safetensors sha256 {info['sha256']['model.safetensors']})")
+        return 0
+    built = manifest()["built_with"]
+    differ = verify(a.small)
+    same_machine = built["jax"] == jax.__version__ and built["cpu_threads"] == cpu_threads()
+    if not differ:
+        print("bit-exact: the command reproduces the shipped files")
+        return 0
+    note = (
+        ""
+        if same_machine
+        else f" (built with jax {built['jax']} on {built['cpu_threads']} CPU threads; this is "
+        f"jax {jax.__version__} on {cpu_threads()}: float reductions may differ)"
+    )
+    print(f"differ: {', '.join(differ)}{note}")
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

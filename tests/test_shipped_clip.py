@@ -1,0 +1,100 @@
+"""The shipped stand-in CLIP: its bytes are what the documented pretraining command makes
+(checked at the manifest's small size), the files match the manifest, the demo copies it only
+when it is what pretraining would make, and a damaged copy is refused."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from configs import demo as demo_configs
+from exo2ego_jax import config_lib
+from exo2ego_jax.demo import runner, shipped_clip
+
+
+def _demo_tower(tmp_path):
+    model = demo_configs.stage_config(0, tmp_path, tmp_path).model
+    return config_lib.build_model_config(model).clip
+
+
+def test_small_run_of_the_command_is_bit_exact(tmp_path):
+    info = shipped_clip.manifest()
+    built = info["built_with"]
+    if (built["jax"], built["cpu_threads"]) != (jax.__version__, shipped_clip.cpu_threads()):
+        pytest.skip(
+            f"built with jax {built['jax']} on {built['cpu_threads']} CPU threads; here jax "
+            f"{jax.__version__} on {shipped_clip.cpu_threads()} (XLA:CPU's reductions differ)"
+        )
+    # The command as a user runs it: its own process, without the suite's 8 fake devices and
+    # matmul precision (either changes XLA:CPU's programs, so the bytes).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = tmp_path / "tower"
+    argv = ["-m", "exo2ego_jax.demo.pretrain_clip", "--out", str(out), *shipped_clip.SMALL_ARGS]
+    subprocess.run([sys.executable, *argv], env=env, check=True, capture_output=True)
+    got = {name: shipped_clip.sha256(out / name) for name in shipped_clip.FILES}
+    assert got == info["small_check"]["sha256"]
+    assert info["small_check"]["command"].endswith(" ".join(shipped_clip.SMALL_ARGS))
+
+
+def test_shipped_files_match_their_manifest_and_the_demo_tower(tmp_path):
+    info = shipped_clip.manifest()
+    for name in shipped_clip.FILES:
+        assert shipped_clip.sha256(shipped_clip.ASSET_DIR / name) == info["sha256"][name]
+    assert info["command"] == shipped_clip.COMMAND  # the command's defaults, nothing else
+    tower = _demo_tower(tmp_path)
+    assert runner.clip_phase(tower, pretrain_clip=False) == runner.SHIPPED_CLIP
+    # Anything but exactly the command's run pretrains.
+    assert runner.clip_phase(tower, pretrain_clip=True) == "CLIP pretraining"
+    assert runner.clip_phase(tower, False, seed=1) == "CLIP pretraining"
+    assert runner.clip_phase(tower, False, clip_steps=20) == "CLIP pretraining"
+    other = dataclasses.replace(tower, num_layers=tower.num_layers + 1)
+    assert runner.clip_phase(other, pretrain_clip=False) == "CLIP pretraining"
+
+
+def test_install_copies_and_refuses_a_damaged_asset(tmp_path):
+    out = tmp_path / "prepared" / "clip"
+    shipped_clip.install(out)
+    for name in shipped_clip.FILES:
+        assert (out / name).read_bytes() == (shipped_clip.ASSET_DIR / name).read_bytes()
+
+    damaged = tmp_path / "assets"
+    shutil.copytree(shipped_clip.ASSET_DIR, damaged)
+    blob = bytearray((damaged / "model.safetensors").read_bytes())
+    blob[-1] ^= 1
+    (damaged / "model.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(shipped_clip.ShippedClipError, match="model.safetensors: sha256"):
+        shipped_clip.install(tmp_path / "other", damaged)
+    assert not (tmp_path / "other").exists()
+    (damaged / "manifest.json").write_text("{")
+    with pytest.raises(shipped_clip.ShippedClipError, match="manifest is missing or unreadable"):
+        shipped_clip.install(tmp_path / "other", damaged)
+
+
+def test_prepare_data_copies_the_shipped_tower_as_its_own_phase(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    # Steps 1-3 before the CLIP are found on disk (their outputs exist).
+    for key, path in runner.prepared_outputs(data).items():
+        if key != "CLIP pretraining":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
+    monkeypatch.setattr(runner, "check_demo_lm", lambda *a: None)
+
+    def no_pretraining(*a, **k):
+        raise AssertionError("pretrained although the shipped tower is what it would make")
+
+    monkeypatch.setattr(runner, "pretrain_clip_tower", no_pretraining)
+    phases, lines = runner.Phases(), []
+    runner.prepare_data(data, log=lines.append, phases=phases, pretrain_clip=False)
+    assert list(phases.seconds) == [runner.SHIPPED_CLIP]
+    tower = data / "prepared" / "clip"
+    assert json.loads((tower / "config.json").read_text())["model_type"] == "clip_vision_model"
+    assert "copied the shipped tower" in lines[0]
+    plan = runner.planned_phases(tmp_path / "work", data, clip=runner.SHIPPED_CLIP)
+    assert plan[0] == "stage 0"  # nothing left to prepare
