@@ -58,7 +58,7 @@ _SEED = flags.DEFINE_integer(
 _PRETRAIN_CLIP = flags.DEFINE_bool(
     "pretrain_clip",
     False,
-    "Demo: pretrain the stand-in CLIP here (render its 1,200-take corpus, 8,000 steps: ~45 min "
+    "Demo: pretrain the stand-in CLIP here (render its 1,200-take corpus, 8,000 steps: ~30 min "
     "on 2 cores) instead of copying the one shipped with the package, which the same command "
     "made (exo2ego_jax.demo.shipped_clip).",
 )

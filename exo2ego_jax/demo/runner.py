@@ -155,7 +155,7 @@ def prepare_data(
         log(
             f"[demo] demo CLIP: copied the shipped tower (sha256 "
             f"{info['sha256']['model.safetensors'][:12]}..., made by `{info['command']}`; "
-            "--pretrain_clip pretrains it here instead, ~45 min on 2 cores)"
+            "--pretrain_clip pretrains it here instead, ~30 min on 2 cores)"
         )
     if not outputs["CLIP pretraining"].exists():
         tower = shapes.clip

@@ -1,7 +1,7 @@
 r"""The demo's stand-in CLIP tower, shipped with the package so the demo need not pretrain it.
 
 Pretraining the stand-in CLIP is the demo's longest phase (rendering a 1,200-take labelled
-corpus, then 8,000 steps: ~45 min on 2 CPU cores) and it gives the same tower every time,
+corpus, then 8,000 steps: ~30 min on 2 CPU cores) and it gives the same tower every time,
 so the package carries the result, made by the project's own command::
 
     python -m exo2ego_jax.demo.pretrain_clip --out <dir>
