@@ -235,13 +235,12 @@ QUICK = {
 }
 
 
-#: Seconds each phase of the progress display is expected to take (the CLIP phase includes
-#: rendering its corpus) on an idle 2-core CPU. Quick: ``python main.py --demo --quick`` on
-#: an idle machine (2.6 min, 2026-12-05); default: the last full profile's phases
-#: (bench/RESULTS.md) scaled by the measured speed-ups of rendering
-#: (``bench/render_cost.py``) and of the train steps (``bench/stage_step_cost.py``). The
-#: display rescales them by this machine's speed on the phases already finished, so their
-#: proportions matter more than their values.
+#: Seconds each phase of the progress display is expected to take on an idle 2-core CPU,
+#: measured 2026-12-05: quick, ``python main.py --demo --quick`` (2.6 min); default,
+#: ``python bench/demo_profile.py`` (bench/RESULTS.md, 51 min with the shipped CLIP; the CLIP
+#: phase includes rendering its corpus: ``pretrain_clip``'s own run). The display rescales them
+#: by this machine's speed on the phases already finished, so their proportions matter more
+#: than their values.
 EXPECTED_SECONDS = {
     "quick": {
         "world rendering": 6, "dataset preparation": 1, "LM pretraining": 6,
@@ -249,9 +248,9 @@ EXPECTED_SECONDS = {
         "EgoBench": 14, "chat check": 8,
     },
     "default": {
-        "world rendering": 300, "dataset preparation": 3, "LM pretraining": 32,
-        "CLIP pretraining": 2600, SHIPPED_CLIP: 1, "stage 0": 600, "stage 1": 90, "stage 2": 250,
-        "stage 3": 500, "EgoBench": 120, "chat check": 60,
+        "world rendering": 153, "dataset preparation": 3, "LM pretraining": 25,
+        "CLIP pretraining": 1785, SHIPPED_CLIP: 1, "stage 0": 1205, "stage 1": 113,
+        "stage 2": 370, "stage 3": 1023, "EgoBench": 147, "chat check": 12,
     },
 }  # fmt: skip
 
