@@ -147,7 +147,14 @@ def train(
     return summary
 
 
-def _train_stage(config, workdir: Path, streams, log: Log, progress: bool, timing) -> dict:
+def _train_stage(
+    config: Any,
+    workdir: Path,
+    streams: Mapping[str, Stream] | None,
+    log: Log,
+    progress: bool,
+    timing: StageTiming,
+) -> dict[str, Any]:
     """:func:`train`'s body; charges its time to ``timing``."""
     resolved = config_lib.resolve(config)
     stage = resolved.stage

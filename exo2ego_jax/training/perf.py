@@ -81,7 +81,8 @@ class StageTiming:
     * ``flop_count``: counting each shape's model FLOPs (one more lowering of the step);
     * ``data``: waiting for the streams' next batch (reading, decoding, batching);
     * ``host``: host-side batch work (padding the text to its bucket, placing the batch on
-      the mesh, counting tokens), logging, the progress bar;
+      the mesh, counting tokens), logging, the progress bar, and leaving the stage (freeing
+      its state, executables and checkpointer);
     * ``device``: dispatching the step and waiting for its results. Without a sync per step
       (the default) the host waits only where the loop reads the metrics (log points,
       checkpoints), so this is the device time not hidden behind the host's work; with
