@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 
 from exo2ego_jax.demo import chat_check, pretrain_clip, pretrain_lm
+from exo2ego_jax.eval.scoring import system_prompt
 from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.weights import hf
-from input_pipeline import synthetic
+from input_pipeline import synthetic, templates
+from input_pipeline.pipeline import PipelineOptions
 from input_pipeline.synthetic import clip_corpus
 
 
@@ -332,3 +334,14 @@ def test_demo_lm_has_the_configured_shape_and_loads_into_the_stages(prepared, tm
     params = _zeros(small.abstract_params())
     with pytest.raises(ValueError, match="make config.model match the checkpoint"):
         runtime.place_pretrained(params, shardings, runtime.read_pretrained(c.init))
+
+
+def test_chat_check_asks_in_the_prompt_stage3_trained_on(tmp_path):
+    # Stage 3 formats every instruction with the pipeline's system prompt; EgoBench's
+    # first-person cue is an evaluation-only addition that the check asks for explicitly.
+    trained = PipelineOptions.system_prompt
+    for first_person, cue in ((False, False), (True, True)):
+        config = chat_check.check_config(tmp_path, tmp_path, first_person=first_person)
+        asked = system_prompt(None, first_person=config.eval.first_person)
+        assert (asked == trained) is not cue
+        assert (templates.FIRST_PERSON_CUE in asked) is cue
