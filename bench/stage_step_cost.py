@@ -1,14 +1,15 @@
 """What one demo train step costs, per stage, before and after a change (CPU, float32).
 
-For each stage, ``training.loop.train`` on the ``demo`` preset (random init, batch 8 of 4
-frames at 64 px, fed by ``tests/train_helpers.CountingStream``) runs ``--steps`` steps with a
-host sync after each; per step we record the wall time and the process's CPU time (user +
-system over XLA's threads: on a shared machine the CPU time moves much less with the load
-than the wall time does). Medians over the steps after the first three. Each side runs in
-its own process from its own checkout (``--before``: a temporary ``git worktree``), sides
-alternating per round. Section ``stage_step_cost`` of ``bench/RESULTS.md``.
+For each stage, ``training.loop.train`` on the ``demo`` preset (random init, batch
+``--batch`` (8) of 4 frames at 64 px, fed by ``tests/train_helpers.CountingStream``) runs
+``--steps`` steps with a host sync after each; per step we record the wall time and the
+process's CPU time (user + system over XLA's threads: on a shared machine the CPU time moves
+much less with the load than the wall time does). Medians over the steps after the first
+three. Each side runs in its own process from its own checkout (``--before``: a temporary
+``git worktree``), sides alternating per round. Section ``stage_step_cost`` of
+``bench/RESULTS.md``.
 
-    python bench/stage_step_cost.py --before 0e8f3a0 [--stages 0,1,2,3] [--steps 25]
+    python bench/stage_step_cost.py --before 0e8f3a0 [--stages 0,1,2,3] [--steps 25] [--batch 8]
         [--rounds 1] [--no-write]
 """
 
@@ -30,7 +31,7 @@ from checkouts import ROOT, worktree
 from results import write_section  # bench/results.py
 
 
-def worker(stages: list[int], steps: int) -> None:
+def worker(stages: list[int], steps: int, batch: int) -> None:
     """In the checkout on ``sys.path``: one JSON line per stage on stdout."""
     import importlib
 
@@ -54,13 +55,14 @@ def worker(stages: list[int], steps: int) -> None:
         c = importlib.import_module(f"configs.stage{stage}").get_config("demo")
         c.init.llm = c.init.clip = ""
         c.init.stages = ()
+        c.optim.batch_size = batch
         c.optim.num_steps, c.log_every = steps, 10**6
         c.checkpoint.every_steps, c.checkpoint.async_save = 10**9, False
         c.count_model_flops = False  # not part of the compile time measured here
         c.mesh.shape = (-1, 1, 1)
         record.clear()
         with tempfile.TemporaryDirectory() as wd:
-            streams = streams_for(stage, n=steps * 16)
+            streams = streams_for(stage, batch=batch, n=steps * 16)
             summary = loop.train(c, wd, streams=streams, log=lambda _: None, progress=False)
         kept = record[3:]
         wall = statistics.median(r[0] for r in kept) * 1e3
@@ -69,9 +71,10 @@ def worker(stages: list[int], steps: int) -> None:
         print(json.dumps({"stage": stage, "wall_ms": wall, "cpu_ms": cpu, "compile_s": compile_s}))
 
 
-def run_side(checkout: Path, stages: list[int], steps: int) -> dict[int, dict]:
+def run_side(checkout: Path, stages: list[int], steps: int, batch: int) -> dict[int, dict]:
     env = {**os.environ, "PYTHONPATH": f"{checkout}{os.pathsep}{checkout / 'tests'}"}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--steps", str(steps)]
+    cmd += ["--batch", str(batch)]
     cmd += ["--stages", ",".join(map(str, stages))]
     done = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True)
     if done.returncode:
@@ -85,13 +88,14 @@ def main() -> None:
     parser.add_argument("--before", help="git revision of the 'before' side")
     parser.add_argument("--stages", default="0,1,2,3")
     parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     stages = [int(s) for s in args.stages.split(",")]
     if args.worker:
-        worker(stages, args.steps)
+        worker(stages, args.steps, args.batch)
         return
     if not args.before:
         parser.error("--before REV is required")
@@ -100,7 +104,7 @@ def main() -> None:
     with worktree(args.before) as old:
         for _ in range(args.rounds):
             for side, checkout in (("before", old), ("after", ROOT)):
-                sides[side].append(run_side(checkout, stages, args.steps))
+                sides[side].append(run_side(checkout, stages, args.steps, args.batch))
                 loads.append(os.getloadavg()[0])
     head = checkouts.head()
 
@@ -124,11 +128,13 @@ def main() -> None:
             f"## Demo train step per stage: {args.before} vs {head} (CPU, float32)",
             "",
             f"`python bench/stage_step_cost.py --before {args.before} --steps {args.steps} "
+            f"--batch {args.batch} "
             f"--rounds {args.rounds}` — {datetime.date.today()}, {os.cpu_count()} CPUs shared "
             f"with other jobs; load average (1 min) at the start and after each side: "
             f"{', '.join(f'{x:.1f}' for x in loads)}; whole run "
             f"{time.perf_counter() - start:.0f}s. `configs/stageN.py:demo`, random init, "
-            f"batch 8; a host sync after each step; medians over steps 4-{args.steps} (and "
+            f"batch {args.batch}; a host sync after each step; medians over steps "
+            f"4-{args.steps} (and "
             f"over rounds). CPU time is the process's (both of XLA's threads); compile = the "
             f"train step's lowering + compilation for the first batch shape (no persistent "
             f"cache), wall.",
