@@ -238,7 +238,9 @@ QUICK = {
 #: Seconds each phase of the progress display is expected to take on an idle 2-core CPU,
 #: measured 2026-12-05: quick, ``python main.py --demo --quick`` (2.6 min); default,
 #: ``python bench/demo_profile.py`` (bench/RESULTS.md, 51 min with the shipped CLIP; the CLIP
-#: phase includes rendering its corpus: ``pretrain_clip``'s own run). The display rescales them
+#: phase includes rendering its corpus: ``pretrain_clip``'s own run), with each stage scaled
+#: to the 8-epoch schedule (its compile time plus its steps at the profile's time per step:
+#: not yet measured end to end on an idle machine). The display rescales them
 #: by this machine's speed on the phases already finished, so their proportions matter more
 #: than their values.
 EXPECTED_SECONDS = {
@@ -249,8 +251,8 @@ EXPECTED_SECONDS = {
     },
     "default": {
         "world rendering": 153, "dataset preparation": 3, "LM pretraining": 25,
-        "CLIP pretraining": 1785, SHIPPED_CLIP: 1, "stage 0": 1205, "stage 1": 113,
-        "stage 2": 370, "stage 3": 1023, "EgoBench": 147, "chat check": 12,
+        "CLIP pretraining": 1785, SHIPPED_CLIP: 1, "stage 0": 335, "stage 1": 63,
+        "stage 2": 161, "stage 3": 825, "EgoBench": 147, "chat check": 12,
     },
 }  # fmt: skip
 
