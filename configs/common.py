@@ -32,7 +32,7 @@ PAPER_SCHEDULE = {
 # Demo epochs per stage. 8 each since 2026-12-05: a pre-registered comparison against the
 # earlier 32 / 15 / 20 / 10 over seeds 0-2 (docs/egobench.md, "Pre-registered: a shorter stage
 # schedule") kept the EgoBench average (33.1 +- 1.7 vs 33.9 +- 4.0) and the chat check (9.7 vs
-# 9 of 20) within the rule, at about half the stages' time; four QA tasks lost more than their
+# 9.7 of 20) within the rule, at about half the stages' time; four QA tasks lost more than their
 # seed spread (EgoSchema, QAEgo4D close, EgoTaskQA direct / indirect), EgoPlan gained.
 DEMO_EPOCHS = {0: 8, 1: 8, 2: 8, 3: 8}
 
