@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import statistics
@@ -31,10 +32,22 @@ from checkouts import ROOT, worktree
 from results import write_section  # bench/results.py
 
 
+def bench_config(stage: int, steps: int, batch: int):
+    """The stage's ``demo`` config for a step benchmark: random init, ``steps`` steps of
+    ``batch``, no checkpoints, logging or FLOP count (not part of the times measured)."""
+    c = importlib.import_module(f"configs.stage{stage}").get_config("demo")
+    c.init.llm = c.init.clip = ""
+    c.init.stages = ()
+    c.optim.batch_size = batch
+    c.optim.num_steps, c.log_every = steps, 10**6
+    c.checkpoint.every_steps, c.checkpoint.async_save = 10**9, False
+    c.count_model_flops = False
+    c.mesh.shape = (-1, 1, 1)
+    return c
+
+
 def worker(stages: list[int], steps: int, batch: int) -> None:
     """In the checkout on ``sys.path``: one JSON line per stage on stdout."""
-    import importlib
-
     import jax
     from train_helpers import streams_for
 
@@ -52,14 +65,7 @@ def worker(stages: list[int], steps: int, batch: int) -> None:
 
     CompiledSteps.__call__ = timed
     for stage in stages:
-        c = importlib.import_module(f"configs.stage{stage}").get_config("demo")
-        c.init.llm = c.init.clip = ""
-        c.init.stages = ()
-        c.optim.batch_size = batch
-        c.optim.num_steps, c.log_every = steps, 10**6
-        c.checkpoint.every_steps, c.checkpoint.async_save = 10**9, False
-        c.count_model_flops = False  # not part of the compile time measured here
-        c.mesh.shape = (-1, 1, 1)
+        c = bench_config(stage, steps, batch)
         record.clear()
         with tempfile.TemporaryDirectory() as wd:
             streams = streams_for(stage, batch=batch, n=steps * 16)

@@ -20,7 +20,6 @@ import collections
 import datetime
 import glob
 import gzip
-import importlib
 import json
 import os
 import re
@@ -41,6 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import jax  # noqa: E402
 from results import write_section  # noqa: E402  (bench/results.py)
+from stage_step_cost import bench_config  # noqa: E402
 from train_helpers import streams_for  # noqa: E402
 
 from exo2ego_jax.training import loop  # noqa: E402
@@ -65,14 +65,7 @@ def trace_stage(stage: int, batch: int, trace_dir: Path) -> Path:
             jax.profiler.stop_trace()
         return out
 
-    c = importlib.import_module(f"configs.stage{stage}").get_config("demo")
-    c.init.llm = c.init.clip = ""
-    c.init.stages = ()
-    c.optim.batch_size = batch
-    c.optim.num_steps, c.log_every = TRACED.stop + 2, 10**6
-    c.checkpoint.every_steps, c.checkpoint.async_save = 10**9, False
-    c.count_model_flops = False
-    c.mesh.shape = (-1, 1, 1)
+    c = bench_config(stage, TRACED.stop + 2, batch)
     CompiledSteps.__call__ = traced
     try:
         with tempfile.TemporaryDirectory() as wd:
