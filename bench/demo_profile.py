@@ -38,11 +38,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import checkouts  # bench/checkouts.py (same directory)
 import jax
 from accelerator import matmul_peak  # bench/accelerator.py (same directory)
 from results import write_section  # bench/results.py
 
 from exo2ego_jax.demo import runner
+from input_pipeline import clip_cache
 
 PEAK_N = 1024  # square float32 matmul of the peak measurement
 #: The stage timing's parts, as the tables name them (``StageTiming.summary()`` keys).
@@ -96,7 +98,23 @@ def profile(quick: bool, workdir: Path, data_dir: Path) -> dict:
         "peak": max(peak_before, peak_after),
         "peaks": (peak_before, peak_after),
         "cache": (str(cache_dir), cache_before, cache_entries(cache_dir)),
+        "commit": checkouts.head(),
+        "clip_cache": clip_cache_line(),
     }
+
+
+def clip_cache_line() -> str:
+    """What the process-wide decoded-clip cache did over the run (``data.clip_cache_mb``)."""
+    cache = clip_cache.current_cache()
+    if cache is None:
+        return "off"
+    s = cache.stats()
+    looked_up = s["hits"] + s["misses"]
+    return (
+        f"{s['misses']} clips decoded, {s['hits']} of {looked_up} look-ups served from memory "
+        f"({s['hits'] / max(looked_up, 1):.0%}), {s['bytes'] / 2**20:.0f} MiB held at the end, "
+        f"{s['evictions']} evicted"
+    )
 
 
 def _work(details: dict) -> tuple[str, str]:
@@ -179,7 +197,8 @@ def report(args, out: dict, load: tuple[float, float], total: float, fresh: str)
             f"{os.cpu_count()} CPUs, {xla_threads()}; load average "
             f"{load[0]:.1f} at the start, {load[1]:.1f} at the end; whole run {total:.0f}s "
             f"(the demo {demo_s:.0f}s, of which {timed:.0f}s in the phases below). {fresh}; "
-            f"persistent compilation cache `{cache_dir}` {cache}. Stages with "
+            f"persistent compilation cache `{cache_dir}` {cache}. Code at commit "
+            f"{out['commit']}; decoded-clip cache: {out['clip_cache']}. Stages with "
             "`config.profile_timing` (the host waits for the device after every step, so "
             "'device' is all of the steps' compute and nothing overlaps).",
             "",
@@ -222,6 +241,9 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", type=Path, help="stage workdirs (default: a fresh temp dir)")
     parser.add_argument("--data-dir", type=Path, help="world + datasets (default: fresh temp dir)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument(
+        "--section", help="RESULTS.md section (default demo_profile, or demo_profile_quick)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s")
     logging.getLogger().setLevel(logging.INFO)  # the trainer's lines, as main.py shows them
@@ -243,7 +265,8 @@ def main(argv=None) -> None:
     table = report(args, out, (load0, load1), time.perf_counter() - t0, fresh)
     print(table)
     if not args.no_write:
-        write_section("demo_profile_quick" if args.quick else "demo_profile", table)
+        default = "demo_profile_quick" if args.quick else "demo_profile"
+        write_section(args.section or default, table)
 
 
 if __name__ == "__main__":

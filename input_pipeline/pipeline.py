@@ -48,7 +48,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from input_pipeline import templates
+from input_pipeline import clip_cache, templates
 from input_pipeline.annotations import video_path
 from input_pipeline.datasets import open_dataset
 from input_pipeline.tokenizer import load_tokenizer
@@ -121,6 +121,8 @@ class PipelineOptions:
         was built from (its metadata ``source_root``).
       eval_prompt: ``"question"`` (the question alone; score options by likelihood) or
         ``"mcq"`` (evaluation's lettered prompt, ``templates.letter_prompt``).
+      clip_cache_mb: keep decoded clips in memory, up to this many MiB per process, and
+        reuse them in later epochs (``input_pipeline.clip_cache``); 0 = decode every time.
     """
 
     batch_size: int = 4
@@ -144,6 +146,7 @@ class PipelineOptions:
     pad_to_square: bool = False
     video_root: str | None = None
     eval_prompt: Literal["question", "mcq"] = "question"
+    clip_cache_mb: float = 0
 
     def __post_init__(self):
         for name in ("batch_size", "num_frames", "image_size", "max_text_len"):
@@ -227,15 +230,23 @@ class _ExampleFn:
 
     def _clip(self, rel: Any, start: Any, end: Any) -> np.ndarray:
         """``float32[T, S, S, 3]`` (CLIP-normalised) or ``uint8`` RGB frames
-        (``frames_dtype``) of a stored relative path and window."""
-        frames = load_clip(
-            video_path(self.root, _str(rel)),
-            _bound(start),
-            _bound(end),
-            self.opts.num_frames,
-            self.opts.image_size,
-            pad_to_square=self.opts.pad_to_square,
-        )
+        (``frames_dtype``) of a stored relative path and window; decoded once per process
+        when ``clip_cache_mb`` allows (``input_pipeline.clip_cache``)."""
+        path, window = video_path(self.root, _str(rel)), (_bound(start), _bound(end))
+        o = self.opts
+
+        def decode() -> np.ndarray:
+            return load_clip(
+                path, *window, o.num_frames, o.image_size, pad_to_square=o.pad_to_square
+            )
+
+        cache = clip_cache.process_cache(o.clip_cache_mb)
+        key = cache and clip_cache.file_key(path)
+        if key is None:
+            frames = decode()
+        else:
+            shape = (o.num_frames, o.image_size, o.pad_to_square)
+            frames = cache.get((key, window, shape), decode)
         return frames if self.opts.frames_dtype == "uint8" else normalize_frames(frames)
 
     def _exo(self, record, rng) -> str:

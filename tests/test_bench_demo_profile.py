@@ -7,7 +7,10 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from exo2ego_jax.demo import runner
+from input_pipeline import clip_cache
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
@@ -52,6 +55,8 @@ def test_tables_from_known_timings():
         "peak": 100e9,
         "peaks": (80e9, 100e9),
         "cache": ("/x/jax_cache", 0, 7),
+        "commit": "abc1234",
+        "clip_cache": "3 clips decoded",
     }
     table = dp.report(argparse.Namespace(quick=True), out, (1.0, 2.0), 41.0, "Fresh dirs")
     rows = table.splitlines()
@@ -63,5 +68,19 @@ def test_tables_from_known_timings():
     # = 0.2 %.
     assert "| 0 | 100 | 50 | 500 | 650 | 1.00 | 2.0 | 2.0% | 0.20% |" in rows
     assert "empty at the start (7 entries at the end)" in table
+    assert "commit abc1234; decoded-clip cache: 3 clips decoded." in table
     assert "load average 1.0 at the start, 2.0 at the end; whole run 41s" in table
     assert "world rendering 12s (30%); stage 0 compile 9s (22%); LM pretraining 6s (15%)" in table
+
+
+def test_clip_cache_line_reports_the_process_cache(monkeypatch):
+    monkeypatch.setattr(clip_cache, "_PROCESS_CACHE", None)
+    dp = _load()
+    assert dp.clip_cache_line() == "off"
+    cache = clip_cache.process_cache(1)
+    for key in (1, 2, 3, 3):  # 3 evicts 1
+        cache.get(key, lambda: np.zeros((2**19,), np.uint8))  # 0.5 MiB each
+    assert dp.clip_cache_line() == (
+        "3 clips decoded, 1 of 4 look-ups served from memory (25%), 1 MiB held at the end, "
+        "1 evicted"
+    )

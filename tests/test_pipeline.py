@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from input_pipeline import templates
+from input_pipeline import clip_cache, templates
+from input_pipeline import pipeline as pipeline_module
 from input_pipeline.datasets import open_dataset
 from input_pipeline.pipeline import (
     NoReadableDataError,
@@ -328,3 +329,62 @@ def test_tokenizer_directory_is_accepted(prepared, tok):
     a, _ = _take("instruct", prepared, tok, 1)
     b, _ = _take("instruct", prepared, str(prepared / "tokenizer"), 1)
     _assert_same(a, b)
+
+
+# ----------------------------------------------------------------------------- clip cache
+
+
+@pytest.fixture
+def fresh_clip_cache(monkeypatch):
+    """No process-wide clip cache from earlier tests; count the decoder's calls."""
+    monkeypatch.setattr(clip_cache, "_PROCESS_CACHE", None)
+    calls = []
+
+    def counting_load_clip(path, *args, **kw):
+        calls.append((str(path), args[:2]))
+        return load_clip(path, *args, **kw)
+
+    monkeypatch.setattr(pipeline_module, "load_clip", counting_load_clip)
+    return calls
+
+
+def test_clip_cache_gives_the_same_batches_and_decodes_each_clip_once(
+    prepared, tok, fresh_clip_cache
+):
+    calls = fresh_clip_cache
+    kw = dict(num_epochs=2, drop_remainder=False)
+    uncached, _ = _take("pair", prepared, tok, **kw)
+    decodes_uncached = len(calls)
+    calls.clear()
+    cached, _ = _take("pair", prepared, tok, clip_cache_mb=64, **kw)
+    _assert_same(uncached, cached)  # frames bit for bit, both epochs
+
+    source, _ = open_dataset("ego_exo_clip", prepared)
+    records = [source[i] for i in range(len(source))]
+    windows = {(_s(r["ego_video"]), float(r["start"]), float(r["end"])) for r in records}
+    # The world reuses videos across windows: a key without the window would be caught above.
+    assert len({w[0] for w in windows}) < len(windows)
+    assert decodes_uncached == 2 * 2 * len(records)  # ego + exo, every epoch
+    assert len(calls) == len(set(calls))  # nothing decoded twice
+    stats = clip_cache.process_cache(64).stats()
+    assert stats["misses"] == len(calls) and stats["hits"] == decodes_uncached - len(calls)
+
+
+def test_clip_cache_evicts_least_recently_used_within_its_budget(tmp_path):
+    clip = lambda v: np.full((2, 4, 4, 3), v, np.uint8)  # noqa: E731  96 bytes
+    cache = clip_cache.ClipCache(max_bytes=3 * 96)
+    for v in range(3):
+        cache.get(v, lambda v=v: clip(v))
+    cache.get(0, lambda: pytest.fail("clip 0 is cached"))  # 0 becomes the most recent
+    cache.get(3, lambda: clip(3))  # evicts 1, the least recently used
+    assert cache.stats() == dict(hits=1, misses=4, evictions=1, clips=3, bytes=3 * 96)
+    reloaded = cache.get(1, lambda: clip(7))
+    assert reloaded[0, 0, 0, 0] == 7 and not reloaded.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        reloaded[0] = 0
+    # A file rewritten in place is a new key (size / mtime), a missing one has none.
+    f = tmp_path / "v.mp4"
+    f.write_bytes(b"abc")
+    before = clip_cache.file_key(f)
+    f.write_bytes(b"abcd")
+    assert clip_cache.file_key(f) != before and clip_cache.file_key(tmp_path / "no.mp4") is None

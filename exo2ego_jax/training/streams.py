@@ -145,6 +145,7 @@ def make_streams(config: ml_collections.ConfigDict, stage: StageConfig) -> dict[
         workers=config.data.workers,
         on_bad_video=config.data.on_bad_video,
         frames_dtype="uint8",  # 4x fewer bytes to the device, normalised there (clip_features)
+        clip_cache_mb=config.data.get("clip_cache_mb", 0),
     )
     streams = {}
     for name in stage.batches:
