@@ -277,6 +277,38 @@ def test_egomcq_scores_query_given_each_clip(lm):
     assert pred["correct"] == (pred["pred_index"] == 1)
 
 
+def test_requests_sharing_a_clip_and_question_share_one_prompt(lm, monkeypatch):
+    # EgoMCQ: two items whose option clips overlap; each (clip, question) is prefilled once.
+    tok, model, params = lm
+    monkeypatch.setattr(S, "_cached", lambda fn: fn)  # one frames call per prompt prefilled
+    clips = tuple(Clip(Path(f"clip{k}.mp4"), 0.0, 1.0) for k in range(3))
+    queries = ("C picks up the red cup.", "C turns left.")
+    items = [
+        EvalItem("egomcq", str(n), None, q, options=("x", "y"), answer_index=0,
+                 group="inter", option_clips=(clips[n], clips[2]))
+        for n, q in enumerate(queries)
+    ]  # fmt: skip
+    fetched = []
+
+    def counting_frames(clip):
+        fetched.append(clip)
+        return frames_fn(clip)
+
+    kw = KW | dict(frames_fn=counting_frames, batch_size=1)
+    preds = S.score_multiple_choice(model, params, tok, items, **kw)
+    assert sorted(map(str, (c.path for c in fetched))) == [f"clip{k}.mp4" for k in range(3)]
+    for it, pred in zip(items, preds, strict=True):
+        hand = [
+            full_model_logprob(
+                model, params, tok, S.DESCRIBE_QUESTION, it.question, frames_fn(c),
+                S.system_prompt(),
+            )
+            for c in it.option_clips
+        ]  # fmt: skip
+        np.testing.assert_allclose(pred["scores"], [v / n for v, n in hand], atol=1e-4, rtol=0)
+        assert pred["num_tokens"] == [n for _, n in hand]
+
+
 # ----------------------------------------------------------------------------- controlled logits
 
 

@@ -303,14 +303,16 @@ def continuation_logprobs(
 ) -> list[np.ndarray]:
     """Log-likelihood of every continuation of every request, with prefix reuse.
 
-    Per batch of ``batch_size`` requests: one prefill over the (right-padded) prompts with
-    the visual tokens spliced in fills a KV cache; then every (request, continuation) pair
-    is a row that runs only its own tokens over a copy of its request's cache, in chunks of
-    ``row_batch`` rows.
+    Requests that ask the same question of the same clip share one prompt (EgoMCQ asks
+    each clip once for all the narrations it is an option of). Per batch of ``batch_size``
+    prompts: one prefill over the (right-padded) prompts with the visual tokens spliced in
+    fills a KV cache; then every (prompt, continuation) pair is a row that runs only its own
+    tokens over a copy of its prompt's cache, in chunks of ``row_batch`` rows.
 
     Returns:
       per request ``float64[K, 2]``: summed log-prob and token count of each continuation.
     """
+    requests, where = _share_prompts(requests)
     cfg = model.config
     tokens = _Tokens(tokenizer, system, cfg.video_token_index, include_eos)
     frames_of = _cached(frames_fn or clip_frames_fn(cfg))
@@ -345,7 +347,27 @@ def continuation_logprobs(
             for r, (i, k) in enumerate(chunk[: min(row_batch, len(pairs) - r0)]):
                 sums[i][k] = (np.sum(np.where(row_mask[r], logp[r], 0.0)), row_mask[r].sum())
         out.extend(sums)
-    return out
+    return [out[j][part] for j, part in where]
+
+
+def _share_prompts(requests: Sequence[Request]) -> tuple[list[Request], list[tuple[int, slice]]]:
+    """Requests merged by (clip, question), their continuations concatenated; per request,
+    the merged request it went to and the slice of that request's continuations that is its."""
+    merged: list[Request] = []
+    index: dict[tuple[Clip, str], int] = {}
+    where = []
+    for r in requests:
+        j = index.setdefault((r.clip, r.question), len(merged))
+        if j == len(merged):
+            merged.append(r)
+            start = 0
+        else:
+            start = len(merged[j].continuations)
+            merged[j] = dataclasses.replace(
+                merged[j], continuations=merged[j].continuations + r.continuations
+            )
+        where.append((j, slice(start, start + len(r.continuations))))
+    return merged, where
 
 
 def naive_continuation_logprobs(
