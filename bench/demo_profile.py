@@ -76,6 +76,7 @@ def xla_threads() -> str:
 def profile(quick: bool, workdir: Path, data_dir: Path) -> dict:
     """Runs the demo with every stage's timing; returns its results, phases, the peak and
     the compilation cache's state."""
+    commit = checkouts.head()  # before the run: the code this process imported
     runner.use_compilation_cache(workdir)  # what run() does first; here to inspect it
     cache_dir = jax.config.jax_compilation_cache_dir
     cache_before = cache_entries(cache_dir)
@@ -98,7 +99,7 @@ def profile(quick: bool, workdir: Path, data_dir: Path) -> dict:
         "peak": max(peak_before, peak_after),
         "peaks": (peak_before, peak_after),
         "cache": (str(cache_dir), cache_before, cache_entries(cache_dir)),
-        "commit": checkouts.head(),
+        "commit": commit,
         "clip_cache": clip_cache_line(),
     }
 
