@@ -78,6 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     h = c.chat = ml_collections.ConfigDict()
     h.video = ""  # any video file PyAV can decode
     h.question = "What am I doing in this video?"
+    # EgoBench's first-person cue in the system prompt (eval.first_person); off: stage 3 trains
+    # without it, and the demo model asked with it answers worse (docs/egobench.md).
+    h.first_person = False
     h.max_new_tokens = 64 if demo else 256
     h.temperature = 0.0  # 0 = greedy
     h.top_p = 1.0

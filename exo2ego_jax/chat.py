@@ -4,8 +4,9 @@
 :func:`answer`. The model is loaded as evaluation loads it (``runtime.load_trained``:
 stage-3 weights on the mesh);
 the video is decoded with VideoLLaMA2's sampling (``input_pipeline.video.load_clip``) at the
-model's frame count and size; the prompt is the ``mistral`` template with the paper's
-first-person cue (``config.eval.first_person``).
+model's frame count and size; the prompt is the ``mistral`` template with the system prompt
+stage 3 trains with (:func:`chat_system_prompt`; ``config.chat.first_person`` adds EgoBench's
+first-person cue, which a model trained without it answers worse: docs/egobench.md).
 
 Decoding is a Python loop over the decode engine's jitted prefill and step
 (``models.decode.decoder``) sharing one preallocated KV cache: a prefill over the spliced
@@ -177,6 +178,12 @@ def load_frames(model_config: Exo2EgoConfig, video_path: str | Path) -> np.ndarr
     return clip_frames_fn(model_config)(Clip(Path(video_path)))
 
 
+def chat_system_prompt(config: ml_collections.ConfigDict) -> str:
+    """The chat's system prompt: the one stage 3 trains with, plus EgoBench's first-person cue
+    ("You are the camera wearer.") when ``config.chat.first_person``."""
+    return system_prompt(None, first_person=config.chat.get("first_person", False))
+
+
 class ChatSession:
     """The trained model loaded once, answering any number of questions."""
 
@@ -212,7 +219,7 @@ class ChatSession:
         return build_prompt(
             self.trained.tokenizer,
             question,
-            system=system_prompt(None, first_person=self.config.eval.first_person),
+            system=chat_system_prompt(self.config),
             history=history,
             video_token_index=self.trained.model.config.video_token_index,
         ).input_ids

@@ -8,8 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from configs.eval import get_config as get_eval_config
+from exo2ego_jax import chat
 from exo2ego_jax.demo import chat_check, pretrain_clip, pretrain_lm
-from exo2ego_jax.eval.scoring import system_prompt
 from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.weights import hf
 from input_pipeline import synthetic, templates
@@ -339,9 +340,12 @@ def test_demo_lm_has_the_configured_shape_and_loads_into_the_stages(prepared, tm
 def test_chat_check_asks_in_the_prompt_stage3_trained_on(tmp_path):
     # Stage 3 formats every instruction with the pipeline's system prompt; EgoBench's
     # first-person cue is an evaluation-only addition that the check asks for explicitly.
+    # The interactive chat (and the web chat, which uses its session) asks the same way.
     trained = PipelineOptions.system_prompt
     for first_person, cue in ((False, False), (True, True)):
         config = chat_check.check_config(tmp_path, tmp_path, first_person=first_person)
-        asked = system_prompt(None, first_person=config.eval.first_person)
+        asked = chat.chat_system_prompt(config)
         assert (asked == trained) is not cue
         assert (templates.FIRST_PERSON_CUE in asked) is cue
+    assert chat.chat_system_prompt(get_eval_config("demo,chat")) == trained
+    assert chat.chat_system_prompt(get_eval_config("paper,chat")) == trained

@@ -155,10 +155,10 @@ def check(
 
 
 def check_config(workdir: Path, data_dir: Path, first_person: bool = False):
-    """The demo's chat config for the check: the training prompt unless ``first_person``
-    (the chat's and EgoBench's default adds the cue, ``config.eval.first_person``)."""
+    """The demo's chat config for the check: the training prompt (the chat's default) unless
+    ``first_person`` (EgoBench's cue, ``config.chat.first_person``)."""
     config = demo_configs.eval_config(workdir, data_dir)
-    config.eval.first_person = first_person
+    config.chat.first_person = first_person
     return config
 
 
