@@ -23,6 +23,7 @@ __all__ = [
     "Camera",
     "ObjectState",
     "SceneState",
+    "ShapeCache",
     "look_rotation",
     "object_size",
     "render_background",
@@ -126,15 +127,19 @@ class Camera:
         """(rays, ray planes), computed once per ``ss`` (read-only; the interleaved rays,
         which the renderer does not use, only when asked for)."""
         if ss not in self._rays:
-            local = _camera_dirs(self.model, self.size, float(self.focal), ss)
+            local = _camera_dir_planes(self.model, self.size, float(self.focal), ss)
             m = self.rotation
-            # the arithmetic of _vecmat(local, m), one output component at a time
-            planes = tuple(
-                local[..., 0] * m[0, k] + local[..., 1] * m[1, k] + local[..., 2] * m[2, k]
-                for k in range(3)
-            )
-            for a in planes:
+            # the arithmetic of _vecmat(local, m), one output component at a time, on the
+            # contiguous x, y, z planes (the interleaved ones cost twice as much to read)
+            planes = []
+            tmp = np.empty_like(local[0])
+            for k in range(3):
+                a = np.multiply(local[0], m[0, k])
+                a += np.multiply(local[1], m[1, k], out=tmp)
+                a += np.multiply(local[2], m[2, k], out=tmp)
                 a.flags.writeable = False
+                planes.append(a)
+            planes = tuple(planes)
             self._rays[ss] = None, planes
         return self._rays[ss]
 
@@ -153,6 +158,20 @@ class Camera:
         scale = np.where(rho > 1e-9, theta / np.maximum(rho, 1e-9), 1.0 / np.maximum(p[:, 2], 1e-9))
         uv = c + f * p[:, :2] * scale[:, None]
         return uv, theta < np.deg2rad(100.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _camera_dir_planes(
+    model: str, size: int, focal: float, ss: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The x, y and z components of :func:`_camera_dirs`, each a contiguous ``float32[S, S]``
+    (read-only, cached)."""
+    planes = tuple(
+        np.ascontiguousarray(_camera_dirs(model, size, focal, ss)[..., k]) for k in range(3)
+    )
+    for a in planes:
+        a.flags.writeable = False
+    return planes
 
 
 @functools.lru_cache(maxsize=16)
@@ -202,11 +221,92 @@ class SceneState:
     streams: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
+class ShapeCache:
+    """What the parts of a scene (an object, an arm, the body) wrote on the canvas of one fixed
+    camera, by their exact arguments, for :func:`render_scene` (``shapes=``).
+
+    A part's writes (window, distances, hit mask, colours) depend only on the camera, ``ss``
+    and the part's arguments, never on what is already drawn: so a part that has not moved
+    since the previous frame is written again from here, in its place in the drawing order,
+    without intersecting it again (the same arrays: the same pixels). Exo cameras are fixed
+    and most of a take's objects stand still in most frames. Entries live for two frames:
+    the previous frame's, looked up, and the current one's.
+    """
+
+    def __init__(self) -> None:
+        self._view: tuple[Camera, int] | None = None
+        self._prev: dict[tuple, list[tuple]] = {}
+        self._cur: dict[tuple, list[tuple]] = {}
+
+    def next_frame(self, cam: Camera, ss: int) -> None:
+        """Start a frame of ``cam`` at ``ss`` (a cache serves one camera and ``ss`` only)."""
+        if self._view is None:
+            self._view = (cam, ss)
+        elif self._view[0] is not cam or self._view[1] != ss:
+            raise ValueError("a ShapeCache serves one camera object at one ss")
+        self._prev, self._cur = self._cur, {}
+
+    def get(self, key: tuple) -> list[tuple] | None:
+        """The writes of the part ``key`` in this or the previous frame, or None."""
+        writes = self._cur.get(key)
+        if writes is None:
+            writes = self._prev.get(key)
+            if writes is not None:
+                self._cur[key] = writes
+        return writes
+
+    def store(self, key: tuple, writes: list[tuple]) -> None:
+        """Remember the writes ``(win, t, hit, rgb)`` of the part ``key`` in this frame."""
+        self._cur[key] = writes
+
+
+def _exact_key(value) -> tuple:
+    """A hashable key equal for two argument values only if every numpy operation treats them
+    alike: arrays by dtype, shape and bytes, floats by bit pattern (``-0.0 != 0.0``), and every
+    scalar with its type (a Python float and an ``np.float64`` promote differently)."""
+    if isinstance(value, np.ndarray):
+        return ("ndarray", value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, *(_exact_key(v) for v in value))
+    if isinstance(value, np.generic):
+        return (type(value).__name__, value.tobytes())
+    if isinstance(value, float):
+        return ("float", value.hex())
+    if value is None or isinstance(value, (str, int)):  # bool and int apart by type name
+        return (type(value).__name__, value)
+    raise TypeError(f"no exact key for {type(value).__name__}")
+
+
+def _draw_part(cv: _Canvas, draw, *args) -> None:
+    """``draw(cv, *args)``: one part of a deferred scene, or, with a :class:`ShapeCache`, the
+    writes it made in an earlier frame with the same arguments."""
+    if cv.cache is None:
+        draw(cv, *args)
+        return
+    key = (draw.__name__, _exact_key(args))
+    writes = cv.cache.get(key)
+    if writes is not None:
+        cv.queue.extend(("put", w) for w in writes)
+        return
+    start = len(cv.queue)
+    draw(cv, *args)
+    cv.parts.append((key, start, len(cv.queue)))  # its writes are resolved at flush
+
+
 # Windows smaller than this are rendered as they are: shrinking them costs more than it saves.
 _NEAR_MIN_PIXELS = 1024
 # Capsules in windows smaller than this are intersected in one batch per frame (numpy's
 # per-call cost dominates there); larger ones on their own (no copies of their rays).
 _BATCH_MAX_PIXELS = 4096
+
+
+# An RGB float32 pixel as one item, for masked copies of whole pixels.
+_PIXEL = np.dtype((np.void, 12))
+
+
+def _pixels(color: np.ndarray) -> np.ndarray:
+    """``float32[H, W, 3]`` (C-contiguous) viewed as ``_PIXEL[H, W]`` (the same memory)."""
+    return color.view(_PIXEL).reshape(color.shape[:2])
 
 
 class _Canvas:
@@ -222,9 +322,13 @@ class _Canvas:
             self.depth = np.full((self.s, self.s), np.inf, np.float32)
         else:
             self.color, self.depth = background[0].copy(), background[1].copy()
+        self.pixels = _pixels(self.color)
         # between defer() and flush(): the writes, in drawing order, and the batched shapes
         self.queue: list[tuple] | None = None
         self.batches: dict[str, list[tuple]] = {}
+        # a fixed camera's ShapeCache, and the parts it drew this frame: (key, queue slice)
+        self.cache: ShapeCache | None = None
+        self.parts: list[tuple] = []
 
     def defer(self) -> None:
         """Queue writes until :meth:`flush`, and intersect small capsules and cylinders there
@@ -245,8 +349,12 @@ class _Canvas:
         """Intersect the batched shapes, then do every queued write in drawing order."""
         queue, self.queue = self.queue, None
         hits = {k: _BATCHED[k](self, v) for k, v in self.batches.items() if v}
-        for kind, item in queue:
-            self.put(*(item if kind == "put" else hits[kind][item]))
+        writes = [item if kind == "put" else hits[kind][item] for kind, item in queue]
+        if self.cache is not None:  # what each freshly drawn part wrote, for later frames
+            for key, start, stop in self.parts:
+                self.cache.store(key, writes[start:stop])
+        for write in writes:
+            self.put(*write)
 
     def window(self, corners: np.ndarray, pad: int = 2) -> tuple[slice, slice] | None:
         """Screen-space box (rows, cols) that contains the projection of ``corners``."""
@@ -269,10 +377,15 @@ class _Canvas:
         if self.queue is not None:
             self.queue.append(("put", (win, t, hit, rgb)))
             return
-        dep_view, col_view = self.depth[win], self.color[win]
+        dep_view = self.depth[win]
         upd = hit & (t < dep_view)
         np.copyto(dep_view, t, where=upd)  # masked copies: no gather / scatter of pixels
-        np.copyto(col_view, rgb, where=upd[..., None])
+        if rgb.dtype == np.float32 and rgb.shape == t.shape + (3,) and rgb.flags.c_contiguous:
+            # a pixel's 3 floats as one 12-byte item: a 2-d mask, ~3x faster than the
+            # broadcast one, and a byte copy of the same float32 values
+            np.copyto(self.pixels[win], rgb.view(_PIXEL).reshape(t.shape), where=upd)
+        else:
+            np.copyto(self.color[win], rgb, where=upd[..., None])
 
     def empty(self, win) -> np.ndarray:
         """Boolean mask of the window's pixels that nothing has been drawn on yet."""
@@ -315,20 +428,6 @@ class _Canvas:
         return self.bounds(win, (mm - dm * dm) < r2)  # (squared distance of centre and ray)
 
 
-def _max3(a: np.ndarray) -> np.ndarray:
-    # component-wise: numpy reductions over a trailing axis of length 3 are ~50x slower
-    return np.maximum(np.maximum(a[..., 0], a[..., 1]), a[..., 2])
-
-
-def _min3(a: np.ndarray) -> np.ndarray:
-    return np.minimum(np.minimum(a[..., 0], a[..., 1]), a[..., 2])
-
-
-def _argmax3(a: np.ndarray) -> np.ndarray:
-    idx = np.where(a[..., 1] > a[..., 0], 1, 0)
-    return np.where(a[..., 2] > np.maximum(a[..., 0], a[..., 1]), 2, idx)
-
-
 def _nan_to_inf(t: np.ndarray) -> np.ndarray:
     """``np.nan_to_num(t, nan=np.inf)`` (NaN -> inf, +-inf -> the largest finite float) in
     3 numpy calls instead of ~15: a shape's distances, float32[...]."""
@@ -361,16 +460,23 @@ def _dot3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]
 
 
-def _slab(o: np.ndarray, d: np.ndarray, half: np.ndarray):
-    """Ray/axis-aligned-box (centred at 0) test: (t_near, hit, axis of the entry face)."""
+def _slab(o: np.ndarray, d: list[np.ndarray], half: np.ndarray):
+    """Ray/axis-aligned-box (centred at 0) test: (t_near, hit, axis of the entry face), for
+    the origin ``o`` and ``half`` (``float32[3]``) and the ray directions' 3 components ``d``
+    (``float32[...]`` each: one numpy call per component instead of one on interleaved
+    ``float32[..., 3]`` arrays, several times slower; the same operations per element)."""
+    lo, hi = -half - o, half - o
     with np.errstate(divide="ignore", invalid="ignore"):
-        inv = 1.0 / d
-        t1 = (-half - o) * inv
-        t2 = (half - o) * inv
-    tn = np.minimum(t1, t2)
-    t_near, t_far = _max3(tn), _min3(np.maximum(t1, t2))
+        inv = [1.0 / dk for dk in d]
+        t1 = [lo[k] * inv[k] for k in range(3)]
+        t2 = [hi[k] * inv[k] for k in range(3)]
+    tn = [np.minimum(a, b) for a, b in zip(t1, t2, strict=True)]
+    tf = [np.maximum(a, b) for a, b in zip(t1, t2, strict=True)]
+    tn01 = np.maximum(tn[0], tn[1])
+    t_near, t_far = np.maximum(tn01, tn[2]), np.minimum(np.minimum(tf[0], tf[1]), tf[2])
     hit = (t_far >= t_near) & (t_near > 0)
-    return _nan_to_inf(t_near), hit, _argmax3(tn)
+    axis = np.where(tn[2] > tn01, 2, np.where(tn[1] > tn[0], 1, 0))  # the first largest
+    return _nan_to_inf(t_near), hit, axis
 
 
 # which of the 8 corners of a box take the low coordinate on each axis
@@ -396,10 +502,12 @@ def _draw_box(cv: _Canvas, center, half, yaw: float, rgb) -> None:
     win = cv.window(_box_corners(center - [r, r, half[2]], center + [r, r, half[2]]))
     if win is None:
         return
-    d = _vecmat(np.stack([p[win] for p in cv.planes], axis=-1), rot.T)
-    t, hit, axis = _slab(_vecmat(cv.origin - center, rot.T), d, half)
+    dx, dy, dz = (p[win] for p in cv.planes)
+    m = rot.T
+    d = [dx * m[0, k] + dy * m[1, k] + dz * m[2, k] for k in range(3)]  # _vecmat's arithmetic
+    t, hit, axis = _slab(_vecmat(cv.origin - center, m), d, half)
     # outward normal of the entry face, back in world coordinates, for Lambert shading
-    n_local = [np.where(axis == k, -np.sign(d[..., k]), 0.0) for k in range(3)]
+    n_local = [np.where(axis == k, -np.sign(d[k]), 0.0) for k in range(3)]
     n_world = [sum(n_local[k] * rot[k, j] for k in range(3)) for j in range(3)]
     shade = _AMBIENT + _DIFFUSE * np.maximum(sum(n_world[j] * _LIGHT[j] for j in range(3)), 0.0)
     cv.put(win, t, hit, _tinted(np.asarray(rgb, np.float32), shade.astype(np.float32)))
@@ -515,11 +623,15 @@ def _draw_capsule(cv: _Canvas, a, b, radius: float, rgb, only_empty: bool = Fals
     a = np.asarray(a, np.float32)
     b = np.asarray(b, np.float32)
     win = cv.window(_box_corners(np.minimum(a, b) - radius, np.maximum(a, b) + radius))
+    # Only the empty pixels' part of the window, before the near-ray test: a table leg's
+    # window is mostly covered by the top, so the test then reads 2.5x fewer rays. The
+    # window is another one than with the two tests the other way round, but both hold every
+    # pixel that is empty and near, so the same pixels are written.
+    if win is not None and only_empty:
+        win = cv.bounds(win, cv.empty(win))
     if win is not None:
         half = 0.5 * float(np.linalg.norm(b.astype(np.float64) - a))
         win = cv.near(win, 0.5 * (a.astype(np.float64) + b), half + radius)
-    if win is not None and only_empty:  # only the empty pixels' part of the window
-        win = cv.bounds(win, cv.empty(win))
     if win is None:
         return
     area = (win[0].stop - win[0].start) * (win[1].stop - win[1].start)
@@ -646,23 +758,40 @@ _ROOM_PALETTE = np.array(
     + [[0.3, 0.3, 0.3]],
     np.float32,
 )
+_ROOM_PIXELS = _pixels(_ROOM_PALETTE[None])[0]  # the palette as _PIXEL[12]
 # landmark rectangles per wall, float32[4] each: compared in float32, as float32 coordinates
 # are with Python floats
 _WALL_RECTS = [np.array([w[2][k] for w in _WALLS], np.float32) for k in range(4)]
 
 
 def _room_materials(axis: np.ndarray, pos: np.ndarray, x, y, z) -> np.ndarray:
-    """Material index (into ``_ROOM_PALETTE``) of room hits ``int64[N]`` from the exit face
+    """Material index (into ``_ROOM_PALETTE``) of room hits ``int8[N]`` from the exit face
     (``axis int[N]``, ``pos bool[N]``) and the hit point ``x, y, z float32[N]``."""
-    tiles = (np.floor(x / 0.5) + np.floor(y / 0.5)) % 2  # floor: grey checker tiles
-    floor = np.where(tiles > 0, _FLOOR_LIGHT, _FLOOR_DARK)
-    on_floor_or_ceiling = np.where(pos, _CEILING, floor)
-    wall = np.where(axis == 1, 0, 2) + np.where(pos, 0, 1)  # index into _WALLS
+    floor = np.where(_odd_tile(x, y), np.int8(_FLOOR_LIGHT), np.int8(_FLOOR_DARK))  # checker
+    on_floor_or_ceiling = np.where(pos, np.int8(_CEILING), floor)
+    # index into _WALLS (int8 throughout: the same values as int64, 8x less memory)
+    wall = np.where(axis == 1, np.int8(0), np.int8(2)) + np.where(pos, np.int8(0), np.int8(1))
     h = np.where(axis == 1, x, y)
     h0, h1, v0, v1 = (r[wall] for r in _WALL_RECTS)
     mark = (h > h0) & (h < h1) & (z > v0) & (z < v1)
-    on_wall = np.where(z < -0.65, _SKIRTING, np.where(mark, _MARK0 + wall, _WALL0 + wall))
+    on_wall = np.where(mark, wall + np.int8(_MARK0), wall + np.int8(_WALL0))
+    on_wall = np.where(z < -0.65, np.int8(_SKIRTING), on_wall)
     return np.where(axis == 2, on_floor_or_ceiling, on_wall)
+
+
+def _odd_tile(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Whether ``(floor(x / 0.5) + floor(y / 0.5)) % 2 > 0`` (float32 ``x``, ``y``), for the
+    finite points inside the room: ``x / 0.5`` is exactly ``2 x`` and the floors are small
+    integers, so their sum is odd in int32 exactly when it is in float32, and an int32 parity
+    costs a tenth of a float32 remainder. Other points (a ray that leaves through a wall) may
+    get any value: the floor's colour is used only where the ray meets the floor."""
+    two = np.float32(2.0)
+    with np.errstate(invalid="ignore"):  # non-finite points: values never used
+        fx = np.floor(x * two).astype(np.int32)
+        fy = np.floor(y * two).astype(np.int32)
+    fx += fy
+    fx &= 1
+    return fx.astype(bool)
 
 
 def _draw_room(cv: _Canvas) -> None:
@@ -677,14 +806,20 @@ def _draw_room(cv: _Canvas) -> None:
         with np.errstate(divide="ignore", invalid="ignore"):
             tk = (np.where(d[k] > 0, ROOM_MAX[k], ROOM_MIN[k]) - o[k]) / d[k]
         ts.append(np.where(np.isfinite(tk) & (tk > 0), tk, np.inf))
-    # the first axis of the nearest exit (as _argmax3 of -ts) and its distance
-    axis = np.where(ts[1] < ts[0], 1, 0)
-    axis = np.where(ts[2] < np.minimum(ts[0], ts[1]), 2, axis)
+    # the first axis of the nearest exit and its distance
+    axis = np.where(ts[1] < ts[0], np.int8(1), np.int8(0))
+    axis = np.where(ts[2] < np.minimum(ts[0], ts[1]), np.int8(2), axis)
     t = np.minimum(np.minimum(ts[0], ts[1]), ts[2])
     x, y, z = (o[k] + t * d[k] for k in range(3))
     dir_on_axis = np.where(axis == 0, d[0], np.where(axis == 1, d[1], d[2]))
-    cv.color.reshape(-1, 3)[idx] = _ROOM_PALETTE[_room_materials(axis, dir_on_axis > 0, x, y, z)]
+    materials = _room_materials(axis, dir_on_axis > 0, x, y, z)
+    # whole pixels (12-byte items) gathered and scattered: 4x faster than rows of 3 floats
+    np.put(cv.pixels.reshape(-1), idx, np.take(_ROOM_PIXELS, materials))
     cv.depth.reshape(-1)[idx] = t
+
+
+# the colour of the table's sides, one _PIXEL (the float32 values of _WOOD * 0.6)
+_TABLE_SIDE = _pixels(np.asarray(_WOOD * 0.6, np.float32).reshape(1, 1, 3))[0, 0]
 
 
 def _draw_table(cv: _Canvas) -> None:
@@ -713,9 +848,8 @@ def _draw_table(cv: _Canvas) -> None:
         t = np.where(top, ts[0][0], ts[1][0])
         grain = 0.93 + 0.07 * np.sin(ts[0][1] * np.float32(2 * np.pi / 0.06))
         col = _tinted(_WOOD * (_AMBIENT + _DIFFUSE * _LIGHT[2]), grain)  # the top
-        side = ~top
-        for k, value in enumerate(_WOOD * 0.6):
-            np.copyto(col[..., k], value, where=side)
+        # the sides: one masked copy of whole pixels (float32, as the per-channel copies were)
+        np.copyto(_pixels(col), _TABLE_SIDE, where=~top)
         cv.put(win, _nan_to_inf(t), top | hits[1], col)
     for lx in (TABLE_MIN[0] + 0.05, TABLE_MAX[0] - 0.05):
         for ly in (TABLE_MIN[1] + 0.05, TABLE_MAX[1] - 0.05):
@@ -765,22 +899,37 @@ def _draw_arm(cv: _Canvas, shoulder, hand, side: float, sleeve, skin) -> None:
     _draw_capsule(cv, wrist, hand + 0.02 * reach, 0.036, skin)
 
 
-def _draw_body(cv: _Canvas, sc: SceneState) -> None:
-    """Torso, legs, neck and head of the actor (exo views only)."""
-    hip, head = np.asarray(sc.hip, np.float32), np.asarray(sc.head, np.float32)
+def _draw_body(cv: _Canvas, hip, head, head_yaw: float, shirt, pants, skin, hair) -> None:
+    """Torso, legs, neck and head of the actor (exo views only; arguments as in
+    :class:`SceneState`, passed one by one so that a :class:`ShapeCache` sees all it reads)."""
+    hip, head = np.asarray(hip, np.float32), np.asarray(head, np.float32)
     neck = head - [0.0, 0.0, 0.13]
-    _draw_capsule(cv, hip + [0, 0, 0.08], neck - [0, 0, 0.04], 0.15, sc.shirt)
+    _draw_capsule(cv, hip + [0, 0, 0.08], neck - [0, 0, 0.04], 0.15, shirt)
     for side in (-1.0, 1.0):
         _draw_capsule(
-            cv, hip + [0.08 * side, 0, -0.02], hip + [0.08 * side, 0.0, -0.68], 0.065, sc.pants
+            cv, hip + [0.08 * side, 0, -0.02], hip + [0.08 * side, 0.0, -0.68], 0.065, pants
         )
-    _draw_capsule(cv, neck, neck + [0, 0, 0.05], 0.05, sc.skin)
-    fwd = np.array([-np.sin(sc.head_yaw), np.cos(sc.head_yaw), 0.0], np.float32)
-    _draw_capsule(cv, head, head, 0.095, sc.skin)
+    _draw_capsule(cv, neck, neck + [0, 0, 0.05], 0.05, skin)
+    fwd = np.array([-np.sin(head_yaw), np.cos(head_yaw), 0.0], np.float32)
+    _draw_capsule(cv, head, head, 0.095, skin)
     _draw_capsule(
-        cv, head - 0.03 * fwd + [0, 0, 0.025], head - 0.03 * fwd + [0, 0, 0.025], 0.092, sc.hair
+        cv, head - 0.03 * fwd + [0, 0, 0.025], head - 0.03 * fwd + [0, 0, 0.025], 0.092, hair
     )
-    _draw_capsule(cv, head + 0.095 * fwd, head + 0.095 * fwd, 0.022, np.asarray(sc.skin) * 0.85)
+    _draw_capsule(cv, head + 0.095 * fwd, head + 0.095 * fwd, 0.022, np.asarray(skin) * 0.85)
+
+
+def _draw_placed_object(cv: _Canvas, shape: str, rgb, pos: np.ndarray, yaw: float) -> None:
+    """An object (as :class:`ObjectState`) and, when it is lifted, its shadow below it."""
+    if pos[2] > 0.02:
+        _draw_shadow(cv, pos[:2], min(OBJECT_SIZES[shape][0], 0.08) * 1.1)
+    _draw_object(cv, ObjectState(shape, rgb, pos, yaw))
+
+
+def _draw_hand(cv: _Canvas, side: float, hand: np.ndarray, shoulder, sleeve, skin) -> None:
+    """An arm ending at ``hand`` and, when the hand is lifted, its shadow below it."""
+    if hand[2] > 0.02:
+        _draw_shadow(cv, hand[:2], 0.045)
+    _draw_arm(cv, shoulder, hand, side, sleeve, skin)
 
 
 def render_background(cam: Camera, ss: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -793,12 +942,19 @@ def render_background(cam: Camera, ss: int = 2) -> tuple[np.ndarray, np.ndarray]
 
 def _box_filter(color: np.ndarray, ss: int) -> np.ndarray:
     """Mean of each ``ss x ss`` block of ``float32[S, S, 3]``: ``float32[S/ss, S/ss, 3]``
-    (the sub-pixels added in row-major order, in place, then divided)."""
-    img = color[0::ss, 0::ss].copy()
-    for i in range(ss):
-        for j in range(ss):
-            if i or j:
-                img += color[i::ss, j::ss]
+    (the sub-pixels added in row-major order, in place, then divided).
+
+    One channel at a time: numpy's inner loops then run along the rows, not over the 3
+    channels of a pixel (2x faster), and every sum is the same."""
+    s = color.shape[0] // ss
+    img = np.empty((s, s, 3), np.float32)
+    for k in range(3):
+        plane, out = color[..., k], img[..., k]
+        np.copyto(out, plane[0::ss, 0::ss])
+        for i in range(ss):
+            for j in range(ss):
+                if i or j:
+                    out += plane[i::ss, j::ss]
     img /= ss * ss
     return img
 
@@ -812,30 +968,32 @@ def render_scene(
     background: tuple[np.ndarray, np.ndarray] | None = None,
     tint: tuple[float, float, float] = (1.0, 1.0, 1.0),
     vignette: float = 0.0,
+    shapes: ShapeCache | None = None,
 ) -> np.ndarray:
     """Render one frame, ``uint8[size, size, 3]``.
 
     ``body=False`` omits torso, legs and head (the head-mounted view never sees them).
     ``background`` is a cached :func:`render_background` for the same camera and ``ss``.
     ``tint`` multiplies the channels and ``vignette`` darkens the corners (sensor look).
+    ``shapes`` is a :class:`ShapeCache` kept from frame to frame of this (fixed) camera: parts
+    of the scene that did not move are written from it (the same pixels).
     """
     cv = _Canvas(cam, ss, background)
     if background is None:
         _draw_table(cv)
     cv.defer()
+    if shapes is not None:
+        shapes.next_frame(cam, ss)
+        cv.cache = shapes
     for ob in sc.objects:
-        r, _ = OBJECT_SIZES[ob.shape]
-        if ob.pos[2] > 0.02:
-            _draw_shadow(cv, ob.pos[:2], min(r, 0.08) * 1.1)
-        _draw_object(cv, ob)
+        _draw_part(cv, _draw_placed_object, ob.shape, ob.rgb, ob.pos, ob.yaw)
     for a, b in sc.streams:
-        _draw_capsule(cv, a, b, 0.02, (0.45, 0.85, 1.0))
+        _draw_part(cv, _draw_capsule, a, b, 0.02, (0.45, 0.85, 1.0))
     for side, hand, shoulder in zip((-1.0, 1.0), sc.hands, sc.shoulders, strict=True):
-        if hand[2] > 0.02:
-            _draw_shadow(cv, hand[:2], 0.045)
-        _draw_arm(cv, shoulder, hand, side, sc.shirt, sc.skin)
+        _draw_part(cv, _draw_hand, side, hand, shoulder, sc.shirt, sc.skin)
     if body:
-        _draw_body(cv, sc)
+        args = (sc.hip, sc.head, sc.head_yaw, sc.shirt, sc.pants, sc.skin, sc.hair)
+        _draw_part(cv, _draw_body, *args)
     cv.flush()
     if background is None:
         _draw_room(cv)  # last: it only fills what nothing else covers

@@ -17,6 +17,7 @@ from input_pipeline.synthetic.raycast import (
     Camera,
     ObjectState,
     SceneState,
+    ShapeCache,
     look_rotation,
     object_size,
     render_background,
@@ -132,12 +133,13 @@ def render_take(
     else:
         cam = _exo_camera(rig, take.size)
         bg = render_background(cam, ss)
+        shapes = ShapeCache()  # the fixed camera films what did not move with the same pixels
         prev = None
         for k, i in enumerate(frames):
             if prev is not None and _same_scene(tl, i, frames[prev]):
                 out[k] = out[prev]  # nothing moved and the camera is fixed: the same pixels
                 continue
-            out[k] = render_scene(_scene(take, tl, i), cam, ss=ss, background=bg)
+            out[k] = render_scene(_scene(take, tl, i), cam, ss=ss, background=bg, shapes=shapes)
             prev = k
     return out
 
