@@ -85,6 +85,34 @@ def model_config() -> ml_collections.ConfigDict:
     return m
 
 
+def data_config(stage: int) -> ml_collections.ConfigDict:
+    """Input-pipeline fields of ``stage`` (exo2ego_jax/training/streams.py reads them)."""
+    d = ml_collections.ConfigDict()
+    d.world_dir = ""
+    d.prepared_dir = ""
+    d.tokenizer = ""
+    d.max_text_len = 2048
+    # Each batch's text is padded to its longest row rounded up to one of these lengths
+    # (() = powers of two from 16, and max_text_len); False pads every batch to max_text_len.
+    d.dynamic_length = True
+    d.length_buckets = ()
+    d.workers = 8
+    # Keep decoded clips in memory (MiB per process) and reuse them in later epochs
+    # (input_pipeline/clip_cache.py). Off at paper size, where a 16 x 336 px clip is 5.4 MB.
+    d.clip_cache_mb = 0
+    d.on_bad_video = "skip"  # skip | raise
+    # A run stops (naming the stream and the first bad files) once more than this fraction
+    # of a stream's examples could not be read; skipped counts are logged either way.
+    d.max_bad_fraction = 0.05
+    d.template = "plain" if stage < 3 else "mistral"
+    # Which prepared dataset feeds each input stream ("" = the stage's default, see
+    # exo2ego_jax/training/streams.py), e.g. --config.data.datasets.pair=my_pairs.
+    d.datasets = ml_collections.ConfigDict(
+        dict(ego_caption="", exo_caption="", pair="", instruct="")
+    )
+    return d
+
+
 def demo_overrides(stage: int) -> dict[str, Any]:
     """The ``demo`` preset: what differs from the paper config (dotted field paths)."""
     return {
@@ -156,29 +184,7 @@ def base_config(stage: int, arg: str | None) -> ml_collections.ConfigDict:
     s.train_lora = True
     s.fusion = ""  # "" = the model's fusion
 
-    d = c.data = ml_collections.ConfigDict()
-    d.world_dir = ""
-    d.prepared_dir = ""
-    d.tokenizer = ""
-    d.max_text_len = 2048
-    # Each batch's text is padded to its longest row rounded up to one of these lengths
-    # (() = powers of two from 16, and max_text_len); False pads every batch to max_text_len.
-    d.dynamic_length = True
-    d.length_buckets = ()
-    d.workers = 8
-    # Keep decoded clips in memory (MiB per process) and reuse them in later epochs
-    # (input_pipeline/clip_cache.py). Off at paper size, where a 16 x 336 px clip is 5.4 MB.
-    d.clip_cache_mb = 0
-    d.on_bad_video = "skip"  # skip | raise
-    # A run stops (naming the stream and the first bad files) once more than this fraction
-    # of a stream's examples could not be read; skipped counts are logged either way.
-    d.max_bad_fraction = 0.05
-    d.template = "plain" if stage < 3 else "mistral"
-    # Which prepared dataset feeds each input stream ("" = the stage's default, see
-    # exo2ego_jax/training/streams.py), e.g. --config.data.datasets.pair=my_pairs.
-    d.datasets = ml_collections.ConfigDict(
-        dict(ego_caption="", exo_caption="", pair="", instruct="")
-    )
+    c.data = data_config(stage)
 
     sched = PAPER_SCHEDULE[stage]
     o = c.optim = ml_collections.ConfigDict()

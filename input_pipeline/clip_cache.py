@@ -28,8 +28,8 @@ __all__ = ["ClipCache", "current_cache", "file_key", "process_cache"]
 class ClipCache:
     """``key -> uint8[T, S, S, 3]`` with a byte budget (least recently used evicted first).
 
-    Thread-safe (Grain's read threads decode concurrently). ``load`` runs outside the lock,
-    so two threads may decode the same missing clip once each; the second result is dropped.
+    Thread-safe (Grain's read threads decode concurrently): a clip that several threads ask
+    for at once is decoded by one of them while the others wait for it.
     """
 
     def __init__(self, max_bytes: int):
@@ -37,30 +37,43 @@ class ClipCache:
         self.hits = self.misses = self.evictions = 0
         self._bytes = 0
         self._items: collections.OrderedDict[Hashable, np.ndarray] = collections.OrderedDict()
+        self._loading: dict[Hashable, threading.Event] = {}
         self._lock = threading.Lock()
 
     def get(self, key: Hashable, load: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached array for ``key``, or ``load()``'s result (cached if it fits)."""
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-                self.hits += 1
-                return found
-            self.misses += 1
-        value = load()
-        if value.nbytes > self.max_bytes:
+        while True:
+            with self._lock:
+                found = self._items.get(key)
+                if found is not None:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return found
+                loading = self._loading.get(key)
+                if loading is None:  # this thread decodes it
+                    loading = self._loading[key] = threading.Event()
+                    self.misses += 1
+                    break
+            loading.wait()  # another thread is decoding it: then look again
+        try:
+            value = load()
+            if value.nbytes <= self.max_bytes:
+                value.flags.writeable = False  # shared between batches: read-only
+                self._insert(key, value)
             return value
-        value.flags.writeable = False  # shared between batches: nobody may edit it in place
+        finally:
+            with self._lock:
+                del self._loading[key]
+            loading.set()
+
+    def _insert(self, key: Hashable, value: np.ndarray) -> None:
         with self._lock:
-            if key not in self._items:
-                self._items[key] = value
-                self._bytes += value.nbytes
-                while self._bytes > self.max_bytes:
-                    _, old = self._items.popitem(last=False)
-                    self._bytes -= old.nbytes
-                    self.evictions += 1
-        return value
+            self._items[key] = value
+            self._bytes += value.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+                self.evictions += 1
 
     def stats(self) -> dict[str, int]:
         """Hits, misses, evictions, clips held and bytes held, for logs and benchmarks."""

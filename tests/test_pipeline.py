@@ -3,6 +3,7 @@ resume (in-process and with a worker process), per-host slicing, bad videos, eva
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import shutil
 import time
@@ -388,3 +389,21 @@ def test_clip_cache_evicts_least_recently_used_within_its_budget(tmp_path):
     before = clip_cache.file_key(f)
     f.write_bytes(b"abcd")
     assert clip_cache.file_key(f) != before and clip_cache.file_key(tmp_path / "no.mp4") is None
+
+
+def test_clip_cache_decodes_a_clip_asked_for_by_several_threads_once():
+    cache, loads = clip_cache.ClipCache(max_bytes=1024), []
+
+    def slow_load():
+        loads.append(1)
+        time.sleep(0.2)  # the other threads arrive while this one decodes
+        return np.ones((2, 4, 4, 3), np.uint8)
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda _: cache.get("clip", slow_load), range(4)))
+    assert len(loads) == 1 and all(g is got[0] for g in got)
+    assert cache.stats()["misses"] == 1 and cache.stats()["hits"] == 3
+    # A failed decode is not cached and does not block the next caller.
+    with pytest.raises(OSError):
+        cache.get("bad", lambda: (_ for _ in ()).throw(OSError("corrupt")))
+    assert cache.get("bad", lambda: np.zeros((1,), np.uint8)).shape == (1,)

@@ -25,7 +25,8 @@ Modules, in the order a world is made:
 ``procedure``     object placement and procedure planning on the table
 ``sampling``      a take spec from a seed; the world's splits
 ``simulation``    hands, objects, head and gaze in every frame
-``raycast``       the pure-numpy ray-cast renderer (scene -> pixels)
+``raycast``       the pure-numpy ray caster: cameras, the depth-buffered canvas, primitives
+``scene``         the scene it draws (room, table, objects, actor) and whole frames
 ``rendering``     a take's frames from any camera, object screen positions, mp4 encoding
 ``language``      narrations, captions, instruction templates, answer phrases
 ``file_formats``  annotation times, JSON / TSV bytes, VideoLLaMA2 conversation records

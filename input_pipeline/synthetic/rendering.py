@@ -2,7 +2,7 @@
 
 The ego camera is head-mounted (fisheye, following the gaze, with head tremor, bob and roll
 replayed from the rig's own noise seed); exo cameras are fixed pinhole rigs. Pixels come from
-:mod:`input_pipeline.synthetic.raycast`.
+:mod:`input_pipeline.synthetic.scene` (drawn by :mod:`input_pipeline.synthetic.raycast`).
 """
 
 from __future__ import annotations
@@ -13,13 +13,10 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from input_pipeline.synthetic.raycast import (
-    Camera,
+from input_pipeline.synthetic.raycast import Camera, ShapeCache, look_rotation, object_size
+from input_pipeline.synthetic.scene import (
     ObjectState,
     SceneState,
-    ShapeCache,
-    look_rotation,
-    object_size,
     render_background,
     render_scene,
 )
