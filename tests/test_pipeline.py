@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from input_pipeline import clip_cache, templates
-from input_pipeline import pipeline as pipeline_module
 from input_pipeline.datasets import open_dataset
 from input_pipeline.pipeline import (
     NoReadableDataError,
@@ -335,40 +334,25 @@ def test_tokenizer_directory_is_accepted(prepared, tok):
 # ----------------------------------------------------------------------------- clip cache
 
 
-@pytest.fixture
-def fresh_clip_cache(monkeypatch):
-    """No process-wide clip cache from earlier tests; count the decoder's calls."""
-    monkeypatch.setattr(clip_cache, "_PROCESS_CACHE", None)
-    calls = []
-
-    def counting_load_clip(path, *args, **kw):
-        calls.append((str(path), args[:2]))
-        return load_clip(path, *args, **kw)
-
-    monkeypatch.setattr(pipeline_module, "load_clip", counting_load_clip)
-    return calls
-
-
-def test_clip_cache_gives_the_same_batches_and_decodes_each_clip_once(
-    prepared, tok, fresh_clip_cache
-):
-    calls = fresh_clip_cache
+def test_clip_cache_gives_the_same_batches_and_decodes_each_clip_once(prepared, tok, monkeypatch):
+    monkeypatch.setattr(clip_cache, "_PROCESS_CACHE", None)  # none from earlier tests
     kw = dict(num_epochs=2, drop_remainder=False)
     uncached, _ = _take("pair", prepared, tok, **kw)
-    decodes_uncached = len(calls)
-    calls.clear()
     cached, _ = _take("pair", prepared, tok, clip_cache_mb=64, **kw)
     _assert_same(uncached, cached)  # frames bit for bit, both epochs
 
     source, _ = open_dataset("ego_exo_clip", prepared)
     records = [source[i] for i in range(len(source))]
-    windows = {(_s(r["ego_video"]), float(r["start"]), float(r["end"])) for r in records}
+    window = lambda r, video: (_s(video), float(r["start"]), float(r["end"]))  # noqa: E731
+    ego = {window(r, r["ego_video"]) for r in records}
+    exo = {window(r, r["exo_videos"][int(r["best_exo"])]) for r in records}
     # The world reuses videos across windows: a key without the window would be caught above.
-    assert len({w[0] for w in windows}) < len(windows)
-    assert decodes_uncached == 2 * 2 * len(records)  # ego + exo, every epoch
-    assert len(calls) == len(set(calls))  # nothing decoded twice
-    stats = clip_cache.process_cache(64).stats()
-    assert stats["misses"] == len(calls) and stats["hits"] == decodes_uncached - len(calls)
+    assert len({w[0] for w in ego}) < len(ego)
+    # Counted by the cache (stray read threads of earlier tests' iterators do not use it):
+    # every distinct clip decoded once, every other look-up of the 2 epochs served from memory.
+    stats = clip_cache.current_cache().stats()
+    assert stats["misses"] == len(ego | exo)
+    assert stats["hits"] + stats["misses"] == 2 * 2 * len(records)  # ego + exo, every epoch
 
 
 def test_clip_cache_evicts_least_recently_used_within_its_budget(tmp_path):
