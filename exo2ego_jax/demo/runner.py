@@ -236,11 +236,11 @@ QUICK = {
 
 
 #: Seconds each phase of the progress display is expected to take on an idle 2-core CPU,
-#: measured 2026-12-05: quick, ``python main.py --demo --quick`` (2.6 min); default,
-#: ``python bench/demo_profile.py`` at f027f47 (bench/RESULTS.md, 18.9 min with the shipped
-#: CLIP; each stage without the profile's FLOP count; the CLIP phase, ``--pretrain_clip``, is
-#: an earlier run's, corpus rendering included). The display rescales them by this machine's
-#: speed on the phases already finished, so their proportions matter more than their values.
+#: measured 2026-12-05: quick, ``python main.py --demo --quick`` (2.6 min); default, ``make
+#: demo`` in a fresh clone of 6ea714e (17.4 min with the shipped CLIP; docs/egobench.md; the
+#: CLIP phase, ``--pretrain_clip``, is an earlier run's, corpus rendering included). The
+#: display rescales them by this machine's speed on the phases already finished, so their
+#: proportions matter more than their values.
 EXPECTED_SECONDS = {
     "quick": {
         "world rendering": 6, "dataset preparation": 1, "LM pretraining": 6,
@@ -248,9 +248,9 @@ EXPECTED_SECONDS = {
         "EgoBench": 14, "chat check": 8,
     },
     "default": {
-        "world rendering": 106, "dataset preparation": 2, "LM pretraining": 23,
-        "CLIP pretraining": 1785, SHIPPED_CLIP: 1, "stage 0": 207, "stage 1": 48,
-        "stage 2": 116, "stage 3": 505, "EgoBench": 99, "chat check": 9,
+        "world rendering": 102, "dataset preparation": 2, "LM pretraining": 23,
+        "CLIP pretraining": 1785, SHIPPED_CLIP: 1, "stage 0": 180, "stage 1": 43,
+        "stage 2": 108, "stage 3": 479, "EgoBench": 96, "chat check": 9,
     },
 }  # fmt: skip
 
