@@ -160,6 +160,10 @@ class PipelineOptions:
             )
         if self.workers < 0 or self.read_threads < 0:
             raise ValueError("PipelineOptions.workers and read_threads must be >= 0")
+        if self.clip_cache_mb < 0:
+            raise ValueError(
+                f"PipelineOptions.clip_cache_mb must be >= 0 (0 = off), got {self.clip_cache_mb}"
+            )
         _check_choice("on_bad_video", self.on_bad_video, ("skip", "raise"))
         _check_choice("frames_dtype", self.frames_dtype, ("float32", "uint8"))
         _check_choice("exo_view", self.exo_view, ("best", "random"))

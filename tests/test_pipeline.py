@@ -373,6 +373,8 @@ def test_clip_cache_evicts_least_recently_used_within_its_budget(tmp_path):
     before = clip_cache.file_key(f)
     f.write_bytes(b"abcd")
     assert clip_cache.file_key(f) != before and clip_cache.file_key(tmp_path / "no.mp4") is None
+    with pytest.raises(ValueError, match="clip_cache_mb must be >= 0"):
+        PipelineOptions(clip_cache_mb=-1)
 
 
 def test_clip_cache_decodes_a_clip_asked_for_by_several_threads_once():

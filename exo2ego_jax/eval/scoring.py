@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +41,7 @@ from jax.experimental import multihost_utils
 
 from exo2ego_jax.models import decode
 from exo2ego_jax.models.mistral import KVCache
+from input_pipeline.clip_cache import ClipCache
 from input_pipeline.egobench import Clip, EvalItem
 from input_pipeline.progress import bar as progress_bar
 from input_pipeline.templates import (
@@ -108,18 +108,13 @@ def clip_frames_fn(config: Any, *, pad_to_square: bool = False) -> FramesFn:
     return frames
 
 
-def _cached(fn: FramesFn, size: int = 8) -> FramesFn:
-    """``fn`` with a small LRU cache (several questions often share one clip)."""
-    cache: OrderedDict[tuple, np.ndarray] = OrderedDict()
+def _cached(fn: FramesFn, max_mb: float = 256) -> FramesFn:
+    """``fn`` with a least-recently-used cache of ``max_mb`` MiB (several questions often share
+    one clip; 11 clips at paper size, every EgoBench clip of the demo)."""
+    cache = ClipCache(int(max_mb * 2**20))
 
     def frames(clip: Clip) -> np.ndarray:
-        key = (str(clip.path), clip.start, clip.end)
-        if key not in cache:
-            cache[key] = np.asarray(fn(clip), np.float32)
-            if len(cache) > size:
-                cache.popitem(last=False)
-        cache.move_to_end(key)
-        return cache[key]
+        return cache.get(clip, lambda: np.asarray(fn(clip), np.float32))
 
     return frames
 
