@@ -10,7 +10,13 @@ time-synchronised. Takes are split into disjoint groups that mirror the paper's 
 * ``ego``       ego-only takes with narrations (EgoClip ``egoclip/egoclip.csv``; scarce);
 * ``exo``       exo-only takes with third-person captions (stand-in for web video-text;
                 ``exo_web/exo_captions.json``, VideoLLaMA2 JSON with start/end; plentiful);
-* ``heldout``   ego-only takes used only by the EgoBench-style task files in ``egobench/``.
+* ``heldout``   ego-only takes used only by the EgoBench-style task files in ``egobench/``;
+* ``val``       (optional, the study regime) more such takes, with their own EgoBench files
+                in ``egobench_val/`` for tuning.
+
+With transfer concepts (``generate_world(..., transfer_colors=("purple",))``) some colours
+and shapes occur in exo takes but in no ego-labelled take, and held-out takes are grouped
+``transfer`` / ``seen`` (module ``concepts``).
 
 EgoIT-style instructions (``egoit/egoit_instructions.json``) are built on the ego videos of
 the ``pairs`` and ``ego`` takes. See ``docs/data.md`` for every file's layout.
@@ -23,6 +29,7 @@ Modules, in the order a world is made:
 ``vocabulary``    colours, shapes, verbs and their forms, head motions, action classes
 ``takes``         the take data model (objects, steps, subtasks, cameras)
 ``procedure``     object placement and procedure planning on the table
+``concepts``      transfer concepts: the split constraints, held-out groups, item -> take
 ``sampling``      a take spec from a seed; the world's splits
 ``simulation``    hands, objects, head and gaze in every frame
 ``raycast``       the pure-numpy ray caster: cameras, the depth-buffered canvas, primitives
@@ -47,6 +54,11 @@ from input_pipeline.synthetic.clip_corpus import (
     clip_labels,
     render_corpus,
     render_take_clips,
+)
+from input_pipeline.synthetic.concepts import (
+    TransferConcepts,
+    heldout_groups,
+    item_take,
 )
 from input_pipeline.synthetic.language import (
     EGOIT_TEMPLATES,
@@ -112,6 +124,10 @@ __all__ = [
     "sample_take_spec",
     "split_sizes",
     "build_specs",
+    # transfer concepts (the study regime)
+    "TransferConcepts",
+    "heldout_groups",
+    "item_take",
     # simulation and rendering
     "Timeline",
     "simulate",

@@ -1,4 +1,7 @@
-"""``python -m input_pipeline.synthetic --out DIR --seed S [--takes N]``: write a world."""
+"""``python -m input_pipeline.synthetic --out DIR --seed S [--takes N]``: write a world.
+
+The study regime: ``--transfer-colors purple --transfer-shapes knife --val-takes 6``
+(``docs/data.md``, "Transfer concepts")."""
 
 from __future__ import annotations
 
@@ -26,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
             ego_takes=a.ego_takes,
             exo_takes=a.exo_takes,
             heldout_takes=a.heldout_takes,
+            transfer_colors=tuple(a.transfer_colors),
+            transfer_shapes=tuple(a.transfer_shapes),
+            val_takes=a.val_takes,
+            transfer_heldout_fraction=a.transfer_heldout_fraction,
             fps=a.fps,
             size=a.size,
             crf=a.crf,
@@ -56,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ego-takes", type=int)
     p.add_argument("--exo-takes", type=int)
     p.add_argument("--heldout-takes", type=int)
+    _add_study_flags(p)
     p.add_argument("--fps", type=int, default=DEFAULT_FPS)
     p.add_argument("--size", type=int, default=DEFAULT_SIZE, help="frame side in pixels")
     p.add_argument("--crf", type=int, default=DEFAULT_CRF, help="x264 quality (lower = better)")
@@ -63,3 +71,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing world")
     p.add_argument("--quiet", action="store_true")
     return p
+
+
+def _add_study_flags(p: argparse.ArgumentParser) -> None:
+    """The study regime's flags (transfer concepts and validation takes)."""
+    p.add_argument(
+        "--transfer-colors",
+        nargs="+",
+        default=[],
+        metavar="COLOR",
+        help="colours that never occur in pair / ego takes (exo only; held-out 'transfer')",
+    )
+    p.add_argument(
+        "--transfer-shapes",
+        nargs="+",
+        default=[],
+        metavar="SHAPE",
+        help="shapes that never occur in pair / ego takes (exo only; held-out 'transfer')",
+    )
+    p.add_argument(
+        "--val-takes",
+        type=int,
+        default=0,
+        help="extra held-out takes for tuning, EgoBench files under egobench_val/",
+    )
+    p.add_argument(
+        "--transfer-heldout-fraction",
+        type=float,
+        default=0.5,
+        help="fraction of held-out (and val) takes that act on a transfer concept",
+    )

@@ -1,6 +1,8 @@
 """The EgoBench files of the held-out takes, in each benchmark's own layout under
 ``egobench/``: EgoSchema, QaEgo4D, EgoTaskQA, Charades-Ego, EPIC-KITCHENS-100 multi-instance
-retrieval, EgoPlan, VLN-QA and EgoMCQ (see ``docs/egobench.md``).
+retrieval, EgoPlan, VLN-QA and EgoMCQ (see ``docs/egobench.md``). The validation takes of
+the study regime get the same files under ``egobench_val/``; :func:`loader_kwargs` tells the
+EgoBench reader where a directory's files are.
 
 The question-answering records come from :mod:`input_pipeline.synthetic.egobench_qa`; the
 classification and retrieval files are built here.
@@ -25,34 +27,88 @@ from input_pipeline.synthetic.language import action_class, imperative, narratio
 from input_pipeline.synthetic.takes import EGO_CAMERA, Step, TakeSpec
 from input_pipeline.synthetic.vocabulary import ACTION_CLASSES, SHAPES, VERBS
 
-__all__ = ["egobench_files"]
+__all__ = ["egobench_files", "loader_kwargs", "TASK_FILES", "VIDEO_DIR_TASKS"]
+
+# Each task's annotation files: loader argument -> path inside the EgoBench directory (the
+# EgoBench reader's defaults are these under ``egobench/``).
+TASK_FILES: dict[str, dict[str, str]] = {
+    "egoschema": {
+        "questions": "egoschema/questions.json",
+        "answers": "egoschema/subset_answers.json",
+    },
+    "qaego4d_close": {"file": "qaego4d/qaego4d_test_close.json"},
+    "qaego4d_open": {"file": "qaego4d/qaego4d_test_open.json"},
+    "egotaskqa": {"file": "egotaskqa/egotaskqa_test.json"},
+    "charades_ego": {
+        "file": "charades_ego/CharadesEgo_v1_test_only1st.csv",
+        "classes": "charades_ego/Charades_v1_classes.txt",
+    },
+    "epic_mir": {
+        "clips": "epic_mir/EPIC_100_retrieval_test.csv",
+        "sentences": "epic_mir/EPIC_100_retrieval_test_sentence.csv",
+        "relevancy": "epic_mir/caption_relevancy_EPIC_100_retrieval_test.npy",
+    },
+    "egoplan": {"file": "egoplan/EgoPlan_validation.json"},
+    "vlnqa": {"file": "vlnqa/vlnqa.json"},
+    "egomcq": {"file": "egomcq/egomcq.json"},
+}
+# Tasks whose loader finds (some) videos by id in ``video_dir`` (the others read the
+# records' root-relative ``video`` paths).
+VIDEO_DIR_TASKS = (
+    "egoschema",
+    "qaego4d_close",
+    "qaego4d_open",
+    "charades_ego",
+    "epic_mir",
+    "egoplan",
+    "egomcq",
+)
 
 
-def egobench_files(takes: list[TakeSpec], seed: int) -> tuple[dict[str, bytes], dict]:
+def loader_kwargs(prefix: str = "egobench") -> dict[str, dict[str, str]]:
+    """Keyword arguments of ``input_pipeline.egobench.load_task`` per task for the EgoBench
+    files under ``prefix`` (``egobench``: the reader's defaults; ``egobench_val``: the
+    validation takes), e.g. as ``config.eval.loader_kwargs``."""
+    out = {}
+    for task, names in TASK_FILES.items():
+        out[task] = {arg: f"{prefix}/{rel}" for arg, rel in names.items()}
+        if task in VIDEO_DIR_TASKS:
+            out[task]["video_dir"] = f"{prefix}/videos"
+    return out
+
+
+def egobench_files(
+    takes: list[TakeSpec], seed: int, *, prefix: str = "egobench", stream: int = 200
+) -> tuple[dict[str, bytes], dict]:
     """Every EgoBench file of the held-out ``takes`` ({path: bytes}) and the record count
-    of each task (for ``world.json``)."""
-    rng = lambda k: np.random.default_rng([seed, 200 + k])  # noqa: E731
+    of each task (for ``world.json``).
+
+    The files go under ``prefix``; task ``k`` draws from ``default_rng([seed, stream + k])``
+    (the validation files use another ``stream``, so their ids never repeat the test's).
+    """
+    rng = lambda k: np.random.default_rng([seed, stream + k])  # noqa: E731
+    path = lambda task, arg: f"{prefix}/{TASK_FILES[task][arg]}"  # noqa: E731
     files: dict[str, bytes] = {}
     questions, answers = egoschema(takes, rng(1))
-    files["egobench/egoschema/questions.json"] = json_bytes(questions)
-    files["egobench/egoschema/subset_answers.json"] = json_bytes(answers)
+    files[path("egoschema", "questions")] = json_bytes(questions)
+    files[path("egoschema", "answers")] = json_bytes(answers)
     qa = qaego4d(takes, rng(2))
-    files["egobench/qaego4d/qaego4d_test_close.json"] = json_bytes(qa)
-    files["egobench/qaego4d/qaego4d_test_open.json"] = json_bytes(
+    files[path("qaego4d_close", "file")] = json_bytes(qa)
+    files[path("qaego4d_open", "file")] = json_bytes(
         [{k: v for k, v in r.items() if k not in ("options", "answer_idx")} for r in qa]
     )
     tqa = egotaskqa(takes, rng(3))
-    files["egobench/egotaskqa/egotaskqa_test.json"] = json_bytes(tqa)
+    files[path("egotaskqa", "file")] = json_bytes(tqa)
     ch_csv, ch_cls = _charades(takes)
-    files["egobench/charades_ego/CharadesEgo_v1_test_only1st.csv"] = ch_csv
-    files["egobench/charades_ego/Charades_v1_classes.txt"] = ch_cls
-    files.update(_epic_mir(takes))
+    files[path("charades_ego", "file")] = ch_csv
+    files[path("charades_ego", "classes")] = ch_cls
+    files.update(_epic_mir(takes, {a: path("epic_mir", a) for a in TASK_FILES["epic_mir"]}))
     plan = egoplan(takes, rng(4))
-    files["egobench/egoplan/EgoPlan_validation.json"] = json_bytes(plan)
+    files[path("egoplan", "file")] = json_bytes(plan)
     vln = vlnqa(takes, rng(5))
-    files["egobench/vlnqa/vlnqa.json"] = json_bytes(vln)
+    files[path("vlnqa", "file")] = json_bytes(vln)
     mcq = egomcq(takes, rng(6))
-    files["egobench/egomcq/egomcq.json"] = json_bytes(mcq)
+    files[path("egomcq", "file")] = json_bytes(mcq)
     counts = {
         "egoschema": len(questions),
         "qaego4d": len(qa),
@@ -141,9 +197,10 @@ _EPIC_HEADER = [
 ]
 
 
-def _epic_mir(takes) -> dict[str, bytes]:
+def _epic_mir(takes, paths: dict[str, str]) -> dict[str, bytes]:
     """EPIC-KITCHENS-100 multi-instance retrieval: clips, unique sentences and the
-    clip x sentence relevance matrix."""
+    clip x sentence relevance matrix, at ``paths`` (``clips``, ``sentences``,
+    ``relevancy``)."""
     rows, clips = [], []
     for tk in takes:
         for k, s in enumerate(tk.steps):
@@ -154,11 +211,9 @@ def _epic_mir(takes) -> dict[str, bytes]:
     buf = io.BytesIO()
     np.save(buf, rel, allow_pickle=False)
     return {
-        "egobench/epic_mir/EPIC_100_retrieval_test.csv": tsv_bytes(_EPIC_HEADER, rows, ","),
-        "egobench/epic_mir/EPIC_100_retrieval_test_sentence.csv": tsv_bytes(
-            ["index", "sentence"], sent_rows, ","
-        ),
-        "egobench/epic_mir/caption_relevancy_EPIC_100_retrieval_test.npy": buf.getvalue(),
+        paths["clips"]: tsv_bytes(_EPIC_HEADER, rows, ","),
+        paths["sentences"]: tsv_bytes(["index", "sentence"], sent_rows, ","),
+        paths["relevancy"]: buf.getvalue(),
     }
 
 

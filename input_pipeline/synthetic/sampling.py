@@ -1,15 +1,18 @@
 """Sampling take specs: one take from a seed, and the world's takes split by purpose.
 
 Takes are split into disjoint groups that mirror the paper's data regime (``pairs``: ego+exo
-with narrations; ``ego``: scarce ego-only; ``exo``: plentiful exo-only; ``heldout``: EgoBench);
-every take comes from its own child seed, so adding takes to one split leaves the others as
-they were.
+with narrations; ``ego``: scarce ego-only; ``exo``: plentiful exo-only; ``heldout``: EgoBench;
+optionally ``val``: a validation EgoBench); every take comes from its own child seed, so adding
+takes to one split leaves the others as they were. With transfer concepts
+(:mod:`~input_pipeline.synthetic.concepts`) a take that breaks its group's constraint is
+re-sampled from further child seeds.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from input_pipeline.synthetic.concepts import TransferConcepts, satisfies, take_group
 from input_pipeline.synthetic.procedure import plan_procedure, sample_objects
 from input_pipeline.synthetic.takes import (
     DEFAULT_FPS,
@@ -28,6 +31,9 @@ from input_pipeline.synthetic.vocabulary import NAV_MOTIONS
 __all__ = [
     "DEFAULT_SPLIT_FRACTIONS",
     "DEFAULT_NUM_TAKES",
+    "SPLITS",
+    "BENCH_DIRS",
+    "MAX_ATTEMPTS",
     "sample_take_spec",
     "split_sizes",
     "build_specs",
@@ -35,6 +41,12 @@ __all__ = [
 
 DEFAULT_SPLIT_FRACTIONS = {"pairs": 0.25, "ego": 0.10, "exo": 0.50, "heldout": 0.15}
 DEFAULT_NUM_TAKES = 64
+# Every split, in child-seed key order (``val`` is empty unless asked for).
+SPLITS = ("pairs", "ego", "exo", "heldout", "val")
+# Where the EgoBench files and videos of the held-out-style splits go (test / validation).
+BENCH_DIRS = {"heldout": "egobench", "val": "egobench_val"}
+# Child seeds tried per take before a transfer-concept constraint is given up on.
+MAX_ATTEMPTS = 1000
 
 _SHIRTS = [(0.18, 0.22, 0.38), (0.26, 0.26, 0.28), (0.12, 0.34, 0.36), (0.36, 0.40, 0.48)]
 _PANTS = [(0.16, 0.18, 0.26), (0.22, 0.22, 0.24), (0.28, 0.24, 0.20)]
@@ -66,19 +78,17 @@ def sample_take_spec(
     """Sample one take deterministically from ``seed``.
 
     ``split`` decides which cameras are rendered and where the videos live (``pairs``: ego +
-    cam01 + cam02; ``ego`` / ``heldout``: ego only; ``exo``: one random exo camera).
+    cam01 + cam02; ``ego`` / ``heldout`` / ``val``: ego only; ``exo``: one random exo camera).
     ``nav_events`` is the (min, max) number of narrated head motions (turn / step).
     """
-    if split not in DEFAULT_SPLIT_FRACTIONS:
-        raise ValueError(
-            f"unknown split {split!r}; expected one of {list(DEFAULT_SPLIT_FRACTIONS)}"
-        )
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
     rng = np.random.default_rng(seed)
     uid = random_uuid(rng)
     objs, subtasks, raw_steps = _sample_procedure(rng, seed)
     steps = [Step(v, o, b, d, dest, k) for v, o, b, d, dest, k in raw_steps]
     # narrated head motions between subtasks (held-out takes always have one: navigation QA)
-    nav = nav_events or ((1, 2) if split == "heldout" else (0, 2))
+    nav = nav_events or ((1, 2) if split in BENCH_DIRS else (0, 2))
     _insert_head_motions(rng, steps, subtasks, nav)
     num_frames = _time_steps(rng, steps, fps)
     cams = _sample_cameras(rng, split, exo_cameras)
@@ -153,7 +163,7 @@ def _time_steps(rng, steps: list[Step], fps: int) -> int:
 def _sample_cameras(rng, split: str, exo_cameras: tuple[str, ...] | None) -> dict[str, dict]:
     """Camera name -> rig of the cameras a take of ``split`` is rendered from."""
     cams: dict[str, dict] = {}
-    if split in ("pairs", "ego", "heldout"):
+    if split in ("pairs", "ego", *BENCH_DIRS):
         cams[EGO_CAMERA] = {
             "kind": "ego",
             "model": "fisheye",
@@ -192,7 +202,7 @@ def _video_paths(split: str, name: str, uid: str, cams: dict) -> dict[str, str]:
         elif split == "exo":
             out[cam] = f"exo_web/videos/{uid}.mp4"
         else:
-            out[cam] = f"egobench/videos/{uid}.mp4"
+            out[cam] = f"{BENCH_DIRS[split]}/videos/{uid}.mp4"
     return out
 
 
@@ -209,13 +219,52 @@ def split_sizes(num_takes: int, fractions: dict[str, float] | None = None) -> di
 
 
 def build_specs(
-    seed: int, sizes: dict[str, int], *, fps: int = DEFAULT_FPS, size: int = DEFAULT_SIZE
+    seed: int,
+    sizes: dict[str, int],
+    *,
+    fps: int = DEFAULT_FPS,
+    size: int = DEFAULT_SIZE,
+    concepts: TransferConcepts | None = None,
+    transfer_fraction: float = 0.5,
 ) -> list[TakeSpec]:
     """Take specs of every split, each from its own child seed (adding takes to one split
-    does not change the others)."""
+    does not change the others).
+
+    With ``concepts``, every take must satisfy its group
+    (:func:`~input_pipeline.synthetic.concepts.take_group`; ``transfer_fraction`` of the
+    held-out and val takes are ``transfer``).
+    """
+    concepts = concepts or TransferConcepts()
     specs = []
-    for k, split in enumerate(("pairs", "ego", "exo", "heldout")):
-        for i in range(sizes.get(split, 0)):
-            child = int(np.random.SeedSequence([seed, k, i]).generate_state(1)[0])
-            specs.append(sample_take_spec(child, split, i, fps=fps, size=size))
+    for k, split in enumerate(SPLITS):
+        n = sizes.get(split, 0)
+        for i in range(n):
+            group = take_group(split, i, n, concepts, transfer_fraction)
+            specs.append(_constrained_take(seed, k, i, split, group, concepts, fps, size))
     return specs
+
+
+def _constrained_take(
+    seed: int,
+    k: int,
+    i: int,
+    split: str,
+    group: str | None,
+    concepts: TransferConcepts,
+    fps: int,
+    size: int,
+) -> TakeSpec:
+    """Take ``i`` of split number ``k``: from child seed ``[seed, k, i]`` (the world without
+    transfer concepts), else the first of ``[seed, k, i, attempt]`` that satisfies
+    ``group``."""
+    for attempt in range(MAX_ATTEMPTS):
+        key = [seed, k, i] if attempt == 0 else [seed, k, i, attempt]
+        child = int(np.random.SeedSequence(key).generate_state(1)[0])
+        spec = sample_take_spec(child, split, i, fps=fps, size=size)
+        if satisfies(spec, group, concepts):
+            return spec
+    raise ValueError(
+        f"no {group} take {i} of split {split!r} in {MAX_ATTEMPTS} samples with transfer "
+        f"colours {list(concepts.colors)} and shapes {list(concepts.shapes)}; choose fewer "
+        "transfer concepts"
+    )
