@@ -48,7 +48,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from input_pipeline import clip_cache, templates
+from input_pipeline import clip_cache, mixture, templates
 from input_pipeline.annotations import video_path
 from input_pipeline.datasets import open_dataset
 from input_pipeline.tokenizer import load_tokenizer
@@ -516,26 +516,35 @@ def record_dataset(
     *,
     dataset: str | None = None,
     split: str | None = None,
-) -> tuple[grain.MapDataset, str, str]:
+) -> tuple[grain.MapDataset, str, str | tuple[str, ...]]:
     """The index-level part: source -> shuffle -> repeat -> host slice (no decoding yet).
 
     Returns the MapDataset of raw records (EgoBench: ``{"record", "item_index",
-    "clip_index"}`` units), the dataset name and the video root.
+    "clip_index"}`` units), the dataset name and the video root. A ``dataset`` of several
+    parts (``"ego_clip+ego_exo_clip"``, :mod:`input_pipeline.mixture`) gives
+    ``(part, record)`` items of the parts concatenated before shuffling, and one video root
+    per part.
     """
     if kind not in KINDS:
         raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {KINDS}")
-    dataset = dataset or DEFAULT_DATASETS[kind]
-    if dataset.split("/")[0] not in _ALLOWED[kind]:
-        raise ValueError(f"kind {kind!r} reads {_ALLOWED[kind]}, not {dataset!r}")
-    if kind == "eval" and split is None:
-        raise ValueError("an eval pipeline needs split=<task>, e.g. split='egoschema'")
-    source, meta = open_dataset(dataset, data_dir, split or "train")
-    root = options.video_root or meta.get("source_root")
-    if not root:
-        raise ValueError(f"dataset {dataset!r} records no source_root; pass video_root")
+    parts = mixture.dataset_parts(dataset or DEFAULT_DATASETS[kind])
+    for part in parts:
+        if part.split("/")[0] not in _ALLOWED[kind]:
+            raise ValueError(f"kind {kind!r} reads {_ALLOWED[kind]}, not {part!r}")
+    if kind == "eval" and (split is None or len(parts) > 1):
+        raise ValueError("an eval pipeline reads one dataset and needs split=<task>")
+    sources, roots = [], []
+    for part in parts:
+        source, meta = open_dataset(part, data_dir, split or "train")
+        root = options.video_root or meta.get("source_root")
+        if not root:
+            raise ValueError(f"dataset {part!r} records no source_root; pass video_root")
+        sources.append(source)
+        roots.append(str(root))
     if kind == "eval":  # every clip exactly once, in order
-        ds = grain.MapDataset.source(_EvalUnits(source))
+        ds = grain.MapDataset.source(_EvalUnits(sources[0]))
     else:
+        source = sources[0] if len(parts) == 1 else mixture.ConcatSource(sources)
         ds = grain.MapDataset.source(source)
         if options.shuffle:
             ds = ds.shuffle(seed=options.seed)
@@ -544,7 +553,8 @@ def record_dataset(
     index, count = options.shard()
     if count > 1:
         ds = ds[index::count]
-    return ds, dataset.split("/")[0], str(root)
+    names = mixture.SEPARATOR.join(p.split("/")[0] for p in parts)
+    return ds, names, roots[0] if len(parts) == 1 else tuple(roots)
 
 
 def make_pipeline(
@@ -570,7 +580,8 @@ def make_pipeline(
       dataset: the prepared dataset to read (default per kind: ``ego_clip``,
         ``exo_clip_text``, ``ego_exo_clip``, ``ego_it``, ``ego_bench``); ``ego_exo_clip``
         also serves ``ego_caption`` / ``exo_caption`` (stage 1's exo side). A config may be
-        named: ``"ego_exo_clip/w680ms"``.
+        named: ``"ego_exo_clip/w680ms"``. Several joined by ``+`` are read as one stream
+        (``"ego_clip+ego_exo_clip"``: every record of each, shuffled together).
       split: the split; for ``eval`` the EgoBench task (``"egoschema"``, ...).
 
     Returns:
@@ -579,8 +590,13 @@ def make_pipeline(
     """
     opts = dataclasses.replace(options or PipelineOptions(), **overrides)
     ds, name, root = record_dataset(kind, data_dir, opts, dataset=dataset, split=split)
-    fn = _ExampleFn(kind, name, tokenizer, opts, root)
-    if opts.exo_view == "random" and name == "ego_exo_clip":
+    names = mixture.dataset_parts(name)
+    if len(names) == 1:
+        fn = _ExampleFn(kind, name, tokenizer, opts, root)
+    else:
+        parts = [_ExampleFn(kind, n, tokenizer, opts, r) for n, r in zip(names, root, strict=True)]
+        fn = mixture.PartExampleFn(parts)
+    if opts.exo_view == "random" and "ego_exo_clip" in names:
         seed = int(np.random.SeedSequence([opts.seed, 1]).generate_state(1)[0])
         ds = ds.random_map(fn, seed=seed)
     else:

@@ -393,3 +393,49 @@ def test_clip_cache_decodes_a_clip_asked_for_by_several_threads_once():
     with pytest.raises(OSError):
         cache.get("bad", lambda: (_ for _ in ()).throw(OSError("corrupt")))
     assert cache.get("bad", lambda: np.zeros((1,), np.uint8)).shape == (1,)
+
+
+# ----------------------------------------------------------------------------- mixtures
+
+
+def _rows(batches: list[dict]) -> list[dict]:
+    return [{k: v[i] for k, v in b.items()} for b in batches for i in range(len(b["input_ids"]))]
+
+
+def test_a_mixture_reads_every_record_of_each_part_by_its_own_rules(prepared, tok):
+    """``ego_clip+ego_exo_clip``: unshuffled, the stream is the ego_clip captions followed by
+    the ego halves of the pairs with their narrations, row for row as each part's own stream
+    gives them; shuffled, one epoch visits every record of both once, interleaved."""
+    kw = dict(shuffle=False, num_epochs=1, batch_size=1)
+    ego, _ = _take("ego_caption", prepared, tok, dataset="ego_clip", **kw)
+    pairs, _ = _take("ego_caption", prepared, tok, dataset="ego_exo_clip", **kw)
+    mixed, _ = _take("ego_caption", prepared, tok, dataset="ego_clip+ego_exo_clip", **kw)
+    assert len(ego) > 0 and len(pairs) > 0
+    _assert_same(mixed, ego + pairs)
+    # the pair records give their ego clip, not the exo one
+    (pair,), _ = _take("pair", prepared, tok, 1, **kw)
+    np.testing.assert_array_equal(pairs[0]["frames"][0], pair["ego_frames"][0])
+
+    opts = PipelineOptions(num_epochs=1, seed=5, shard_count=1, shard_index=0)
+    ds, name, roots = record_dataset("ego_caption", prepared, opts, dataset="ego_clip+ego_exo_clip")
+    assert name == "ego_clip+ego_exo_clip" and len(roots) == 2
+    order = [(part, _s(rec["id"])) for part, rec in (ds[i] for i in range(len(ds)))]
+    want = [(0, _s(r["id"])) for r in open_dataset("ego_clip", prepared)[0]]
+    want += [(1, _s(r["id"])) for r in open_dataset("ego_exo_clip", prepared)[0]]
+    assert sorted(order) == sorted(want) and order != want  # complete, shuffled
+    parts_seen = [p for p, _ in order]
+    assert parts_seen != sorted(parts_seen)  # interleaved, not one part after the other
+
+
+@pytest.mark.parametrize(
+    "kind,dataset,message",
+    [
+        ("ego_caption", "ego_clip+ego_it", "reads"),
+        ("ego_caption", "ego_clip+", "empty name"),
+        ("ego_caption", "ego_clip+ego_clip", "twice"),
+        ("eval", "ego_bench+ego_bench", "twice"),
+    ],
+)
+def test_a_bad_mixture_is_refused_by_name(prepared, kind, dataset, message):
+    with pytest.raises(ValueError, match=message):
+        record_dataset(kind, prepared, OPTS, dataset=dataset, split="egoschema")
