@@ -21,6 +21,8 @@ configs (same overrides, same parents) are trained once and shared between arms.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 PRESETS = ("default", "quick")
@@ -29,12 +31,17 @@ PRESETS = ("default", "quick")
 _EGO_ONLY = {"fusion": "x_only", "with_exo": False, "with_mapping": False}
 
 
-def _arm(stages: tuple[int, ...], **per_stage: dict) -> ml_collections.ConfigDict:
+def _arm(stages: tuple[int, ...], **per_stage: Any) -> ml_collections.ConfigDict:
     """``stages`` trained in order; ``stageN=`` nested overrides of stage N's config."""
     arm = ml_collections.ConfigDict()
     arm.stages = tuple(stages)
-    # "" or an arm: train each stage for as many updates as that arm's same stage.
+    # "" or an arm: train each stage for as many updates as that arm's stages named in
+    # ``steps_of`` ("stageK": stages whose updates are summed; default: the same stage).
     arm.steps_like = per_stage.pop("steps_like", "")
+    steps_of = per_stage.pop("steps_of", {})
+    arm.steps_of = ml_collections.ConfigDict(
+        {f"stage{k}": tuple(steps_of.get(f"stage{k}", (k,))) for k in range(4)}
+    )
     for k in range(4):
         arm[f"stage{k}"] = ml_collections.ConfigDict(per_stage.get(f"stage{k}", {}))
     return arm
@@ -45,15 +52,21 @@ def arm_defs() -> ml_collections.ConfigDict:
     mlp = {"model": {"mapping": {"kind": "mlp"}}}  # F and G exist from stage 2 on
     return ml_collections.ConfigDict(
         {
-            # Same tiny model and budget, ego data only: stage 0 (E_ego) and stage 3.
+            # Same tiny model, every ego clip and text Exo2Ego sees (the EgoClip corpus and
+            # the ego halves of the Ego-ExoClip pairs with their narrations, in one stream),
+            # the same number of updates; only the exo encoder, the exo data and F / G are
+            # missing. Its stage 0 gets the updates of full's stages 0 and 2 (where full's
+            # E_ego trains before stage 3), its stage 3 those of full's stage 3.
             "baseline": _arm(
                 (0, 3),
-                stage0={"model": dict(_EGO_ONLY), "stage": {"stage0_encoders": ("ego",)}},
+                stage0={
+                    "model": dict(_EGO_ONLY),
+                    "stage": {"stage0_encoders": ("ego",)},
+                    "data": {"datasets": {"ego_caption": "ego_clip+ego_exo_clip"}},
+                },
                 stage3={"model": dict(_EGO_ONLY)},
-                # Same budget as full: equal epochs of the scarce ego corpus alone would give
-                # its stage 0 a fraction of the updates full's E_ego gets (steps per epoch
-                # follow the largest stream, the exo corpus).
                 steps_like="full",
+                steps_of={"stage0": (0, 2)},
             ),
             "full": _arm((0, 1, 2, 3)),
             "no_kl": _arm((0, 1, 2, 3), stage2={"stage": {"use_kl": False}}),
@@ -76,17 +89,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.root = "workdirs/study"  # every output: data, stage runs, evaluations, tables, plots
-    # The world, datasets, demo LM and CLIP, shared by all arms and seeds ("" = <root>/data).
-    # The default world regime is the demo's, so the demo's data is reused (made if missing;
-    # a world of another regime there is refused).
-    c.data_dir = "demo_data"
+    # The world, datasets, demo LM and CLIP, shared by all arms and seeds ("" = <root>/data:
+    # the study's regime is not the demo's, so it has a world of its own; a world of another
+    # regime found there is refused).
+    c.data_dir = ""
     c.seeds = (0, 1)
     c.arms = ("baseline", "full", "no_kl", "no_g_ccl", "forward_cycle", "fc_mapping", "no_lora")
     c.arm_defs = arm_defs()
 
     # The synthetic world's data regime (input_pipeline.synthetic.generate_world): few
     # ego clip-text takes, many exo clip-text takes, synchronized ego-exo pairs, and the
-    # held-out takes EgoBench is built from. The default is the demo world's split.
+    # held-out takes EgoBench is built from; the transfer concepts (docs/study.md) occur in
+    # the exo data only, never in a pair or ego take, and half of the held-out takes act on
+    # one ("transfer" items) while the rest hold none ("seen" items).
     w = c.world = ml_collections.ConfigDict()
     w.seed = 0  # fixed across study seeds: seeds vary initialisation and data order only
     w.num_takes = 64
@@ -96,6 +111,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     w.heldout_takes = 10  # EgoBench only
     w.size = 128  # rendered video resolution (the model resizes to model.image_size)
     w.fps = 8
+    w.transfer_colors = ("purple",)
+    w.transfer_shapes = ("knife",)
+    w.transfer_heldout_fraction = 0.5
+    # Held-out takes for tuning only (their own EgoBench under egobench_val/; no take is
+    # shared with the test items): --config.eval.split=val scores them.
+    w.val_takes = 10
+    # The stand-in CLIP's pretraining corpus: third-person views only, as web CLIP's
+    # (a shipped tower, exo2ego_jax/demo/shipped_clip.py); ("ego", "exo") is the demo's.
+    c.clip_views = ("exo",)
     # Persistent XLA compilation cache ("" = off; <root> is replaced by c.root).
     c.compilation_cache = "<root>/jax_cache"
     c.lm_steps = 0  # demo LM pretraining steps; 0 = demo.prepare_data's default
@@ -122,6 +146,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.curve.pre_mapping_fusion = "x_only"
 
     e = c.eval = ml_collections.ConfigDict()
+    # "test": the held-out takes (egobench/); "val": the validation takes (egobench_val/),
+    # the only split any tuning may look at.
+    e.split = "test"
     # All held-out items (~400 over the nine task files of the demo world): every arm is
     # scored on the same items, and eval is cheap next to training (~2 min per model).
     e.max_items = 0  # per task, 0 = all
@@ -137,9 +164,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.arms = ("baseline", "full")
         w.num_takes, w.pair_takes, w.ego_takes, w.exo_takes, w.heldout_takes = 7, 2, 1, 2, 2
         w.size, w.fps = 64, 6
+        w.val_takes = 0  # no tuning in a smoke test
         c.lm_steps, c.clip_steps, c.clip_takes = 30, 30, 6
         for k in range(4):
             c.optim[f"stage{k}"].num_steps = 3
-        e.max_items, e.retrieval_max_clips = 2, 3
+        # 4 items: both EgoTaskQA kinds (direct, indirect) among the first ones
+        e.max_items, e.retrieval_max_clips = 4, 3
         c.curve.after_stages = ()  # the full arm's evaluation is the only one of its chain
     return c

@@ -163,3 +163,25 @@ def test_quick_study_end_to_end_and_rerun(tmp_path):
     assert chance["Average"] == pytest.approx(
         np.mean([chance[c] for c in study_report.TASK_LABELS])
     )
+
+    # The study regime: the quick world has transfer concepts, so every arm is scored on the
+    # transfer and the seen items too (recomputed from the same predictions by group), and
+    # the full-minus-baseline table is written.
+    for group in ("transfer", "seen"):
+        assert f"## {group.capitalize()} items" in table
+        assert set(payload["groups"][group]) == {"baseline", "full"}
+        for arm in ("baseline", "full"):
+            job = plan.evals[plan.arm_evals[(arm, 0)]]
+            saved = json.loads((job.out_dir / "study_metrics.json").read_text())["groups"]
+            assert payload["groups"][group][arm]["EgoSchema"]["mean"] == saved[group]["EgoSchema"]
+    diff = payload["full_minus_baseline"]
+    assert set(diff) == {"all", "transfer", "seen"}
+    full0, base0 = (payload["per_seed"]["arms"][a][0]["Average"] for a in ("full", "baseline"))
+    assert diff["all"]["Average"]["mean"] == pytest.approx(full0 - base0)
+    assert diff["all"]["Average"]["wins"] is None  # one seed: no standard error
+    assert "## Exo2Ego (full) minus the ego-only baseline" in table
+    # The fair baseline: its stage 0 captions every ego clip Exo2Ego sees (EgoClip and the
+    # pairs' ego halves) for as many updates as full's stages 0 and 2 together.
+    base0_job = next(j for j in plan.stages.values() if j.stage == 0 and j.arms == ["baseline"])
+    assert base0_job.config.data.datasets.ego_caption == "ego_clip+ego_exo_clip"
+    assert base0_job.config.optim.num_steps == 2 * config.optim.stage0.num_steps

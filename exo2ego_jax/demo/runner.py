@@ -104,13 +104,15 @@ def prepare_data(
     progress: bool = True,
     phases: Phases | None = None,
     pretrain_clip: bool = True,
+    clip_views: tuple[str, ...] = shipped_clip.DEFAULT_VIEWS,
 ) -> None:
     """Steps 1-3 (each skipped when its output exists), each timed into ``phases``.
 
     ``world_kwargs`` go to ``generate_world`` (``num_takes`` defaults to ``WORLD_TAKES``;
     an existing world is kept whatever its size); ``lm_steps`` /
     ``clip_steps`` > 0 shorten the demo LM / CLIP pretraining and ``clip_takes`` > 0 sets the
-    size of the CLIP corpus (0 = their defaults). ``pretrain_clip=False`` copies the
+    size of the CLIP corpus (0 = their defaults) and ``clip_views`` its camera kinds
+    (``("exo",)``: third-person only, as web CLIP is). ``pretrain_clip=False`` copies the
     shipped tower instead when it is what pretraining would make (:func:`clip_phase`).
     """
     phases = phases if phases is not None else Phases()
@@ -148,10 +150,11 @@ def prepare_data(
         )
     check_demo_lm(prepared / "llm", shapes.llm)
     if not outputs["CLIP pretraining"].exists() and (
-        clip_phase(shapes.clip, pretrain_clip, seed, clip_steps, clip_takes) == SHIPPED_CLIP
+        clip_phase(shapes.clip, pretrain_clip, seed, clip_steps, clip_takes, clip_views)
+        == SHIPPED_CLIP
     ):
         with phases.timed(SHIPPED_CLIP):
-            info = shipped_clip.install(prepared / "clip")
+            info = shipped_clip.install(prepared / "clip", shipped_clip.assets_for(clip_views))
         log(
             f"[demo] demo CLIP: copied the shipped tower (sha256 "
             f"{info['sha256']['model.safetensors'][:12]}..., made by `{info['command']}`; "
@@ -164,7 +167,12 @@ def prepare_data(
         t0 = time.perf_counter()
         with phases.showing("CLIP pretraining"):
             s = pretrain_clip_tower(
-                prepared / "clip", config=tower, seed=seed, progress=progress, **sizes
+                prepared / "clip",
+                config=tower,
+                views=tuple(clip_views),
+                seed=seed,
+                progress=progress,
+                **sizes,
             )
         seconds = time.perf_counter() - t0
         clips = s["clips"] + s["val_clips"]
@@ -185,13 +193,22 @@ SHIPPED_CLIP = "CLIP stand-in (shipped)"
 
 
 def clip_phase(
-    tower, pretrain_clip: bool, seed: int = 0, clip_steps: int = 0, clip_takes: int = 0
+    tower,
+    pretrain_clip: bool,
+    seed: int = 0,
+    clip_steps: int = 0,
+    clip_takes: int = 0,
+    views: tuple[str, ...] = shipped_clip.DEFAULT_VIEWS,
 ) -> str:
-    """``SHIPPED_CLIP`` when the shipped tower is exactly what pretraining would make here
-    (its shape, seed 0, the default corpus and steps) and ``pretrain_clip`` is off, else
-    ``"CLIP pretraining"``."""
+    """``SHIPPED_CLIP`` when a shipped tower is exactly what pretraining would make here
+    (its shape, seed 0, the default corpus size and steps, the same corpus ``views``) and
+    ``pretrain_clip`` is off, else ``"CLIP pretraining"``."""
     default_run = seed == 0 and clip_steps <= 0 and clip_takes <= 0
-    if not pretrain_clip and default_run and shipped_clip.matches(tower):
+    try:
+        assets = shipped_clip.assets_for(views)
+    except ValueError:  # no tower of these views is shipped
+        return "CLIP pretraining"
+    if not pretrain_clip and default_run and shipped_clip.matches(tower, assets):
         return SHIPPED_CLIP
     return "CLIP pretraining"
 

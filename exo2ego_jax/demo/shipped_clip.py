@@ -14,10 +14,14 @@ run of the same command with its hash, which ``tests/test_shipped_clip.py`` repe
 
 ``python main.py --demo`` copies the shipped tower when the demo asks for exactly what the
 command makes (the tower shape, seed 0, the default corpus and steps) and pretrains it
-otherwise, or with ``--pretrain_clip``. Rebuild or check it:
+otherwise, or with ``--pretrain_clip``.
 
-    python -m exo2ego_jax.demo.shipped_clip build            # rerun the command, rewrite
-    python -m exo2ego_jax.demo.shipped_clip verify [--small]  # rerun, compare the bytes
+A second tower, pretrained on third-person (exo) views only as web CLIP is (``--views exo``),
+is shipped in ``assets/clip_exo/`` for the study's regime (docs/study.md); every function
+takes the corpus ``views`` of the tower it is about. Rebuild or check one:
+
+    python -m exo2ego_jax.demo.shipped_clip build [--views exo]            # rerun, rewrite
+    python -m exo2ego_jax.demo.shipped_clip verify [--small] [--views exo]  # compare bytes
 """
 
 from __future__ import annotations
@@ -45,6 +49,27 @@ FULL_ARGS: tuple[str, ...] = ()
 #: The small-size run of the same command that the manifest and the test record.
 SMALL_ARGS = ("--takes", "4", "--steps", "20")
 COMMAND = "python -m exo2ego_jax.demo.pretrain_clip --out <dir>"
+#: The corpus views of the demo's tower (the command's default) and of the exo-only one.
+DEFAULT_VIEWS = ("ego", "exo")
+EXO_VIEWS = ("exo",)
+_ASSET_DIRS = {DEFAULT_VIEWS: ASSET_DIR, EXO_VIEWS: ASSET_DIR.parent / "clip_exo"}
+
+
+def assets_for(views: tuple[str, ...] = DEFAULT_VIEWS) -> Path:
+    """Where the tower pretrained on ``views`` is shipped."""
+    key = tuple(sorted(views))
+    for known, path in _ASSET_DIRS.items():
+        if tuple(sorted(known)) == key:
+            return path
+    raise ValueError(
+        f"no shipped CLIP tower for views {views}; shipped: {[list(v) for v in _ASSET_DIRS]}"
+    )
+
+
+def command_args(views: tuple[str, ...] = DEFAULT_VIEWS, small: bool = False) -> tuple[str, ...]:
+    """The pretraining command's arguments besides ``--out`` for the tower of ``views``."""
+    extra = () if tuple(sorted(views)) == tuple(sorted(DEFAULT_VIEWS)) else ("--views", *views)
+    return (*(SMALL_ARGS if small else FULL_ARGS), *extra)
 
 
 class ShippedClipError(RuntimeError):
@@ -76,6 +101,8 @@ def matches(config: CLIPVisionConfig, asset_dir: Path = ASSET_DIR) -> bool:
     """Whether the shipped tower has the shape ``config`` asks for (the runner also checks
     that the seed, corpus size and steps are the command's defaults)."""
     path = Path(asset_dir) / "config.json"
+    if not (Path(asset_dir) / "manifest.json").exists():
+        return False
     if not path.exists():
         return False
     shipped = json.loads(path.read_text())
@@ -110,24 +137,32 @@ def run_command(out_dir: Path, args: tuple[str, ...]) -> dict[str, str]:
     return {name: sha256(Path(out_dir) / name) for name in FILES}
 
 
-def build(asset_dir: Path = ASSET_DIR, from_dir: Path | None = None) -> dict[str, Any]:
-    """Runs the command at full size (or takes its output from ``from_dir``, made by the
-    same command on this machine) and at the small size, and writes the tower and its
-    manifest to ``asset_dir``; returns the manifest."""
+def build(
+    asset_dir: Path | None = None,
+    from_dir: Path | None = None,
+    views: tuple[str, ...] = DEFAULT_VIEWS,
+) -> dict[str, Any]:
+    """Runs the command for the tower of ``views`` at full size (or takes its output from
+    ``from_dir``, made by the same command on this machine) and at the small size, and
+    writes the tower and its manifest to ``asset_dir`` (default: its shipped place);
+    returns the manifest."""
+    asset_dir = Path(asset_dir) if asset_dir else assets_for(views)
+    full_args, small_args = command_args(views), command_args(views, small=True)
     with tempfile.TemporaryDirectory() as tmp:
         full = Path(from_dir) if from_dir else Path(tmp) / "full"
         full_hashes = (
             {name: sha256(full / name) for name in FILES}
             if from_dir
-            else run_command(full, FULL_ARGS)
+            else run_command(full, full_args)
         )
-        small_hashes = run_command(Path(tmp) / "small", SMALL_ARGS)
+        small_hashes = run_command(Path(tmp) / "small", small_args)
+        what = "" if tuple(views) == DEFAULT_VIEWS else f", corpus views {list(views)}"
         info = {
-            "what": "the demo's stand-in CLIP tower (exo2ego_jax.demo.shipped_clip)",
-            "command": " ".join([COMMAND, *FULL_ARGS]),
+            "what": f"the demo's stand-in CLIP tower (exo2ego_jax.demo.shipped_clip{what})",
+            "command": " ".join([COMMAND, *full_args]),
             "sha256": full_hashes,
             "small_check": {
-                "command": " ".join([COMMAND, *SMALL_ARGS]),
+                "command": " ".join([COMMAND, *small_args]),
                 "sha256": small_hashes,
             },
             "built_with": {
@@ -143,13 +178,13 @@ def build(asset_dir: Path = ASSET_DIR, from_dir: Path | None = None) -> dict[str
     return info
 
 
-def verify(small: bool, asset_dir: Path = ASSET_DIR) -> list[str]:
-    """Reruns the command (full or small size) and compares its files' sha256 with the
-    manifest's; returns the differing file names (empty: bit-exact)."""
-    info = manifest(asset_dir)
+def verify(small: bool, views: tuple[str, ...] = DEFAULT_VIEWS) -> list[str]:
+    """Reruns the command for the tower of ``views`` (full or small size) and compares its
+    files' sha256 with the manifest's; returns the differing file names (empty: bit-exact)."""
+    info = manifest(assets_for(views))
     want = info["small_check"]["sha256"] if small else info["sha256"]
     with tempfile.TemporaryDirectory() as tmp:
-        got = run_command(Path(tmp) / "tower", SMALL_ARGS if small else FULL_ARGS)
+        got = run_command(Path(tmp) / "tower", command_args(views, small))
     return [name for name in FILES if got[name] != want[name]]
 
 
@@ -162,13 +197,23 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--from", dest="from_dir", help="a tower the same command already made")
     v = sub.add_parser("verify", help="rerun the command and compare its bytes")
     v.add_argument("--small", action="store_true", help="the small-size run (~30 s)")
+    for sp in (b, v):
+        sp.add_argument(
+            "--views",
+            nargs="+",
+            default=list(DEFAULT_VIEWS),
+            choices=["ego", "exo"],
+            help="the corpus views of the tower (exo: the study's third-person-only tower)",
+        )
     a = p.parse_args(argv)
+    views = tuple(a.views)
     if a.action == "build":
-        info = build(from_dir=Path(a.from_dir) if a.from_dir else None)
-        print(f"wrote {ASSET_DIR} (model.safetensors sha256 {info['sha256']['model.safetensors']})")
+        info = build(from_dir=Path(a.from_dir) if a.from_dir else None, views=views)
+        sha = info["sha256"]["model.safetensors"]
+        print(f"wrote {assets_for(views)} (model.safetensors sha256 {sha})")
         return 0
-    built = manifest()["built_with"]
-    differ = verify(a.small)
+    built = manifest(assets_for(views))["built_with"]
+    differ = verify(a.small, views)
     same_machine = built["jax"] == jax.__version__ and built["cpu_threads"] == cpu_threads()
     if not differ:
         print("bit-exact: the command reproduces the shipped files")

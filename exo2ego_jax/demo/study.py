@@ -56,6 +56,7 @@ from configs import demo as demo_configs
 from configs import study as study_configs
 from exo2ego_jax import config_lib
 from exo2ego_jax.demo import runner
+from exo2ego_jax.demo.study_groups import group_metrics
 from exo2ego_jax.demo.study_report import (
     AVERAGE,
     PAPER_AVERAGE,
@@ -63,6 +64,7 @@ from exo2ego_jax.demo.study_report import (
     aggregate,
     chance_scores,
     format_score,
+    paired_difference,
     paper_task_scores,
     results_csv,
     results_tables,
@@ -76,10 +78,13 @@ from exo2ego_jax.training.streams import dataset_for
 from input_pipeline import atomic
 from input_pipeline.pipeline import PipelineOptions, record_dataset
 from input_pipeline.synthetic import generate_world, split_sizes
+from input_pipeline.synthetic.concepts import load_manifest
+from input_pipeline.synthetic.egobench import loader_kwargs
 
 Log = Callable[[str], None]
 
-# method.md §6, Table 3: the paper's 8-task average of each arm (no ego-only baseline there).
+#: Where each evaluation split's EgoBench files live in the world (``config.eval.split``).
+BENCH_PREFIX = {"test": "egobench", "val": "egobench_val"}
 #: Errors that stop one job (recorded; the jobs depending on it are skipped).
 RECOVERABLE = (config_lib.ConfigError, checkpoints.HandOffError, TrainingDivergedError)
 
@@ -188,6 +193,26 @@ def planned_steps(c: ml_collections.ConfigDict) -> int | None:
     return int(o.num_epochs * max(1, math.ceil(max(sizes) / o.batch_size)))
 
 
+def reference_steps(
+    config: ml_collections.ConfigDict, arm: str, stage: int, seed: int, seed_dir, data_dir
+) -> int | None:
+    """The updates ``arm``'s stage ``stage`` gets under ``steps_like``: the sum over the
+    reference arm's stages ``steps_of.stage<stage>`` that it trains (None when none of them
+    is trained or the datasets are not prepared yet)."""
+    spec = config.arm_defs[arm]
+    ref_arm = config.arm_defs[spec.steps_like]
+    total = 0
+    wanted = spec.steps_of[f"stage{stage}"] if "steps_of" in spec else (stage,)
+    ref_stages = [j for j in wanted if j in ref_arm.stages]
+    for j in ref_stages:
+        ref = stage_overrides(config, spec.steps_like, j, seed)
+        steps = planned_steps(demo_configs.stage_config(j, seed_dir, data_dir, **ref))
+        if steps is None:
+            return None
+        total += steps
+    return total or None
+
+
 def make_plan(config: ml_collections.ConfigDict) -> Plan:
     """Resolves every stage run and evaluation of the study (nothing is run or read)."""
     root, data_dir = Path(config.root), data_dir_of(config)
@@ -210,6 +235,11 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
         c.eval.max_items, c.eval.retrieval_max_clips = e.max_items, e.retrieval_max_clips
         if e.tasks:
             c.eval.tasks = tuple(e.tasks)
+        split = e.get("split", "test")
+        if split not in BENCH_PREFIX:
+            raise ValueError(f"config.eval.split={split!r}; use one of {list(BENCH_PREFIX)}")
+        if split != "test":  # the validation takes' EgoBench files (tuning only)
+            c.eval.loader_kwargs = ml_collections.ConfigDict(loader_kwargs(BENCH_PREFIX[split]))
         ident = c.to_dict()
         ident["eval"].pop("out_dir")
         key = _digest(ident)
@@ -232,11 +262,10 @@ def make_plan(config: ml_collections.ConfigDict) -> Plan:
             prefix_models: dict[int, dict] = {}
             for k in spec.stages:
                 overrides = stage_overrides(config, arm, k, seed)
-                if spec.steps_like and k in config.arm_defs[spec.steps_like].stages:
-                    # Same number of updates as the reference arm's stage (not the same
-                    # epochs: the ego-only stage 0 reads only the scarce ego corpus).
-                    ref = stage_overrides(config, spec.steps_like, k, seed)
-                    steps = planned_steps(demo_configs.stage_config(k, seed_dir, data_dir, **ref))
+                if spec.steps_like:
+                    # As many updates as the reference arm's stages (not the same epochs:
+                    # the ego-only stage 0 reads the ego data alone).
+                    steps = reference_steps(config, arm, k, seed, seed_dir, data_dir)
                     if steps is not None:
                         overrides["optim.num_steps"] = steps
                 c = demo_configs.stage_config(k, seed_dir, data_dir, **overrides)
@@ -302,7 +331,30 @@ def expected_world_sizes(w: ml_collections.ConfigDict) -> dict[str, int]:
     ):
         if w[field] > 0:
             sizes[split] = int(w[field])
+    if w.get("val_takes", 0) > 0:
+        sizes["val"] = int(w.val_takes)
     return sizes
+
+
+def world_regime(w: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The study-regime keyword arguments of ``generate_world`` from ``config.world``."""
+    return {
+        "transfer_colors": tuple(w.get("transfer_colors", ())),
+        "transfer_shapes": tuple(w.get("transfer_shapes", ())),
+        "val_takes": int(w.get("val_takes", 0)),
+        "transfer_heldout_fraction": float(w.get("transfer_heldout_fraction", 0.5)),
+    }
+
+
+def _manifest_regime(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """What a world on disk was generated with, in :func:`world_regime`'s terms."""
+    study = manifest.get("study", {})
+    return {
+        "transfer_colors": tuple(study.get("transfer_colors", ())),
+        "transfer_shapes": tuple(study.get("transfer_shapes", ())),
+        "val_takes": int(study.get("val_takes", 0)),
+        "transfer_heldout_fraction": float(study.get("transfer_heldout_fraction", 0.5)),
+    }
 
 
 def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path:
@@ -322,16 +374,21 @@ def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path
             size=w.size,
             fps=w.fps,
             progress=False,
+            **world_regime(w),
         )
         log(f"[study] generated the world in {time.time() - t:.0f}s -> {world}")
     manifest = json.loads((world / "world.json").read_text())
     want = {"seed": w.seed, "sizes": expected_world_sizes(w), "fps": w.fps, "size": w.size}
+    want |= world_regime(w)
     got = {
         "seed": manifest["seed"],
         "sizes": manifest["sizes"],
         "fps": manifest["fps"],
         "size": manifest["resolution"][0],
+        **_manifest_regime(manifest),
     }
+    if not (want["transfer_colors"] or want["transfer_shapes"]):
+        want["transfer_heldout_fraction"] = got["transfer_heldout_fraction"]  # unused then
     if got != want:
         # Reusing a world of another regime would silently change what the study measures.
         raise config_lib.ConfigError(
@@ -346,6 +403,7 @@ def prepare_data(config: ml_collections.ConfigDict, *, log: Log = print) -> Path
         lm_steps=config.lm_steps,
         clip_steps=config.clip_steps,
         clip_takes=config.clip_takes,
+        clip_views=tuple(config.get("clip_views", ("ego", "exo"))),
         progress=False,
     )
     return data_dir
@@ -362,27 +420,42 @@ def write_results(
 ) -> dict:
     """Aggregates the finished evaluations and writes results.md / .csv / .json (+ PNGs)."""
     root = Path(config.root)
-    per_arm: dict[str, dict[int, dict]] = {}
+    # section ("all", then each item group) -> arm -> seed -> scores
+    per_section: dict[str, dict[str, dict[int, dict]]] = {}
     for (arm, seed), job_id in plan.arm_evals.items():
-        if job_id in done:
-            per_arm.setdefault(arm, {})[seed] = done[job_id]
+        for section, scores in done.get(job_id, {}).items():
+            per_section.setdefault(section, {}).setdefault(arm, {})[seed] = scores
+    per_arm = per_section.pop("all", {})
     per_curve: dict[int, dict[int, dict]] = {}
     for (after, seed), job_id in sorted(plan.curve_evals.items()):
         if job_id in done:
-            per_curve.setdefault(after, {})[seed] = done[job_id]
+            per_curve.setdefault(after, {})[seed] = done[job_id]["all"]
     ddof = config.eval.std_ddof
-    aggregated = aggregate(per_arm, ddof)
-    arms = {a: aggregated[a] for a in config.arms if a in aggregated}  # config order
+
+    def in_order(per: Mapping[str, dict]) -> dict[str, dict]:
+        aggregated = aggregate(per, ddof)
+        return {a: aggregated[a] for a in config.arms if a in aggregated}  # config order
+
+    arms = in_order(per_arm)
+    groups = {g: in_order(per) for g, per in per_section.items()}
+    comparisons = {}
+    if "full" in config.arms and "baseline" in config.arms:
+        for section, per in (("all", per_arm), *per_section.items()):
+            comparisons[section] = paired_difference(per, "full", "baseline", ddof)
     curve = dict(sorted(aggregate(per_curve, ddof).items()))
     seeds = list(config.seeds)
-    atomic.write_text(root / "results.md", results_tables(config, arms, curve, chance, seeds))
-    atomic.write_text(root / "results.csv", results_csv(arms, curve))
+    tables = results_tables(config, arms, curve, chance, seeds, groups, comparisons)
+    atomic.write_text(root / "results.md", tables)
+    atomic.write_text(root / "results.csv", results_csv(arms, curve, groups))
     payload = {
         "seeds": seeds,
         "arms": arms,
+        "groups": groups,
+        "full_minus_baseline": comparisons,
         "curve": {str(k): v for k, v in curve.items()},
         "per_seed": {
             "arms": per_arm,
+            "groups": per_section,
             "curve": {str(k): v for k, v in per_curve.items()},
         },
         "chance": chance,
@@ -470,19 +543,32 @@ def run_stage(job: StageJob, *, log: Log, progress: bool) -> dict | None:
     return summary
 
 
-def run_eval(job: EvalJob, *, log: Log, progress: bool) -> dict:
-    """Evaluates (or resumes) one model; returns its task scores."""
+def run_eval(job: EvalJob, *, log: Log, progress: bool) -> dict[str, dict]:
+    """Evaluates (or resumes) one model; returns its task scores on all items (``"all"``)
+    and, in a world with transfer concepts, on each item group (``"transfer"``, ``"seen"``)."""
     done = _eval_finished(job)
     if done is not None:
         log(f"[study] {job.id} ({', '.join(job.labels)}): already finished")
-        return done["scores"]
+        return {"all": done["scores"], **done.get("groups", {})}
     log(f"[study] {job.id}: evaluating {', '.join(job.labels)}")
     _, metrics = evaluate(job.config, log=logging.info, progress=progress)
     scores = task_scores(metrics)
-    record = {"labels": job.labels, "scores": scores, "metrics": metrics}
+    groups = {}
+    if has_item_groups(job.config):
+        groups = {g: task_scores(m) for g, m in group_metrics(job.config).items()}
+    record = {"labels": job.labels, "scores": scores, "groups": groups, "metrics": metrics}
     atomic.write_text(job.out_dir / "study_metrics.json", json.dumps(record, indent=2))
-    log(f"[study] {job.id}: average {format_score(scores[AVERAGE])}")
-    return scores
+    by_group = "".join(f", {g} {format_score(v[AVERAGE])}" for g, v in groups.items())
+    log(f"[study] {job.id}: average {format_score(scores[AVERAGE])}{by_group}")
+    return {"all": scores, **groups}
+
+
+def has_item_groups(eval_config: ml_collections.ConfigDict) -> bool:
+    """Whether the evaluated world groups its held-out takes (transfer concepts set)."""
+    manifest = load_manifest(eval_config.eval.data_root)
+    return bool(manifest.get("study", {}).get("transfer_colors")) or bool(
+        manifest.get("study", {}).get("transfer_shapes")
+    )
 
 
 def use_compilation_cache(config: ml_collections.ConfigDict) -> None:

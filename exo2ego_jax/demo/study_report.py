@@ -31,6 +31,11 @@ PAPER_CURVE_EGOSCHEMA = {0: 49.2, 2: 56.7, 3: 61.3}
 TASK_LABELS = tuple(report.PRIMARY)  # the eight tasks, in the paper's order
 AVERAGE = "Average"
 COLUMNS = (*TASK_LABELS, AVERAGE)
+GROUP_TITLES = {
+    "transfer": "held-out takes acting on a transfer-concept object, which no ego-labelled "
+    "take shows",
+    "seen": "held-out takes with no transfer-concept object",
+}
 ARM_TITLES = {
     "baseline": "ego-only baseline (stages 0, 3)",
     "full": "Exo2Ego (stages 0-3)",
@@ -102,6 +107,31 @@ def chance_scores(config: ml_collections.ConfigDict) -> dict[str, float | None]:
     return task_scores(chance)
 
 
+def paired_difference(
+    per_seed: Mapping[str, Mapping[int, Mapping[str, float | None]]],
+    arm: str,
+    ref: str,
+    ddof: int = 1,
+) -> dict[str, dict[str, Any]]:
+    """Per column, ``arm`` minus ``ref`` seed by seed over the seeds both have: ``mean``,
+    ``std``, ``se`` (std / sqrt(n)), ``n``, ``values`` and ``wins`` (the pre-registered rule
+    of docs/study.md: the mean difference exceeds twice its standard error; None below two
+    seeds)."""
+    a, b = per_seed.get(arm, {}), per_seed.get(ref, {})
+    out = {}
+    for col in COLUMNS:
+        diffs = [
+            a[s][col] - b[s][col]
+            for s in sorted(set(a) & set(b))
+            if a[s].get(col) is not None and b[s].get(col) is not None
+        ]
+        cell = mean_std(diffs, ddof)
+        se = cell["std"] / np.sqrt(cell["n"]) if cell["std"] is not None else None
+        wins = None if se is None else bool(cell["mean"] > 2 * se)
+        out[col] = {**cell, "se": None if se is None else float(se), "wins": wins}
+    return out
+
+
 # ----------------------------------------------------------------------------- tables
 
 
@@ -111,8 +141,11 @@ def results_tables(
     curve: Mapping[int, Mapping[str, dict]],
     chance: Mapping[str, float | None] | None,
     seeds: Sequence[int],
+    groups: Mapping[str, Mapping[str, Mapping[str, dict]]] | None = None,
+    comparisons: Mapping[str, Mapping[str, dict]] | None = None,
 ) -> str:
-    """The Markdown of ``results.md``."""
+    """The Markdown of ``results.md``: every arm on all items, then (study regime) on each
+    item group, the full-minus-baseline differences, and the stage curve."""
     head = "| Arm | " + " | ".join(COLUMNS) + " | Paper avg |"
     rule = "|---|" + "---:|" * (len(COLUMNS) + 1)
     lines = [
@@ -139,6 +172,27 @@ def results_tables(
         lines.append(
             "| chance | " + " | ".join(format_score(chance.get(c)) for c in COLUMNS) + " | — |"
         )
+    for group, group_arms in (groups or {}).items():
+        lines += ["", f"## {group.capitalize()} items ({GROUP_TITLES.get(group, group)})", ""]
+        lines += [head.replace(" | Paper avg |", " |"), rule[: -len("---:|")]]
+        for arm, cells in group_arms.items():
+            row = [f"{arm}: {ARM_TITLES.get(arm, arm)}", *(format_cell(cells[c]) for c in COLUMNS)]
+            lines.append("| " + " | ".join(row) + " |")
+    if comparisons:
+        lines += [
+            "",
+            "## Exo2Ego (full) minus the ego-only baseline, seed by seed",
+            "",
+            "Mean ± sd of the per-seed difference, its standard error (sd / sqrt(n)), and the "
+            "decision rule (docs/study.md): Exo2Ego wins where the mean exceeds 2 standard "
+            "errors.",
+            "",
+            "| Items | " + " | ".join(COLUMNS) + " |",
+            "|---|" + "---:|" * len(COLUMNS),
+        ]
+        for section, diff in comparisons.items():
+            cells = [_diff_cell(diff[c]) for c in COLUMNS]
+            lines.append(f"| {section} | " + " | ".join(cells) + " |")
     if curve:
         lines += [
             "",
@@ -161,10 +215,23 @@ def format_score(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
+def _diff_cell(cell: Mapping[str, Any]) -> str:
+    """``"+3.1 ± 1.0 (se 0.6, wins)"``; "—" without two seeds of both arms."""
+    if cell.get("mean") is None:
+        return "—"
+    if cell.get("se") is None:
+        return f"{cell['mean']:+.1f}"
+    verdict = "wins" if cell["wins"] else "no"
+    return f"{cell['mean']:+.1f} ± {cell['std']:.1f} (se {cell['se']:.1f}, {verdict})"
+
+
 def results_csv(
-    arms: Mapping[str, Mapping[str, dict]], curve: Mapping[int, Mapping[str, dict]]
+    arms: Mapping[str, Mapping[str, dict]],
+    curve: Mapping[int, Mapping[str, dict]],
+    groups: Mapping[str, Mapping[str, Mapping[str, dict]]] | None = None,
 ) -> str:
-    """Long format: one line per (section, row, column) with mean, std, n and the paper."""
+    """Long format: one line per (section, row, column) with mean, std, n and the paper;
+    the item groups' sections are ``group:<name>``."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["section", "row", "column", "mean", "std", "n", "paper"])
@@ -175,6 +242,10 @@ def results_csv(
             if arm == "full":
                 paper = paper_full[col]
             w.writerow(["arm", arm, col, *_csv_cell(cells[col]), _csv_num(paper)])
+    for group, group_arms in (groups or {}).items():
+        for arm, cells in group_arms.items():
+            for col in COLUMNS:
+                w.writerow([f"group:{group}", arm, col, *_csv_cell(cells[col]), ""])
     for after, cells in curve.items():
         for col in COLUMNS:
             paper = PAPER_CURVE_EGOSCHEMA.get(after) if col == "EgoSchema" else None
