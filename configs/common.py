@@ -29,12 +29,17 @@ PAPER_SCHEDULE = {
     3: dict(batch_size=64, lr=2e-5, warmup_ratio=0.03, num_epochs=1),
 }
 
-# Demo epochs per stage. 8 each since 2026-12-05: a pre-registered comparison against the
-# earlier 32 / 15 / 20 / 10 over seeds 0-2 (docs/egobench.md, "Pre-registered: a shorter stage
-# schedule") kept the EgoBench average (33.1 +- 1.7 vs 33.9 +- 4.0) and the chat check (9.7 vs
-# 9.7 of 20) within the rule, at about half the stages' time; four QA tasks lost more than their
-# seed spread (EgoSchema, QAEgo4D close, EgoTaskQA direct / indirect), EgoPlan gained.
-DEMO_EPOCHS = {0: 8, 1: 8, 2: 8, 3: 8}
+# Demo epochs per stage: 8 / 4 / 4 / 6 since 2026-12-05, after two pre-registered comparisons
+# over seeds 0-2 against the earlier 32 / 15 / 20 / 10 (docs/egobench.md, "Pre-registered"):
+# 8 / 8 / 8 / 8 kept the EgoBench average (33.1 +- 1.7 vs 33.9 +- 4.0) and the chat check
+# (9.7 vs 9.7 of 20); 8 / 4 / 4 / 6 with stage 3's 80-token text bucket kept them too (32.8 +-
+# 1.8; 10.0 of 20) at 1 046 -> about 830 s for `make demo`. Both lost more than their seed
+# spread on the same four QA tasks (EgoSchema, QAEgo4D close, EgoTaskQA direct / indirect).
+DEMO_EPOCHS = {0: 8, 1: 4, 2: 4, 3: 6}
+# Stage 3's text length buckets in the demo: its rows are 40-75 tokens, so 80 instead of 128
+# for the batches whose longest row is 65-75 (45 % of them; a step at 80 tokens costs 122 ms
+# against 151 at 128, `bench/stage_step_cost.py`).
+DEMO_STAGE3_BUCKETS = (16, 32, 64, 80, 128)
 
 
 def parse_preset(arg: str | None) -> str:
@@ -135,6 +140,7 @@ def demo_overrides(stage: int) -> dict[str, Any]:
         "data.tokenizer": "demo_data/prepared/tokenizer",
         # The mistral template's system prompt alone is ~40 demo tokens: instructions need room.
         "data.max_text_len": 48 if stage < 3 else 192,
+        "data.length_buckets": () if stage < 3 else DEMO_STAGE3_BUCKETS,
         "data.workers": 0,
         # All ~3,900 distinct training clips of the demo world (~190 MB as uint8).
         "data.clip_cache_mb": 1024,
