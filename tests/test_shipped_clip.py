@@ -24,8 +24,12 @@ def _demo_tower(tmp_path):
     return config_lib.build_model_config(model).clip
 
 
-def test_small_run_of_the_command_is_bit_exact(tmp_path):
-    info = shipped_clip.manifest()
+SHIPPED_VIEWS = [shipped_clip.DEFAULT_VIEWS, shipped_clip.EXO_VIEWS]
+
+
+@pytest.mark.parametrize("views", SHIPPED_VIEWS, ids=["-".join(v) for v in SHIPPED_VIEWS])
+def test_small_run_of_the_command_is_bit_exact(tmp_path, views):
+    info = shipped_clip.manifest(shipped_clip.assets_for(views))
     built = info["built_with"]
     if (built["jax"], built["cpu_threads"]) != (jax.__version__, shipped_clip.cpu_threads()):
         pytest.skip(
@@ -36,11 +40,12 @@ def test_small_run_of_the_command_is_bit_exact(tmp_path):
     # matmul precision (either changes XLA:CPU's programs, so the bytes).
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     out = tmp_path / "tower"
-    argv = ["-m", "exo2ego_jax.demo.pretrain_clip", "--out", str(out), *shipped_clip.SMALL_ARGS]
+    args = shipped_clip.command_args(views, small=True)
+    argv = ["-m", "exo2ego_jax.demo.pretrain_clip", "--out", str(out), *args]
     subprocess.run([sys.executable, *argv], env=env, check=True, capture_output=True)
     got = {name: shipped_clip.sha256(out / name) for name in shipped_clip.FILES}
     assert got == info["small_check"]["sha256"]
-    assert info["small_check"]["command"].endswith(" ".join(shipped_clip.SMALL_ARGS))
+    assert info["small_check"]["command"].endswith(" ".join(args))
 
 
 def test_shipped_files_match_their_manifest_and_the_demo_tower(tmp_path):
@@ -56,6 +61,27 @@ def test_shipped_files_match_their_manifest_and_the_demo_tower(tmp_path):
     assert runner.clip_phase(tower, False, clip_steps=20) == "CLIP pretraining"
     other = dataclasses.replace(tower, num_layers=tower.num_layers + 1)
     assert runner.clip_phase(other, pretrain_clip=False) == "CLIP pretraining"
+
+
+def test_the_exo_only_tower_is_shipped_apart_and_chosen_by_its_views(tmp_path):
+    """The study's tower (corpus of exo views only) has its own files and manifest, made by
+    the same command with ``--views exo``, and is what the runner copies for those views."""
+    exo = shipped_clip.assets_for(shipped_clip.EXO_VIEWS)
+    assert exo != shipped_clip.ASSET_DIR
+    info = shipped_clip.manifest(exo)
+    assert info["command"] == shipped_clip.COMMAND + " --views exo"
+    for name in shipped_clip.FILES:
+        assert shipped_clip.sha256(exo / name) == info["sha256"][name]
+    demo_sha = shipped_clip.manifest()["sha256"]["model.safetensors"]
+    assert info["sha256"]["model.safetensors"] != demo_sha  # another tower
+    tower = _demo_tower(tmp_path)
+    assert runner.clip_phase(tower, False, views=("exo",)) == runner.SHIPPED_CLIP
+    assert runner.clip_phase(tower, False, views=("exo",), clip_steps=20) == "CLIP pretraining"
+    with pytest.raises(ValueError, match="no shipped CLIP tower"):
+        shipped_clip.assets_for(("ego",))
+    assert runner.clip_phase(tower, False, views=("ego",)) == "CLIP pretraining"
+    assert shipped_clip.command_args(("exo",)) == ("--views", "exo")
+    assert shipped_clip.command_args(("exo", "ego")) == ()  # the default corpus, any order
 
 
 def test_install_copies_and_refuses_a_damaged_asset(tmp_path):
@@ -98,3 +124,17 @@ def test_prepare_data_copies_the_shipped_tower_as_its_own_phase(tmp_path, monkey
     assert "copied the shipped tower" in lines[0]
     plan = runner.planned_phases(tmp_path / "work", data, clip=runner.SHIPPED_CLIP)
     assert plan[0] == "stage 0"  # nothing left to prepare
+
+
+def test_prepare_data_copies_the_tower_of_its_clip_views(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    for key, path in runner.prepared_outputs(data).items():
+        if key != "CLIP pretraining":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("{}")
+    monkeypatch.setattr(runner, "check_demo_lm", lambda *a: None)
+    monkeypatch.setattr(runner, "pretrain_clip_tower", lambda *a, **k: 1 / 0)
+    runner.prepare_data(data, log=lambda *a: None, pretrain_clip=False, clip_views=("exo",))
+    exo = shipped_clip.assets_for(shipped_clip.EXO_VIEWS)
+    copied = data / "prepared" / "clip" / "model.safetensors"
+    assert copied.read_bytes() == (exo / "model.safetensors").read_bytes()
