@@ -254,7 +254,7 @@ QUICK = {
 
 #: Seconds each phase of the progress display is expected to take on an idle 2-core CPU,
 #: measured 2026-12-05: quick, ``python main.py --demo --quick`` (2.6 min); default, ``make
-#: demo`` in a fresh clone of 6ea714e (17.4 min with the shipped CLIP; docs/egobench.md; the
+#: demo`` in a fresh clone of 514e32d (14.8 min with the shipped CLIP; docs/egobench.md; the
 #: CLIP phase, ``--pretrain_clip``, is an earlier run's, corpus rendering included). The
 #: display rescales them by this machine's speed on the phases already finished, so their
 #: proportions matter more than their values.
@@ -265,9 +265,9 @@ EXPECTED_SECONDS = {
         "EgoBench": 14, "chat check": 8,
     },
     "default": {
-        "world rendering": 102, "dataset preparation": 2, "LM pretraining": 23,
-        "CLIP pretraining": 1785, SHIPPED_CLIP: 1, "stage 0": 180, "stage 1": 43,
-        "stage 2": 108, "stage 3": 479, "EgoBench": 96, "chat check": 9,
+        "world rendering": 104, "dataset preparation": 2, "LM pretraining": 24,
+        "CLIP pretraining": 1785, SHIPPED_CLIP: 1, "stage 0": 192, "stage 1": 27,
+        "stage 2": 67, "stage 3": 355, "EgoBench": 102, "chat check": 9,
     },
 }  # fmt: skip
 
