@@ -120,6 +120,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # The stand-in CLIP's pretraining corpus: third-person views only, as web CLIP's
     # (a shipped tower, exo2ego_jax/demo/shipped_clip.py); ("ego", "exo") is the demo's.
     c.clip_views = ("exo",)
+    # Pretrain the stand-in CLIP here (~45 min on 2 cores) even when a shipped tower is what
+    # that would make (the default copies it: same bytes, exo2ego_jax/demo/shipped_clip.py).
+    c.pretrain_clip = False
     # Persistent XLA compilation cache ("" = off; <root> is replaced by c.root).
     c.compilation_cache = "<root>/jax_cache"
     c.lm_steps = 0  # demo LM pretraining steps; 0 = demo.prepare_data's default

@@ -13,7 +13,7 @@ from exo2ego_jax.demo import study_groups, study_report
 from exo2ego_jax.eval.evaluate import load_benchmark
 from input_pipeline.egobench import RetrievalBenchmark
 from input_pipeline.synthetic import generate_world
-from input_pipeline.synthetic.concepts import item_take, load_manifest
+from input_pipeline.synthetic.concepts import StudyRegime, item_take, load_manifest
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +30,7 @@ def grouped_eval(tmp_path_factory):
         heldout_takes=4,
         size=64,
         fps=6,
-        transfer_colors=("purple",),
-        transfer_shapes=("knife",),
+        study=StudyRegime(transfer_colors=("purple",), transfer_shapes=("knife",)),
         progress=False,
     )
     config = demo_configs.eval_config(data / "work", data)

@@ -14,8 +14,9 @@ time-synchronised. Takes are split into disjoint groups that mirror the paper's 
 * ``val``       (optional, the study regime) more such takes, with their own EgoBench files
                 in ``egobench_val/`` for tuning.
 
-With transfer concepts (``generate_world(..., transfer_colors=("purple",))``) some colours
-and shapes occur in exo takes but in no ego-labelled take, and held-out takes are grouped
+With transfer concepts
+(``generate_world(..., study=StudyRegime(transfer_colors=("purple",)))``) some colours and
+shapes occur in exo takes but in no ego-labelled take, and held-out takes are grouped
 ``transfer`` / ``seen`` (module ``concepts``).
 
 EgoIT-style instructions (``egoit/egoit_instructions.json``) are built on the ego videos of
@@ -56,6 +57,7 @@ from input_pipeline.synthetic.clip_corpus import (
     render_take_clips,
 )
 from input_pipeline.synthetic.concepts import (
+    StudyRegime,
     TransferConcepts,
     heldout_groups,
     item_take,
@@ -125,6 +127,7 @@ __all__ = [
     "split_sizes",
     "build_specs",
     # transfer concepts (the study regime)
+    "StudyRegime",
     "TransferConcepts",
     "heldout_groups",
     "item_take",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from input_pipeline.synthetic.concepts import StudyRegime
 from input_pipeline.synthetic.rendering import DEFAULT_CRF
 from input_pipeline.synthetic.sampling import DEFAULT_NUM_TAKES
 from input_pipeline.synthetic.takes import DEFAULT_FPS, DEFAULT_SIZE
@@ -29,10 +30,12 @@ def main(argv: list[str] | None = None) -> int:
             ego_takes=a.ego_takes,
             exo_takes=a.exo_takes,
             heldout_takes=a.heldout_takes,
-            transfer_colors=tuple(a.transfer_colors),
-            transfer_shapes=tuple(a.transfer_shapes),
-            val_takes=a.val_takes,
-            transfer_heldout_fraction=a.transfer_heldout_fraction,
+            study=StudyRegime(
+                transfer_colors=tuple(a.transfer_colors),
+                transfer_shapes=tuple(a.transfer_shapes),
+                val_takes=a.val_takes,
+                transfer_heldout_fraction=a.transfer_heldout_fraction,
+            ),
             fps=a.fps,
             size=a.size,
             crf=a.crf,

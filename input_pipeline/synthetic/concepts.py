@@ -25,6 +25,7 @@ from input_pipeline.synthetic.vocabulary import COLORS, SHAPES
 __all__ = [
     "GROUPS",
     "TransferConcepts",
+    "StudyRegime",
     "mentions",
     "involves",
     "satisfies",
@@ -79,6 +80,40 @@ class TransferConcepts:
     def marks(self, obj: ObjectSpec) -> bool:
         """Whether ``obj`` has a transfer colour or a transfer shape."""
         return obj.color in self.colors or obj.shape in self.shapes
+
+
+@dataclass(frozen=True)
+class StudyRegime:
+    """The study regime's world options (``generate_world(..., study=StudyRegime(...))``).
+
+    ``transfer_colors`` / ``transfer_shapes``: the :class:`TransferConcepts`;
+    ``transfer_heldout_fraction``: the share of held-out (and val) takes that are
+    ``transfer`` takes, in [0, 1]; ``val_takes``: held-out-style validation takes with their
+    own EgoBench files. Checked on construction; the default (all off) is the demo world.
+    """
+
+    transfer_colors: tuple[str, ...] = ()
+    transfer_shapes: tuple[str, ...] = ()
+    val_takes: int = 0
+    transfer_heldout_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        concepts = TransferConcepts(self.transfer_colors, self.transfer_shapes)
+        object.__setattr__(self, "transfer_colors", concepts.colors)
+        object.__setattr__(self, "transfer_shapes", concepts.shapes)
+        if not 0.0 <= self.transfer_heldout_fraction <= 1.0:
+            raise ValueError(
+                f"transfer_heldout_fraction must be in [0, 1], got {self.transfer_heldout_fraction}"
+            )
+        if self.val_takes < 0:
+            raise ValueError(f"val takes must be >= 0, got {self.val_takes}")
+
+    @property
+    def concepts(self) -> TransferConcepts:
+        return TransferConcepts(self.transfer_colors, self.transfer_shapes)
+
+    def __bool__(self) -> bool:
+        return bool(self.concepts) or self.val_takes > 0
 
 
 def mentions(take: TakeSpec, concepts: TransferConcepts) -> bool:
