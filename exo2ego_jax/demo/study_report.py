@@ -149,7 +149,8 @@ def results_tables(
     head = "| Arm | " + " | ".join(COLUMNS) + " | Paper avg |"
     rule = "|---|" + "---:|" * (len(COLUMNS) + 1)
     lines = [
-        f"# Exo2Ego study: synthetic EgoBench, mean ± std over seeds {list(seeds)}",
+        f"# Exo2Ego study: synthetic EgoBench ({config.eval.get('split', 'test')} items), "
+        f"mean ± std over seeds {list(seeds)}",
         "",
         "Per-task headline score (the eval report's average inputs) and their average, in "
         "percent. Paper avg: method.md §6, Table 3 (real EgoBench, 7B model).",
