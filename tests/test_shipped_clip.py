@@ -103,9 +103,10 @@ def test_install_copies_and_refuses_a_damaged_asset(tmp_path):
         shipped_clip.install(tmp_path / "other", damaged)
 
 
-def test_prepare_data_copies_the_shipped_tower_as_its_own_phase(tmp_path, monkeypatch):
+def _data_without_clip(tmp_path, monkeypatch):
+    """A data directory whose steps before the CLIP are found on disk (their outputs exist),
+    with pretraining made to fail: only a copy of a shipped tower can fill the CLIP."""
     data = tmp_path / "data"
-    # Steps 1-3 before the CLIP are found on disk (their outputs exist).
     for key, path in runner.prepared_outputs(data).items():
         if key != "CLIP pretraining":
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,6 +117,11 @@ def test_prepare_data_copies_the_shipped_tower_as_its_own_phase(tmp_path, monkey
         raise AssertionError("pretrained although the shipped tower is what it would make")
 
     monkeypatch.setattr(runner, "pretrain_clip_tower", no_pretraining)
+    return data
+
+
+def test_prepare_data_copies_the_shipped_tower_as_its_own_phase(tmp_path, monkeypatch):
+    data = _data_without_clip(tmp_path, monkeypatch)
     phases, lines = runner.Phases(), []
     runner.prepare_data(data, log=lines.append, phases=phases, pretrain_clip=False)
     assert list(phases.seconds) == [runner.SHIPPED_CLIP]
@@ -127,13 +133,7 @@ def test_prepare_data_copies_the_shipped_tower_as_its_own_phase(tmp_path, monkey
 
 
 def test_prepare_data_copies_the_tower_of_its_clip_views(tmp_path, monkeypatch):
-    data = tmp_path / "data"
-    for key, path in runner.prepared_outputs(data).items():
-        if key != "CLIP pretraining":
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("{}")
-    monkeypatch.setattr(runner, "check_demo_lm", lambda *a: None)
-    monkeypatch.setattr(runner, "pretrain_clip_tower", lambda *a, **k: 1 / 0)
+    data = _data_without_clip(tmp_path, monkeypatch)
     runner.prepare_data(data, log=lambda *a: None, pretrain_clip=False, clip_views=("exo",))
     exo = shipped_clip.assets_for(shipped_clip.EXO_VIEWS)
     copied = data / "prepared" / "clip" / "model.safetensors"

@@ -101,9 +101,7 @@ def matches(config: CLIPVisionConfig, asset_dir: Path = ASSET_DIR) -> bool:
     """Whether the shipped tower has the shape ``config`` asks for (the runner also checks
     that the seed, corpus size and steps are the command's defaults)."""
     path = Path(asset_dir) / "config.json"
-    if not (Path(asset_dir) / "manifest.json").exists():
-        return False
-    if not path.exists():
+    if not (path.exists() and (Path(asset_dir) / "manifest.json").exists()):
         return False
     shipped = json.loads(path.read_text())
     wanted = config.to_hf_config()

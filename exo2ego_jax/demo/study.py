@@ -56,7 +56,7 @@ from configs import demo as demo_configs
 from configs import study as study_configs
 from exo2ego_jax import config_lib
 from exo2ego_jax.demo.study_data import data_dir_of, prepare_data
-from exo2ego_jax.demo.study_groups import group_metrics
+from exo2ego_jax.demo.study_groups import group_metrics, has_item_groups
 from exo2ego_jax.demo.study_report import (
     AVERAGE,
     PAPER_AVERAGE,
@@ -77,7 +77,6 @@ from exo2ego_jax.training.loop import TrainingDivergedError, train
 from exo2ego_jax.training.streams import dataset_for
 from input_pipeline import atomic
 from input_pipeline.pipeline import PipelineOptions, record_dataset
-from input_pipeline.synthetic.concepts import load_manifest
 from input_pipeline.synthetic.egobench import loader_kwargs
 
 Log = Callable[[str], None]
@@ -464,14 +463,6 @@ def run_eval(job: EvalJob, *, log: Log, progress: bool) -> dict[str, dict]:
     by_group = "".join(f", {g} {format_score(v[AVERAGE])}" for g, v in groups.items())
     log(f"[study] {job.id}: average {format_score(scores[AVERAGE])}{by_group}")
     return {"all": scores, **groups}
-
-
-def has_item_groups(eval_config: ml_collections.ConfigDict) -> bool:
-    """Whether the evaluated world groups its held-out takes (transfer concepts set)."""
-    manifest = load_manifest(eval_config.eval.data_root)
-    return bool(manifest.get("study", {}).get("transfer_colors")) or bool(
-        manifest.get("study", {}).get("transfer_shapes")
-    )
 
 
 def use_compilation_cache(config: ml_collections.ConfigDict) -> None:

@@ -11,7 +11,6 @@ EPIC-KITCHENS-100 MIR over its clips and the sentences relevant to them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 
 import ml_collections
@@ -23,7 +22,7 @@ from exo2ego_jax.eval.evaluate import load_benchmark
 from input_pipeline.egobench import RetrievalBenchmark
 from input_pipeline.synthetic.concepts import GROUPS, item_take, load_manifest
 
-__all__ = ["GROUPS", "group_metrics", "group_counts"]
+__all__ = ["GROUPS", "group_metrics", "has_item_groups"]
 
 Metrics = dict[str, float]
 
@@ -37,6 +36,13 @@ def _retrieval_metrics(predictions: list[dict], bench: RetrievalBenchmark, ids: 
     rel = np.asarray(bench.relevancy, np.float64)[rows]
     cols = rel.max(axis=0) > 0
     return {k: 100.0 * v for k, v in M.mir_metrics(sim[:, cols], rel[:, cols]).items()}
+
+
+def has_item_groups(config: ml_collections.ConfigDict) -> bool:
+    """Whether the evaluated world (``config.eval.data_root``) groups its held-out takes
+    (transfer concepts set)."""
+    study = load_manifest(config.eval.data_root).get("study", {})
+    return bool(study.get("transfer_colors") or study.get("transfer_shapes"))
 
 
 def _grouped_tasks(config: ml_collections.ConfigDict):
@@ -71,13 +77,4 @@ def group_metrics(config: ml_collections.ConfigDict) -> dict[str, dict[str, Metr
                 out[group][task] = _retrieval_metrics(predictions, bench, ids)
             else:
                 out[group][task] = report.task_metrics(task, chosen)
-    return out
-
-
-def group_counts(config: ml_collections.ConfigDict) -> Mapping[str, Mapping[str, int]]:
-    """``{group: {task: items}}``: how many items each group's scores rest on."""
-    out: dict[str, dict[str, int]] = {g: {} for g in GROUPS}
-    for task, _, group_of in _grouped_tasks(config):
-        for g in group_of.values():
-            out[g][task] = out[g].get(task, 0) + 1
     return out
