@@ -4,15 +4,18 @@ import hashlib
 import json
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 
+from exo2ego_jax.demo import held_out_views
 from input_pipeline import synthetic as sw
 from input_pipeline.egobench import TASKS, RetrievalBenchmark, load_task
 from input_pipeline.synthetic import cli, concepts
 from input_pipeline.synthetic import egobench as bench_files
 from input_pipeline.synthetic.concepts import StudyRegime, TransferConcepts, involves, mentions
 from input_pipeline.synthetic.corpora import egoclip_file, egoexo_files, egoit_file
+from input_pipeline.synthetic.rendering import render_take
 from input_pipeline.synthetic.sampling import SPLITS
 
 PURPLE_KNIFE = TransferConcepts(("purple",), ("knife",))
@@ -295,3 +298,55 @@ def test_item_take_of_a_path_and_its_errors(world):
         concepts.item_take("nope", video, manifest)
     with pytest.raises(ValueError, match="no 'study' record"):
         concepts.item_take("vlnqa", video, {"seed": 0})
+
+
+# ----------------------------------------------------------------------------- exo views
+
+
+def _decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def test_world_takes_are_the_worlds_own(world):
+    manifest = concepts.load_manifest(world)
+    for split in ("pairs", "heldout", "val"):
+        takes = held_out_views.world_takes(world, split)
+        assert [t.uid for t in takes] == manifest["splits"][split]
+    with pytest.raises(ValueError, match="no 'nope' split"):
+        held_out_views.world_takes(world, "nope")
+
+
+def test_exo_view_world_shows_the_held_out_takes_from_the_exo_rig(world, tmp_path):
+    exo = held_out_views.exo_view_world(world, tmp_path / "exo", workers=1)
+    assert not (tmp_path / "exo.tmp").exists()
+    bench = world / "egobench"
+    for p in bench.rglob("*"):  # the annotation files, byte for byte
+        if p.is_file() and p.parent.name != "videos":
+            assert (exo / p.relative_to(world)).read_bytes() == p.read_bytes(), p
+    for take in held_out_views.world_takes(world, "heldout"):
+        rel = take.videos["aria01"]
+        got = _decode(exo / rel).astype(np.float32)
+        want = render_take(held_out_views.with_exo_camera(take), "cam01")
+        ego = _decode(world / rel).astype(np.float32)
+        assert got.shape == want.shape == ego.shape  # time-aligned with the ego video
+        err = np.abs(got - want).mean()  # the codec's loss only
+        assert err < 3.0
+        assert np.abs(got - ego).mean() > 10 * err
+
+
+def test_step_clips_label_the_transfer_concepts_on_the_table(world, tmp_path):
+    takes = held_out_views.world_takes(world, "heldout")
+    videos = {t.uid: tmp_path / f"{t.uid}.mp4" for t in takes}
+    clips = held_out_views.step_clips(world, "heldout", videos)
+    assert len(clips) == sum(len(t.object_steps()) for t in takes)
+    groups = concepts.heldout_groups(world)
+    for take in takes:
+        mine = [c for c in clips if c.take == take.name]
+        purple = any(o.color == "purple" for o in take.objects)
+        knife = any(o.shape == "knife" for o in take.objects)
+        assert {(c.labels["purple"], c.labels["knife"]) for c in mine} == {(purple, knife)}
+        assert {c.group for c in mine} == {groups[take.name]}
+        assert (purple or knife) == (groups[take.name] == "transfer")
+        assert [(c.start, c.end) for c in mine] == [(s.t0, s.t1) for s in take.object_steps()]
+        assert {c.exo for c in mine} == {videos[take.uid]}
