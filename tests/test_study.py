@@ -11,8 +11,9 @@ import pytest
 from eval_helpers import recompute_metrics, task_scores_by_hand
 
 from configs import study as study_config
-from exo2ego_jax.demo import study, study_report
+from exo2ego_jax.demo import held_out_views, study, study_diagnostics, study_report
 from exo2ego_jax.eval import evaluate
+from input_pipeline.egobench import TASKS
 
 
 def test_mean_std_and_aggregate_on_known_numbers():
@@ -185,3 +186,26 @@ def test_quick_study_end_to_end_and_rerun(tmp_path):
     base0_job = next(j for j in plan.stages.values() if j.stage == 0 and j.arms == ["baseline"])
     assert base0_job.config.data.datasets.ego_caption == "ego_clip+ego_exo_clip"
     assert base0_job.config.optim.num_steps == 2 * config.optim.stage0.num_steps
+
+    # The diagnostics of the finished study (docs/study.md, "Diagnostics"): every section is
+    # written, the ego-view row is the study's own score, and the exo-view evaluation scored
+    # the same items as the ego view, from the exo renders of the same takes.
+    diag: list[str] = []
+    report = study_diagnostics.run(config, log=diag.append)
+    seed0 = report["seeds"]["0"]
+    takes = held_out_views.world_takes(root / "data" / "world", "heldout")
+    assert report["clips"]["test"] == sum(len(t.object_steps()) for t in takes)
+    ego_row = seed0["egobench"]["full, ego view"]["all"]["Average"]
+    assert ego_row == payload["per_seed"]["arms"]["full"][0]["Average"]
+    exo_dir = root / "diagnostics" / "seed0" / "exo_view"
+    full_dir = plan.evals[plan.arm_evals[("full", 0)]].out_dir
+    for task in TASKS:
+        ids = [json.loads(line)["item_id"] for line in (exo_dir / f"{task}.jsonl").open()]
+        assert ids == [json.loads(line)["item_id"] for line in (full_dir / f"{task}.jsonl").open()]
+    for split in ("test", "pairs"):
+        for values in seed0["mapping"][split].values():
+            assert all(np.isfinite(v) and v >= 0 for v in values.values())
+    assert set(seed0["stage2_losses"]) == {"vtg", "kl", "ccl", "loss"}
+    md = (root / "diagnostics" / "diagnostics.md").read_text()
+    for title in ("How close F(x) comes to y", "Linear probe", "Stage 2 losses", "by view"):
+        assert title in md
