@@ -48,6 +48,11 @@ def _env() -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
     env["PYTHONPATH"] = str(ROOT)
+    # The runs below compile the same stage-0 program five times: the tests' persistent
+    # cache (conftest.py) compiles it once.
+    env["JAX_COMPILATION_CACHE_DIR"] = os.environ.get(
+        "EXO2EGO_TEST_JAX_CACHE", "/tmp/exo2ego-jax-test-cache"
+    )
     return env
 
 

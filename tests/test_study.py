@@ -195,15 +195,15 @@ def test_quick_study_end_to_end_and_rerun(tmp_path):
     seed0 = report["seeds"]["0"]
     takes = held_out_views.world_takes(root / "data" / "world", "heldout")
     assert report["clips"]["test"] == sum(len(t.object_steps()) for t in takes)
-    ego_row = seed0["egobench"]["full, ego view"]["all"]["Average"]
+    ego_row = seed0["egobench"]["full (final), ego view"]["all"]["Average"]
     assert ego_row == payload["per_seed"]["arms"]["full"][0]["Average"]
-    exo_dir = root / "diagnostics" / "seed0" / "exo_view"
+    exo_dir = root / "diagnostics" / "seed0" / "exo_view_final"
     full_dir = plan.evals[plan.arm_evals[("full", 0)]].out_dir
     for task in TASKS:
         ids = [json.loads(line)["item_id"] for line in (exo_dir / f"{task}.jsonl").open()]
         assert ids == [json.loads(line)["item_id"] for line in (full_dir / f"{task}.jsonl").open()]
     for split in ("test", "pairs"):
-        for values in seed0["mapping"][split].values():
+        for values in seed0["mapping"]["final"][split].values():
             assert all(np.isfinite(v) and v >= 0 for v in values.values())
     assert set(seed0["stage2_losses"]) == {"vtg", "kl", "ccl", "loss"}
     md = (root / "diagnostics" / "diagnostics.md").read_text()

@@ -55,6 +55,8 @@ def test_mapping_distances_on_known_arrays():
     assert got["kl"]["x vs y"] == pytest.approx(kl(y, x), rel=1e-5)
     other = y[[3, 4, 5, 0, 1, 2]]  # rolled by half: every clip meets another take's y
     assert got["rel_l2"]["F(x) vs another take's y"] == pytest.approx(rel(y, other), rel=1e-5)
+    assert got["rel_l2"]["another take's y vs y"] == pytest.approx(rel(other, y), rel=1e-5)
+    assert got["kl"]["another take's y vs y"] == pytest.approx(kl(y, other), rel=1e-5)
 
 
 def test_other_take_order_never_pairs_a_clip_with_its_own_take():

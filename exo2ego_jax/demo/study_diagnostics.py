@@ -6,14 +6,17 @@ config and flags) reads a finished study and, per seed, measures on its test tak
 * **mapping**: on the held-out takes seen from both views (the exo view rendered from a fixed
   rig by :mod:`exo2ego_jax.demo.held_out_views`), how close ``F(x)`` comes to ``y`` against
   ``x`` itself and against the ``y`` of a clip of another take: relative L2
-  ``‖a − y‖ / ‖y‖`` and stage 2's KL (per token, mean). The same on pair takes F trained on.
+  ``‖a − y‖ / ‖y‖`` and stage 2's KL (per token, mean). The same on pair takes F trained on,
+  for the final model and for the model as stage 2 left it (stage 3 trains F and E_ego by
+  VTG alone).
 * **probe**: a linear probe of each transfer concept (is an object of that colour / shape
   on the table) from the mean-pooled tokens ``y``, ``F(x)`` and ``x`` of the full model and
   ``x`` of the baseline's, with cross-validation over takes; balanced accuracy (chance 50).
 * **losses**: stage 2's VTG, KL and CCL of the full arm, first and last logged values.
 * **exo view**: EgoBench on the same held-out items shown from the exo rig and read by
   ``E_exo`` alone (``y`` replaces ``<video>``, as stage 1 trained the LLM), beside the ego
-  view's score of the full model and the baseline's.
+  view's score of the full model and the baseline's; for the final model and the model
+  after stage 2 (the LLM E_exo was trained to talk to, without stage 3's LoRA).
 
 Writes ``<root>/diagnostics/diagnostics.json`` and ``diagnostics.md``; rendered views and
 exo-view predictions are kept there, so a rerun only recomputes the features.
@@ -118,7 +121,8 @@ def other_take_order(takes: Sequence[str]) -> np.ndarray:
 
 def mapping_distances(feats: Mapping[str, np.ndarray], takes: Sequence[str]) -> dict:
     """How close ``F(x)`` comes to ``y`` (same clip) against ``x`` and against another take's
-    ``y``: ``{"rel_l2": {...}, "kl": {...}}``, means over clips."""
+    ``y``, and how far apart the ``y`` of two takes are: ``{"rel_l2": {...}, "kl": {...}}``,
+    means over clips."""
     x, fx, y = feats["x"], feats["fx"], feats["y"]
     other = y[other_take_order(takes)]
 
@@ -128,7 +132,12 @@ def mapping_distances(feats: Mapping[str, np.ndarray], takes: Sequence[str]) -> 
     def kl(target, a):
         return float(jnp.mean(losses.kl_per_token(jnp.asarray(target), jnp.asarray(a))))
 
-    pairs = {"F(x) vs y": (fx, y), "x vs y": (x, y), "F(x) vs another take's y": (fx, other)}
+    pairs = {
+        "F(x) vs y": (fx, y),
+        "x vs y": (x, y),
+        "F(x) vs another take's y": (fx, other),
+        "another take's y vs y": (other, y),  # how much y itself varies between clips
+    }
     return {
         "rel_l2": {k: rel_l2(a, b) for k, (a, b) in pairs.items()},
         "kl": {k: kl(b, a) for k, (a, b) in pairs.items()},
@@ -216,10 +225,9 @@ def exo_view_scores(
     return {"all": task_scores(metrics), **{g: task_scores(m) for g, m in group_metrics(c).items()}}
 
 
-def _study_scores(plan: Plan, arm: str, seed: int) -> dict[str, dict]:
-    """The study's own scores of ``arm`` (``study_metrics.json``): ``{"all", groups...}``."""
-    job = plan.evals[plan.arm_evals[(arm, seed)]]
-    rec = json.loads((job.out_dir / "study_metrics.json").read_text())
+def _study_scores(job_id: str, plan: Plan) -> dict[str, dict]:
+    """The study's own scores of an evaluation (``study_metrics.json``): ``{"all", groups}``."""
+    rec = json.loads((plan.evals[job_id].out_dir / "study_metrics.json").read_text())
     return {"all": rec["scores"], **rec.get("groups", {})}
 
 
@@ -228,8 +236,17 @@ def _stage_workdir(plan: Plan, arm: str, seed: int, stage: int) -> Path:
     return next(plan.stages[j].workdir for j in job.needs if plan.stages[j].stage == stage)
 
 
+def _full_models(plan: Plan, seed: int) -> dict[str, str]:
+    """The full arm's evaluated models: ``{"final": job id}``, and ``"after stage 2"`` (F and
+    E_ego as stage 2 left them, the LLM without stage 3's LoRA) when the study's stage curve
+    has it."""
+    models = {"final": plan.arm_evals[("full", seed)]}
+    if (2, seed) in plan.curve_evals:
+        models["after stage 2"] = plan.curve_evals[(2, seed)]
+    return models
+
+
 def diagnose_seed(
-    config: ml_collections.ConfigDict,
     plan: Plan,
     seed: int,
     clips: Mapping[str, list[views.StepClip]],
@@ -239,30 +256,33 @@ def diagnose_seed(
     log: Log = print,
 ) -> dict[str, Any]:
     """Every diagnostic of one seed's full and baseline arms (see the module docstring)."""
-    full_cfg = plan.evals[plan.arm_evals[("full", seed)]].config
-    full = runtime.load_trained(check_eval_config(full_cfg), log=logging.info)
-    with full.context():
-        feats = {split: encode_clips(full, cl) for split, cl in clips.items()}
-        log(f"[diagnostics] seed {seed}: exo-view EgoBench")
-        exo = exo_view_scores(full_cfg, exo_world, out / f"seed{seed}" / "exo_view", full)
-    del full
-    base_cfg = plan.evals[plan.arm_evals[("baseline", seed)]].config
-    base = runtime.load_trained(check_eval_config(base_cfg), log=logging.info)
+    mapping, feats, egobench = {}, {}, {}
+    for name, job_id in _full_models(plan, seed).items():
+        cfg = plan.evals[job_id].config
+        trained = runtime.load_trained(check_eval_config(cfg), log=logging.info)
+        with trained.context():
+            feats[name] = {split: encode_clips(trained, cl) for split, cl in clips.items()}
+            log(f"[diagnostics] seed {seed}: exo-view EgoBench of full ({name})")
+            tag = name.replace(" ", "_")
+            exo = exo_view_scores(cfg, exo_world, out / f"seed{seed}" / f"exo_view_{tag}", trained)
+        del trained
+        takes = {split: [c.take for c in cl] for split, cl in clips.items()}
+        mapping[name] = {s: mapping_distances(f, takes[s]) for s, f in feats[name].items()}
+        egobench[f"full ({name}), ego view"] = _study_scores(job_id, plan)
+        egobench[f"full ({name}), exo view (E_exo alone)"] = exo
+    base_id = plan.arm_evals[("baseline", seed)]
+    base = runtime.load_trained(check_eval_config(plan.evals[base_id].config), log=logging.info)
     with base.context():
         base_x = encode_clips(base, clips["test"])["x"]
     del base
-    test = feats["test"]
-    takes = {split: [c.take for c in cl] for split, cl in clips.items()}
+    egobench["baseline, ego view"] = _study_scores(base_id, plan)
+    test = feats["final"]["test"]
     named = {"y": test["y"], "F(x)": test["fx"], "x": test["x"], "baseline x": base_x}
     return {
-        "mapping": {s: mapping_distances(f, takes[s]) for s, f in feats.items()},
+        "mapping": mapping,
         "probe": probes(named, clips["test"]),
         "stage2_losses": loss_curve(_stage_workdir(plan, "full", seed, 2)),
-        "egobench": {
-            "full, ego view": _study_scores(plan, "full", seed),
-            "full, exo view (E_exo alone)": exo,
-            "baseline, ego view": _study_scores(plan, "baseline", seed),
-        },
+        "egobench": egobench,
     }
 
 
@@ -293,7 +313,7 @@ def run(config: ml_collections.ConfigDict, *, log: Log = print, pair_takes: int 
     per_seed = {}
     for seed in config.seeds:
         log(f"[diagnostics] seed {seed}: features, probes and losses")
-        per_seed[seed] = diagnose_seed(config, plan, seed, clips, exo_world, out, log=log)
+        per_seed[seed] = diagnose_seed(plan, seed, clips, exo_world, out, log=log)
     payload = {
         "clips": {s: len(c) for s, c in clips.items()},
         "camera": views.DEFAULT_CAMERA,
@@ -328,16 +348,17 @@ def markdown(payload: Mapping[str, Any]) -> str:
         "",
         "## How close F(x) comes to y",
         "",
-        "| comparison | rel. L2, test | KL, test | rel. L2, pairs | KL, pairs |",
-        "|---|---:|---:|---:|---:|",
+        "| model | comparison | rel. L2, test | KL, test | rel. L2, pairs | KL, pairs |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for name in seeds[0]["mapping"]["test"]["rel_l2"]:
-        cells = [
-            _cell([s["mapping"][split][m][name] for s in seeds], 3)
-            for split in ("test", "pairs")
-            for m in ("rel_l2", "kl")
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for model in seeds[0]["mapping"]:
+        for name in seeds[0]["mapping"][model]["test"]["rel_l2"]:
+            cells = [
+                _cell([s["mapping"][model][split][m][name] for s in seeds], 3)
+                for split in ("test", "pairs")
+                for m in ("rel_l2", "kl")
+            ]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Linear probe of the transfer concepts (balanced accuracy, %; chance 50)", ""]
     names = list(next(iter(seeds[0]["probe"].values())))
     lines += ["| concept | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
