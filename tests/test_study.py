@@ -202,6 +202,7 @@ def test_quick_study_end_to_end_and_rerun(tmp_path):
     for task in TASKS:
         ids = [json.loads(line)["item_id"] for line in (exo_dir / f"{task}.jsonl").open()]
         assert ids == [json.loads(line)["item_id"] for line in (full_dir / f"{task}.jsonl").open()]
+    assert report["split"] == "test"
     for split in ("test", "pairs"):
         for values in seed0["mapping"]["final"][split].values():
             assert all(np.isfinite(v) and v >= 0 for v in values.values())

@@ -16,7 +16,7 @@ from input_pipeline.synthetic import egobench as bench_files
 from input_pipeline.synthetic.concepts import StudyRegime, TransferConcepts, involves, mentions
 from input_pipeline.synthetic.corpora import egoclip_file, egoexo_files, egoit_file
 from input_pipeline.synthetic.rendering import render_take
-from input_pipeline.synthetic.sampling import SPLITS
+from input_pipeline.synthetic.sampling import BENCH_DIRS, SPLITS
 
 PURPLE_KNIFE = TransferConcepts(("purple",), ("knife",))
 # A world's sizes big enough for every group to occur (takes are cheap to sample).
@@ -317,14 +317,15 @@ def test_world_takes_are_the_worlds_own(world):
         held_out_views.world_takes(world, "nope")
 
 
-def test_exo_view_world_shows_the_held_out_takes_from_the_exo_rig(world, tmp_path):
-    exo = held_out_views.exo_view_world(world, tmp_path / "exo", workers=1)
+@pytest.mark.parametrize("split", ["heldout", "val"])
+def test_exo_view_world_shows_the_held_out_takes_from_the_exo_rig(world, tmp_path, split):
+    exo = held_out_views.exo_view_world(world, tmp_path / "exo", workers=1, split=split)
     assert not (tmp_path / "exo.tmp").exists()
-    bench = world / "egobench"
+    bench = world / BENCH_DIRS[split]
     for p in bench.rglob("*"):  # the annotation files, byte for byte
         if p.is_file() and p.parent.name != "videos":
             assert (exo / p.relative_to(world)).read_bytes() == p.read_bytes(), p
-    for take in held_out_views.world_takes(world, "heldout"):
+    for take in held_out_views.world_takes(world, split):
         rel = take.videos["aria01"]
         got = _decode(exo / rel).astype(np.float32)
         want = render_take(held_out_views.with_exo_camera(take), "cam01")

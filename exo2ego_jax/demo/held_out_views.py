@@ -144,19 +144,23 @@ def exo_view_world(
     *,
     camera: str = DEFAULT_CAMERA,
     workers: int | None = None,
+    split: str = "heldout",
 ) -> Path:
-    """A world whose EgoBench (the held-out takes) shows each take from ``camera``:
-    ``world.json`` and the ``egobench/`` annotation files copied, the videos rendered from
-    the exo rig at the same paths and times. Built in a temporary directory and renamed into
-    place; an existing complete one is reused."""
+    """A world whose EgoBench of ``split`` (``heldout``: ``egobench/``, the test items;
+    ``val``: ``egobench_val/``) shows each take from ``camera``: ``world.json`` and the
+    split's annotation files copied, the videos rendered from the exo rig at the same paths
+    and times. Built in a temporary directory and renamed into place; an existing complete
+    one is reused."""
     world, out = Path(world_dir), Path(out_dir)
     if (out / "world.json").exists():
         return out
-    bench = BENCH_DIRS["heldout"]
+    if split not in BENCH_DIRS:
+        raise ValueError(f"no EgoBench for split {split!r}; expected one of {list(BENCH_DIRS)}")
+    bench = BENCH_DIRS[split]
     tmp = out.parent / f"{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(world / bench, tmp / bench, ignore=shutil.ignore_patterns("videos"))
-    takes = world_takes(world, "heldout")
+    takes = world_takes(world, split)
     render_views(world, takes, tmp / bench / "videos", camera=camera, workers=workers)
     shutil.copy2(world / "world.json", tmp / "world.json")
     atomic.swap_dir_into_place(tmp, out)

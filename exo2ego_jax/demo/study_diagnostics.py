@@ -10,8 +10,10 @@ config and flags) reads a finished study and, per seed, measures on its test tak
   for the final model and for the model as stage 2 left it (stage 3 trains F and E_ego by
   VTG alone).
 * **probe**: a linear probe of each transfer concept (is an object of that colour / shape
-  on the table) from the mean-pooled tokens ``y``, ``F(x)`` and ``x`` of the full model and
-  ``x`` of the baseline's, with cross-validation over takes; balanced accuracy (chance 50).
+  on the table) from the mean-pooled tokens ``y``, ``F(x)`` and ``x`` of the full model,
+  ``x`` of the baseline's, and the CLIP features each connector reads (exo view through
+  E_exo's tower, ego view through E_ego's), with cross-validation over takes; balanced
+  accuracy (chance 50).
 * **losses**: stage 2's VTG, KL and CCL of the full arm, first and last logged values.
 * **exo view**: EgoBench on the same held-out items shown from the exo rig and read by
   ``E_exo`` alone (``y`` replaces ``<video>``, as stage 1 trained the LLM), beside the ego
@@ -19,7 +21,9 @@ config and flags) reads a finished study and, per seed, measures on its test tak
   after stage 2 (the LLM E_exo was trained to talk to, without stage 3's LoRA).
 
 Writes ``<root>/diagnostics/diagnostics.json`` and ``diagnostics.md``; rendered views and
-exo-view predictions are kept there, so a rerun only recomputes the features.
+exo-view predictions are kept there, so a rerun only recomputes the features. With
+``--config.eval.split=val`` the held-out takes are the validation takes (the only split a
+change may be chosen on), under ``<root>/diagnostics_val/``.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from exo2ego_jax.demo.study_groups import GROUPS, group_metrics
 from exo2ego_jax.demo.study_report import AVERAGE, format_score, mean_std, task_scores
 from exo2ego_jax.eval import report, scoring
 from exo2ego_jax.eval.evaluate import check_eval_config, load_benchmark, run_task
+from exo2ego_jax.models import clip as clip_lib
 from exo2ego_jax.models.exo2ego import Exo2Ego
 from exo2ego_jax.runtime import Trained
 from input_pipeline import atomic
@@ -76,21 +81,30 @@ def exo_view(trained: Trained) -> Trained:
 def encode_clips(
     trained: Trained, clips: Sequence[views.StepClip], *, batch_size: int = 8
 ) -> dict[str, np.ndarray]:
-    """``{"x", "fx", "y"}`` (those the model has) of every clip: ``float32[N, S, D]``.
+    """``{"x", "fx", "y"}`` (those the model has) of every clip: ``float32[N, S, D]``; and
+    ``{"clip_x", "clip_y"}``: the CLIP features the connectors read (``select_layer``),
+    averaged over frames and patches, ``float32[N, 1, C]``.
 
     Call inside ``trained.context()``. The last batch is padded (one compiled program)."""
     model, params = trained.model, trained.params
     frames_of = scoring.clip_frames_fn(model.config)
     with_exo, with_f = "exo_encoder" in params, "F" in params
 
+    def pooled_clip(encoder, frames):  # [B, T, P, C] -> [B, 1, C]
+        feats = clip_lib.clip_features(
+            model.config.clip, params[encoder]["clip"], frames, model.config.select_layer
+        )
+        return feats.mean(axis=(1, 2))[:, None, :]
+
     @jax.jit
     def encode(params, ego, exo):
         x = model.encode_ego(params, ego)
-        out = {"x": x}
+        out = {"x": x, "clip_x": pooled_clip("ego_encoder", ego)}
         if with_f:
             out["fx"] = model.map_ego_to_exo(params, x)
         if with_exo:
             out["y"] = model.encode_exo(params, exo)
+            out["clip_y"] = pooled_clip("exo_encoder", exo)
         return out
 
     chunks: list[dict] = []
@@ -226,8 +240,12 @@ def exo_view_scores(
 
 
 def _study_scores(job_id: str, plan: Plan) -> dict[str, dict]:
-    """The study's own scores of an evaluation (``study_metrics.json``): ``{"all", groups}``."""
-    rec = json.loads((plan.evals[job_id].out_dir / "study_metrics.json").read_text())
+    """The study's own scores of an evaluation (``study_metrics.json``): ``{"all", groups}``,
+    or ``{}`` when the study has not run it (e.g. on the validation split)."""
+    path = plan.evals[job_id].out_dir / "study_metrics.json"
+    if not path.exists():
+        return {}
+    rec = json.loads(path.read_text())
     return {"all": rec["scores"], **rec.get("groups", {})}
 
 
@@ -249,6 +267,7 @@ def _full_models(plan: Plan, seed: int) -> dict[str, str]:
 def diagnose_seed(
     plan: Plan,
     seed: int,
+    split: str,
     clips: Mapping[str, list[views.StepClip]],
     exo_world: Path,
     out: Path,
@@ -271,16 +290,23 @@ def diagnose_seed(
         egobench[f"full ({name}), ego view"] = _study_scores(job_id, plan)
         egobench[f"full ({name}), exo view (E_exo alone)"] = exo
     base_id = plan.arm_evals[("baseline", seed)]
-    base = runtime.load_trained(check_eval_config(plan.evals[base_id].config), log=logging.info)
-    with base.context():
-        base_x = encode_clips(base, clips["test"])["x"]
-    del base
+    trained = runtime.load_trained(check_eval_config(plan.evals[base_id].config), log=logging.info)
+    with trained.context():
+        base = encode_clips(trained, clips[split])
+    del trained
     egobench["baseline, ego view"] = _study_scores(base_id, plan)
-    test = feats["final"]["test"]
-    named = {"y": test["y"], "F(x)": test["fx"], "x": test["x"], "baseline x": base_x}
+    test = feats["final"][split]
+    named = {
+        "y": test["y"],
+        "F(x)": test["fx"],
+        "x": test["x"],
+        "baseline x": base["x"],
+        "E_exo CLIP, exo view": test["clip_y"],
+        "E_ego CLIP, ego view": test["clip_x"],
+    }
     return {
         "mapping": mapping,
-        "probe": probes(named, clips["test"]),
+        "probe": probes(named, clips[split]),
         "stage2_losses": loss_curve(_stage_workdir(plan, "full", seed, 2)),
         "egobench": egobench,
     }
@@ -288,21 +314,24 @@ def diagnose_seed(
 
 def run(config: ml_collections.ConfigDict, *, log: Log = print, pair_takes: int = 24) -> dict:
     """Diagnostics of every seed of the finished study ``config``; writes the JSON and the
-    markdown report under ``<root>/diagnostics/``."""
+    markdown report under ``<root>/diagnostics/`` (``diagnostics_val/`` on the validation
+    split)."""
     missing = [a for a in ("full", "baseline") if a not in config.arms]
     if missing:
         raise ValueError(f"the diagnostics compare full with baseline; config.arms lacks {missing}")
     plan = make_plan(config)
     world = data_dir_of(config) / "world"
-    out = Path(config.root) / "diagnostics"
-    log(f"[diagnostics] rendering the held-out takes' exo views under {out}")
-    exo_world = views.exo_view_world(world, out / "exo_world")
-    test_views = {
-        t.uid: exo_world / t.videos[EGO_CAMERA] for t in views.world_takes(world, "heldout")
+    split = config.eval.get("split", "test")  # the study's: held-out test or validation takes
+    takes_split = {"test": "heldout", "val": "val"}[split]
+    out = Path(config.root) / ("diagnostics" if split == "test" else f"diagnostics_{split}")
+    log(f"[diagnostics] rendering the {split} takes' exo views under {out}")
+    exo_world = views.exo_view_world(world, out / "exo_world", split=takes_split)
+    held_out_views = {
+        t.uid: exo_world / t.videos[EGO_CAMERA] for t in views.world_takes(world, takes_split)
     }
     pairs = views.world_takes(world, "pairs")[:pair_takes]
     clips = {
-        "test": views.step_clips(world, "heldout", test_views),
+        split: views.step_clips(world, takes_split, held_out_views),
         "pairs": views.step_clips(
             world,
             "pairs",
@@ -313,8 +342,9 @@ def run(config: ml_collections.ConfigDict, *, log: Log = print, pair_takes: int 
     per_seed = {}
     for seed in config.seeds:
         log(f"[diagnostics] seed {seed}: features, probes and losses")
-        per_seed[seed] = diagnose_seed(plan, seed, clips, exo_world, out, log=log)
+        per_seed[seed] = diagnose_seed(plan, seed, split, clips, exo_world, out, log=log)
     payload = {
+        "split": split,
         "clips": {s: len(c) for s, c in clips.items()},
         "camera": views.DEFAULT_CAMERA,
         "seeds": {str(s): v for s, v in per_seed.items()},
@@ -339,23 +369,23 @@ def _cell(values: Sequence[float | None], digits: int = 2) -> str:
 def markdown(payload: Mapping[str, Any]) -> str:
     """The report: mean ± sd over seeds of every number (per-seed values in the JSON)."""
     seeds = list(payload["seeds"].values())
-    n = len(seeds)
+    n, split = len(seeds), payload["split"]
     lines = [
         f"# Study diagnostics ({n} seeds; mean ± sd over seeds)",
         "",
-        f"Clips: {payload['clips']['test']} object steps of the held-out test takes, "
+        f"Clips: {payload['clips'][split]} object steps of the held-out {split} takes, "
         f"{payload['clips']['pairs']} of pair takes; exo views from `{payload['camera']}`.",
         "",
         "## How close F(x) comes to y",
         "",
-        "| model | comparison | rel. L2, test | KL, test | rel. L2, pairs | KL, pairs |",
+        f"| model | comparison | rel. L2, {split} | KL, {split} | rel. L2, pairs | KL, pairs |",
         "|---|---|---:|---:|---:|---:|",
     ]
     for model in seeds[0]["mapping"]:
-        for name in seeds[0]["mapping"][model]["test"]["rel_l2"]:
+        for name in seeds[0]["mapping"][model][split]["rel_l2"]:
             cells = [
-                _cell([s["mapping"][model][split][m][name] for s in seeds], 3)
-                for split in ("test", "pairs")
+                _cell([s["mapping"][model][part][m][name] for s in seeds], 3)
+                for part in (split, "pairs")
                 for m in ("rel_l2", "kl")
             ]
             lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
