@@ -10,7 +10,10 @@ so the package carries the result, made by the project's own command::
 ``manifest.json``: the command, the files' sha256, the machine it ran on (JAX version, CPU
 threads: XLA:CPU's float reductions follow its thread pool, so the bytes are reproducible
 on the same JAX with the same number of threads, not across thread counts) and a small-size
-run of the same command with its hash, which ``tests/test_shipped_clip.py`` repeats.
+run of the same command, which ``tests/test_shipped_clip.py`` repeats: its first and last
+loss, which any machine reproduces to 0.01, and its hash with the machine it was made on
+(CPU model and vector extensions too: XLA:CPU compiles for the host's, and on one AMD EPYC
+five ``--xla_cpu_max_isa`` levels gave four different byte outputs with the same losses).
 
 ``python main.py --demo`` copies the shipped tower when the demo asks for exactly what the
 command makes (the tower shape, seed 0, the default corpus and steps) and pretrains it
@@ -22,14 +25,19 @@ takes the corpus ``views`` of the tower it is about. Rebuild or check one:
 
     python -m exo2ego_jax.demo.shipped_clip build [--views exo]            # rerun, rewrite
     python -m exo2ego_jax.demo.shipped_clip verify [--small] [--views exo]  # compare bytes
+    python -m exo2ego_jax.demo.shipped_clip small-check [--views exo]      # record it here
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import os
+import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -128,11 +136,70 @@ def install(out_dir: str | os.PathLike, asset_dir: Path = ASSET_DIR) -> dict[str
     return info
 
 
-def run_command(out_dir: Path, args: tuple[str, ...]) -> dict[str, str]:
-    """Runs the pretraining command with ``args`` into ``out_dir``; the files' sha256."""
-    if pretrain_clip.main([*args, "--out", str(out_dir)]) != 0:
+def cpu_signature() -> str:
+    """The CPU model and its vector extensions (XLA:CPU compiles for the host's)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+
+    def field(name: str) -> str:
+        return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(name)), "")
+
+    isa = sorted(f for f in field("flags").split() if f.startswith(("avx", "amx", "fma")))
+    return f"{field('model name') or platform.machine()} [{' '.join(isa)}]"
+
+
+def this_machine() -> dict[str, Any]:
+    """What the bytes of a run depend on besides the command."""
+    return {"jax": jax.__version__, "cpu_threads": cpu_threads(), "cpu": cpu_signature()}
+
+
+_LOSS_LINE = re.compile(r"demo CLIP: loss (\d+\.\d+) -> (\d+\.\d+)")
+
+
+def parse_losses(output: str) -> list[float]:
+    """``[first, last]`` loss of the pretraining command's summary line in ``output``."""
+    m = _LOSS_LINE.search(output)
+    if not m:
+        raise ShippedClipError("the pretraining command printed no 'demo CLIP: loss' line")
+    return [float(m.group(1)), float(m.group(2))]
+
+
+def run_command(out_dir: Path, args: tuple[str, ...]) -> tuple[dict[str, str], list[float]]:
+    """Runs the pretraining command with ``args`` into ``out_dir``; the files' sha256 and
+    the first and last loss."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = pretrain_clip.main([*args, "--out", str(out_dir)])
+    if status != 0:
         raise ShippedClipError(f"the pretraining command failed: {COMMAND} {' '.join(args)}")
-    return {name: sha256(Path(out_dir) / name) for name in FILES}
+    hashes = {name: sha256(Path(out_dir) / name) for name in FILES}
+    return hashes, parse_losses(printed.getvalue())
+
+
+def small_check(views: tuple[str, ...] = DEFAULT_VIEWS) -> dict[str, Any]:
+    """Runs the small-size command for the tower of ``views`` here: the manifest's
+    ``small_check`` record."""
+    args = command_args(views, small=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        hashes, losses = run_command(Path(tmp) / "small", args)
+    return {
+        "command": " ".join([COMMAND, *args]),
+        "loss": losses,
+        "sha256": hashes,
+        "machine": this_machine(),
+    }
+
+
+def refresh_small_check(views: tuple[str, ...] = DEFAULT_VIEWS) -> dict[str, Any]:
+    """Reruns the small-size command on this machine and rewrites only the manifest's
+    ``small_check`` (the shipped tower and its record stay as built); returns the manifest."""
+    asset_dir = assets_for(views)
+    info = manifest(asset_dir)
+    info["small_check"] = small_check(views)
+    atomic.write_text(asset_dir / "manifest.json", json.dumps(info, indent=2) + "\n")
+    return info
 
 
 def build(
@@ -145,24 +212,20 @@ def build(
     writes the tower and its manifest to ``asset_dir`` (default: its shipped place);
     returns the manifest."""
     asset_dir = Path(asset_dir) if asset_dir else assets_for(views)
-    full_args, small_args = command_args(views), command_args(views, small=True)
+    full_args = command_args(views)
     with tempfile.TemporaryDirectory() as tmp:
         full = Path(from_dir) if from_dir else Path(tmp) / "full"
         full_hashes = (
             {name: sha256(full / name) for name in FILES}
             if from_dir
-            else run_command(full, full_args)
+            else run_command(full, full_args)[0]
         )
-        small_hashes = run_command(Path(tmp) / "small", small_args)
         what = "" if tuple(views) == DEFAULT_VIEWS else f", corpus views {list(views)}"
         info = {
             "what": f"the demo's stand-in CLIP tower (exo2ego_jax.demo.shipped_clip{what})",
             "command": " ".join([COMMAND, *full_args]),
             "sha256": full_hashes,
-            "small_check": {
-                "command": " ".join([COMMAND, *small_args]),
-                "sha256": small_hashes,
-            },
+            "small_check": small_check(views),
             "built_with": {
                 "jax": jax.__version__,
                 "cpu_threads": cpu_threads(),
@@ -182,7 +245,7 @@ def verify(small: bool, views: tuple[str, ...] = DEFAULT_VIEWS) -> list[str]:
     info = manifest(assets_for(views))
     want = info["small_check"]["sha256"] if small else info["sha256"]
     with tempfile.TemporaryDirectory() as tmp:
-        got = run_command(Path(tmp) / "tower", command_args(views, small))
+        got, _ = run_command(Path(tmp) / "tower", command_args(views, small))
     return [name for name in FILES if got[name] != want[name]]
 
 
@@ -195,7 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--from", dest="from_dir", help="a tower the same command already made")
     v = sub.add_parser("verify", help="rerun the command and compare its bytes")
     v.add_argument("--small", action="store_true", help="the small-size run (~30 s)")
-    for sp in (b, v):
+    c = sub.add_parser(
+        "small-check", help="rerun the small-size command here and rewrite only its record"
+    )
+    for sp in (b, v, c):
         sp.add_argument(
             "--views",
             nargs="+",
@@ -209,6 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         info = build(from_dir=Path(a.from_dir) if a.from_dir else None, views=views)
         sha = info["sha256"]["model.safetensors"]
         print(f"wrote {assets_for(views)} (model.safetensors sha256 {sha})")
+        return 0
+    if a.action == "small-check":
+        check = refresh_small_check(views)["small_check"]
+        print(f"wrote the small check of {assets_for(views)}: loss {check['loss']}")
         return 0
     built = manifest(assets_for(views))["built_with"]
     differ = verify(a.small, views)
