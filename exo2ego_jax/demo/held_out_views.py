@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from exo2ego_jax.demo.study_data import manifest_regime
 from input_pipeline import atomic
 from input_pipeline.synthetic.concepts import StudyRegime, load_manifest
 from input_pipeline.synthetic.parallel import map_in_processes
@@ -48,13 +49,7 @@ def world_takes(world_dir: str | os.PathLike, split: str) -> list[TakeSpec]:
     """The take specs of one split (``pairs``, ``heldout``, ``val``, ...) of the world at
     ``world_dir``, sampled again from its ``world.json`` and checked against its take ids."""
     manifest = load_manifest(world_dir)
-    study = manifest.get("study", {})
-    regime = StudyRegime(
-        transfer_colors=tuple(study.get("transfer_colors", ())),
-        transfer_shapes=tuple(study.get("transfer_shapes", ())),
-        val_takes=int(study.get("val_takes", 0)),
-        transfer_heldout_fraction=float(study.get("transfer_heldout_fraction", 0.5)),
-    )
+    regime = StudyRegime(**manifest_regime(manifest))
     if split not in manifest["sizes"]:
         have = list(manifest["sizes"])
         raise ValueError(f"{world_dir}/world.json has no {split!r} split (it has {have})")

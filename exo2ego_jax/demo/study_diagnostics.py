@@ -280,13 +280,13 @@ def diagnose_seed(
         cfg = plan.evals[job_id].config
         trained = runtime.load_trained(check_eval_config(cfg), log=logging.info)
         with trained.context():
-            feats[name] = {split: encode_clips(trained, cl) for split, cl in clips.items()}
+            feats[name] = {part: encode_clips(trained, cl) for part, cl in clips.items()}
             log(f"[diagnostics] seed {seed}: exo-view EgoBench of full ({name})")
             tag = name.replace(" ", "_")
             exo = exo_view_scores(cfg, exo_world, out / f"seed{seed}" / f"exo_view_{tag}", trained)
         del trained
-        takes = {split: [c.take for c in cl] for split, cl in clips.items()}
-        mapping[name] = {s: mapping_distances(f, takes[s]) for s, f in feats[name].items()}
+        takes = {part: [c.take for c in cl] for part, cl in clips.items()}
+        mapping[name] = {p: mapping_distances(f, takes[p]) for p, f in feats[name].items()}
         egobench[f"full ({name}), ego view"] = _study_scores(job_id, plan)
         egobench[f"full ({name}), exo view (E_exo alone)"] = exo
     base_id = plan.arm_evals[("baseline", seed)]
@@ -295,14 +295,14 @@ def diagnose_seed(
         base = encode_clips(trained, clips[split])
     del trained
     egobench["baseline, ego view"] = _study_scores(base_id, plan)
-    test = feats["final"][split]
+    held = feats["final"][split]
     named = {
-        "y": test["y"],
-        "F(x)": test["fx"],
-        "x": test["x"],
+        "y": held["y"],
+        "F(x)": held["fx"],
+        "x": held["x"],
         "baseline x": base["x"],
-        "E_exo CLIP, exo view": test["clip_y"],
-        "E_ego CLIP, ego view": test["clip_x"],
+        "E_exo CLIP, exo view": held["clip_y"],
+        "E_ego CLIP, ego view": held["clip_x"],
     }
     return {
         "mapping": mapping,
@@ -326,12 +326,12 @@ def run(config: ml_collections.ConfigDict, *, log: Log = print, pair_takes: int 
     out = Path(config.root) / ("diagnostics" if split == "test" else f"diagnostics_{split}")
     log(f"[diagnostics] rendering the {split} takes' exo views under {out}")
     exo_world = views.exo_view_world(world, out / "exo_world", split=takes_split)
-    held_out_views = {
+    exo_videos = {
         t.uid: exo_world / t.videos[EGO_CAMERA] for t in views.world_takes(world, takes_split)
     }
     pairs = views.world_takes(world, "pairs")[:pair_takes]
     clips = {
-        split: views.step_clips(world, takes_split, held_out_views),
+        split: views.step_clips(world, takes_split, exo_videos),
         "pairs": views.step_clips(
             world,
             "pairs",
