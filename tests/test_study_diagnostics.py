@@ -78,3 +78,24 @@ def test_exo_view_model_puts_the_exo_encoders_tokens_in_the_prompt():
     np.testing.assert_array_equal(visual, model.encode_exo(params, frames))
     assert not np.allclose(visual, model.encode_ego(params, frames))
     assert view.config.visual_tokens_in_prompt == cfg.tokens_per_clip
+
+
+def test_report_leaves_a_row_the_study_has_not_scored_empty():
+    # On the validation split the study's own ego-view scores are absent: "n/a", not a crash.
+    distances = {"rel_l2": {"F(x) vs y": 0.25}, "kl": {"F(x) vs y": 0.5}}
+    seed = {
+        "mapping": {"final": {"val": distances, "pairs": distances}},
+        "probe": {"purple": {"y": 60.0, "x": None}},
+        "stage2_losses": {"kl": {"first": 1.0, "last": 0.1}},
+        "egobench": {
+            "full (final), ego view": {},
+            "baseline, ego view": {"all": {"Average": 30.0}},
+        },
+    }
+    md = diag.markdown({"split": "val", "clips": {"val": 3, "pairs": 4}, "camera": "cam01",
+                        "seeds": {"0": seed}})  # fmt: skip
+    assert "| final | F(x) vs y | 0.250 | 0.500 | 0.250 | 0.500 |" in md
+    assert "| purple | 60.0 | n/a |" in md
+    assert "| full (final), ego view | n/a | n/a | n/a |" in md
+    assert "| baseline, ego view | 30.0 | n/a | n/a |" in md
+    assert "seed 0: full (final), ego view —, baseline, ego view 30.0" in md

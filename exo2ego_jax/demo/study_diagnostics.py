@@ -408,11 +408,12 @@ def markdown(payload: Mapping[str, Any]) -> str:
         got = [[s["egobench"][row].get(p, {}).get(AVERAGE) for s in seeds] for p in parts]
         cells = [_cell(values, 1) for values in got]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
+
+    def average(row: Mapping[str, Any]) -> str:
+        return format_score(row.get("all", {}).get(AVERAGE))
+
     per_seed = [
-        f"seed {k}: "
-        + ", ".join(
-            f"{row} {format_score(v['all'].get(AVERAGE))}" for row, v in s["egobench"].items()
-        )
+        f"seed {k}: " + ", ".join(f"{name} {average(v)}" for name, v in s["egobench"].items())
         for k, s in payload["seeds"].items()
     ]
     return "\n".join(lines + ["", *per_seed, ""])
