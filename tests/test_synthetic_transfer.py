@@ -339,7 +339,7 @@ def test_exo_view_world_shows_the_held_out_takes_from_the_exo_rig(world, tmp_pat
 def test_step_clips_label_the_transfer_concepts_on_the_table(world, tmp_path):
     takes = held_out_views.world_takes(world, "heldout")
     videos = {t.uid: tmp_path / f"{t.uid}.mp4" for t in takes}
-    clips = held_out_views.step_clips(world, "heldout", videos)
+    clips = held_out_views.step_clips(world, takes, videos)
     assert len(clips) == sum(len(t.object_steps()) for t in takes)
     groups = concepts.heldout_groups(world)
     for take in takes:

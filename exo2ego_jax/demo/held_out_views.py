@@ -163,30 +163,24 @@ def exo_view_world(
 
 
 def step_clips(
-    world_dir: str | os.PathLike,
-    split: str,
-    exo_videos: dict[str, Path],
-    *,
-    max_takes: int = 0,
+    world_dir: str | os.PathLike, takes: list[TakeSpec], exo_videos: dict[str, Path]
 ) -> list[StepClip]:
-    """Every object step of the ``split`` takes (the first ``max_takes``; 0 = all), with its
-    ego video, the exo view in ``exo_videos`` (uid -> path) and the transfer-concept
-    labels."""
+    """Every object step of ``takes`` (:func:`world_takes` of the world at ``world_dir``),
+    with its ego video, the exo view in ``exo_videos`` (uid -> path) and the
+    transfer-concept labels."""
     world = Path(world_dir)
-    manifest = load_manifest(world)
-    study = manifest.get("study", {})
+    study = load_manifest(world).get("study", {})
     groups = study.get("groups", {})
     colors, shapes = study.get("transfer_colors", ()), study.get("transfer_shapes", ())
-    takes = world_takes(world, split)
     out = []
-    for take in takes[: max_takes or None]:
+    for take in takes:
         labels = {c: any(o.color == c for o in take.objects) for c in colors}
         labels |= {s: any(o.shape == s for o in take.objects) for s in shapes}
         for step in take.object_steps():
             out.append(
                 StepClip(
                     take=take.name,
-                    group=groups.get(take.name, split),
+                    group=groups.get(take.name, take.split),
                     ego=world / take.videos[EGO_CAMERA],
                     exo=Path(exo_videos[take.uid]),
                     start=step.t0,

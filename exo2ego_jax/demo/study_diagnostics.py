@@ -326,18 +326,13 @@ def run(config: ml_collections.ConfigDict, *, log: Log = print, pair_takes: int 
     out = Path(config.root) / ("diagnostics" if split == "test" else f"diagnostics_{split}")
     log(f"[diagnostics] rendering the {split} takes' exo views under {out}")
     exo_world = views.exo_view_world(world, out / "exo_world", split=takes_split)
-    exo_videos = {
-        t.uid: exo_world / t.videos[EGO_CAMERA] for t in views.world_takes(world, takes_split)
-    }
+    held_out = views.world_takes(world, takes_split)  # sampled once, used twice
+    exo_videos = {t.uid: exo_world / t.videos[EGO_CAMERA] for t in held_out}
     pairs = views.world_takes(world, "pairs")[:pair_takes]
+    pair_videos = views.render_views(world, pairs, out / "pair_views")
     clips = {
-        split: views.step_clips(world, takes_split, exo_videos),
-        "pairs": views.step_clips(
-            world,
-            "pairs",
-            views.render_views(world, pairs, out / "pair_views"),
-            max_takes=pair_takes,
-        ),
+        split: views.step_clips(world, held_out, exo_videos),
+        "pairs": views.step_clips(world, pairs, pair_videos),
     }
     per_seed = {}
     for seed in config.seeds:
