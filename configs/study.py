@@ -96,6 +96,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seeds = (0, 1, 2)
     c.arms = ("baseline", "full", "no_kl", "no_g_ccl", "forward_cycle", "fc_mapping", "no_lora")
     c.arm_defs = arm_defs()
+    # Stage-config fields set for every arm that trains the stage, under the arm's own
+    # overrides; None keeps the stage's default (and the jobs' ids): a study-wide change is
+    # one flag, e.g. --config.all_arms.stage2.stage.kl_temperature=0.1.
+    c.all_arms = ml_collections.ConfigDict({f"stage{k}": {} for k in range(4)})
+    c.all_arms.stage2.stage = ml_collections.ConfigDict(
+        {"kl_temperature": ml_collections.config_dict.placeholder(float)}
+    )
 
     # The synthetic world's data regime (input_pipeline.synthetic.generate_world): few
     # ego clip-text takes, many exo clip-text takes, synchronized ego-exo pairs, and the

@@ -88,6 +88,22 @@ def test_plan_shares_stage_runs_between_arms(tmp_path):
     assert study.make_plan(config).order == plan.order  # keys are deterministic
 
 
+def test_all_arms_sets_a_stage_field_for_every_arm_that_trains_the_stage(tmp_path):
+    config = study_config.get_config()
+    config.root, config.data_dir, config.seeds = str(tmp_path), str(tmp_path / "data"), (0,)
+    before = study.make_plan(config)
+    # Unset (None): no override, so every job keeps its id.
+    assert "stage.kl_temperature" not in study.stage_overrides(config, "full", 2, 0)
+    config.all_arms.stage2.stage.kl_temperature = 0.25
+    assert study.stage_overrides(config, "no_kl", 2, 0)["stage.kl_temperature"] == 0.25
+    after = study.make_plan(config)
+    stage2 = [j for j in after.stages.values() if j.stage == 2]
+    assert len(stage2) == 5 and all(j.config.stage.kl_temperature == 0.25 for j in stage2)
+    # Stages 0 and 1 and the baseline (no stage 2) are untouched; every stage 2 and 3 is new.
+    kept = {k for k, j in before.stages.items() if j.stage in (0, 1) or j.arms == ["baseline"]}
+    assert kept == set(before.stages) & set(after.stages)
+
+
 @pytest.mark.slow
 def test_quick_study_end_to_end_and_rerun(tmp_path):
     config = study_config.get_config("quick")

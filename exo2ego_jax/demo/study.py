@@ -158,9 +158,11 @@ def _digest(obj: Any) -> str:
 
 
 def stage_overrides(config: ml_collections.ConfigDict, arm: str, stage: int, seed: int) -> dict:
-    """The dotted overrides of ``arm``'s stage ``stage``: the arm's, the study's schedule and
-    the seed."""
-    out = flatten(config.arm_defs[arm][f"stage{stage}"])
+    """The dotted overrides of ``arm``'s stage ``stage``: the study's for every arm (those
+    set), the arm's, the study's schedule and the seed."""
+    every = flatten(config.all_arms[f"stage{stage}"])
+    out = {k: v for k, v in every.items() if v is not None}
+    out.update(flatten(config.arm_defs[arm][f"stage{stage}"]))
     sched = config.optim[f"stage{stage}"]
     if sched.num_epochs > 0:
         out["optim.num_epochs"] = sched.num_epochs
