@@ -1,10 +1,13 @@
 """The study's diagnostics: the linear probe, the mapping distances and the exo-view model
 on known values (the end-to-end run on a finished study is in tests/test_study.py)."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 
+from exo2ego_jax.demo import held_out_views as views
 from exo2ego_jax.demo import study_diagnostics as diag
 from exo2ego_jax.models import exo2ego
 
@@ -33,6 +36,43 @@ def test_probe_never_splits_a_take_between_training_and_testing():
     labels = [int(t[-1]) % 2 == 0 for t in takes]
     ident = np.eye(8)[[int(t[-1]) for t in takes]]
     assert diag.probe_accuracy(ident, labels, takes) == pytest.approx(50.0)
+
+
+def test_probe_takes_a_label_per_clip_and_folds_by_take():
+    # Labels that change within a take (only its middle clip is positive in even takes):
+    # a feature that carries the clip's label is read perfectly, one that carries the take's
+    # ("on the table") is not, and a take is still never split.
+    takes = _takes(8, 3)
+    labels = [int(t[-1]) % 2 == 0 and i % 3 == 1 for i, t in enumerate(takes)]
+    clip_signal = np.where(labels, 1.0, -1.0)[:, None]
+    assert diag.probe_accuracy(clip_signal, labels, takes) == pytest.approx(100.0)
+    take_signal = np.asarray([[1.0 if int(t[-1]) % 2 == 0 else -1.0] for t in takes])
+    # Least squares on the take's sign predicts the mean target of its clips, -1/3 in a
+    # positive take: every clip is called negative (tpr 0, tnr 1).
+    assert diag.probe_accuracy(take_signal, labels, takes) == pytest.approx(50.0)
+    ident = np.eye(8)[[int(t[-1]) for t in takes]]
+    assert diag.probe_accuracy(ident, labels, takes) <= 50.0
+
+
+def test_probes_report_both_label_kinds():
+    takes = _takes(8, 3)
+    clips = [
+        views.StepClip(
+            take=t,
+            group="seen",
+            ego=Path("e"),
+            exo=Path("x"),
+            start=0.0,
+            end=1.0,
+            labels={"purple": int(t[-1]) % 2 == 0},
+            step_labels={"purple": int(t[-1]) % 2 == 0 and i % 3 == 1},
+        )
+        for i, t in enumerate(takes)
+    ]
+    table = np.where([c.labels["purple"] for c in clips], 1.0, -1.0)[:, None, None]
+    got = diag.probes({"y": np.repeat(table, 2, axis=1)}, clips)
+    assert got["purple (on the table)"]["y"] == pytest.approx(100.0)
+    assert got["purple (acted on)"]["y"] == pytest.approx(50.0)  # as above: the take's only
 
 
 def test_mapping_distances_on_known_arrays():

@@ -15,6 +15,7 @@ from input_pipeline.synthetic import cli, concepts
 from input_pipeline.synthetic import egobench as bench_files
 from input_pipeline.synthetic.concepts import StudyRegime, TransferConcepts, involves, mentions
 from input_pipeline.synthetic.corpora import egoclip_file, egoexo_files, egoit_file
+from input_pipeline.synthetic.language import narration
 from input_pipeline.synthetic.rendering import render_take
 from input_pipeline.synthetic.sampling import BENCH_DIRS, SPLITS
 
@@ -350,4 +351,13 @@ def test_step_clips_label_the_transfer_concepts_on_the_table(world, tmp_path):
         assert {c.group for c in mine} == {groups[take.name]}
         assert (purple or knife) == (groups[take.name] == "transfer")
         assert [(c.start, c.end) for c in mine] == [(s.t0, s.t1) for s in take.object_steps()]
+        # The step labels: what the step's narration names ("C puts the purple knife ...").
+        said = [narration(take, s) for s in take.object_steps()]
+        assert [c.step_labels["purple"] for c in mine] == [" purple " in t for t in said]
+        assert [c.step_labels["knife"] for c in mine] == [" knife" in t for t in said]
         assert {c.exo for c in mine} == {videos[take.uid]}
+    assert any(c.step_labels["purple"] for c in clips) and any(
+        c.step_labels["knife"] for c in clips
+    )
+    # Some steps of transfer takes act on other objects: the two labels differ.
+    assert any(c.labels["purple"] and not c.step_labels["purple"] for c in clips)

@@ -33,7 +33,9 @@ class StepClip:
     """One object step of a take, seen from both views (``ego`` / ``exo`` video paths).
 
     ``labels``: for each transfer concept, whether an object of that colour or shape is on
-    the table (visible for the whole take, whichever object the step moves).
+    the table (visible for the whole take, whichever object the step moves);
+    ``step_labels``: whether the step acts on one (the object it moves, or the bowl it puts
+    into), which is what the step's narration names.
     """
 
     take: str
@@ -43,6 +45,7 @@ class StepClip:
     start: float
     end: float
     labels: dict[str, bool]
+    step_labels: dict[str, bool]
 
 
 def world_takes(world_dir: str | os.PathLike, split: str) -> list[TakeSpec]:
@@ -177,6 +180,9 @@ def step_clips(
         labels = {c: any(o.color == c for o in take.objects) for c in colors}
         labels |= {s: any(o.shape == s for o in take.objects) for s in shapes}
         for step in take.object_steps():
+            acted = [take.objects[i] for i in (step.obj, step.target) if i is not None]
+            step_labels = {c: any(o.color == c for o in acted) for c in colors}
+            step_labels |= {s: any(o.shape == s for o in acted) for s in shapes}
             out.append(
                 StepClip(
                     take=take.name,
@@ -186,6 +192,7 @@ def step_clips(
                     start=step.t0,
                     end=step.t1,
                     labels=labels,
+                    step_labels=step_labels,
                 )
             )
     return out

@@ -9,11 +9,11 @@ config and flags) reads a finished study and, per seed, measures on its test tak
   ``‖a − y‖ / ‖y‖`` and stage 2's KL (per token, mean). The same on pair takes F trained on,
   for the final model and for the model as stage 2 left it (stage 3 trains F and E_ego by
   VTG alone).
-* **probe**: a linear probe of each transfer concept (is an object of that colour / shape
-  on the table) from the mean-pooled tokens ``y``, ``F(x)`` and ``x`` of the full model,
-  ``x`` of the baseline's, and the CLIP features each connector reads (exo view through
-  E_exo's tower, ego view through E_ego's), with cross-validation over takes; balanced
-  accuracy (chance 50).
+* **probe**: a linear probe of each transfer concept, with two labels per clip (an object
+  of that colour / shape is on the table; the step acts on one), from the mean-pooled tokens
+  ``y``, ``F(x)`` and ``x`` of the full model, ``x`` of the baseline's, and the CLIP
+  features each connector reads (exo view through E_exo's tower, ego view through E_ego's),
+  with cross-validation over takes; balanced accuracy (chance 50).
 * **losses**: stage 2's VTG, KL and CCL of the full arm, first and last logged values.
 * **exo view**: EgoBench on the same held-out items shown from the exo rig and read by
   ``E_exo`` alone (``y`` replaces ``<video>``, as stage 1 trained the LLM), beside the ego
@@ -166,15 +166,18 @@ def probe_accuracy(
     folds: int = 4,
     ridge: float = 1.0,
 ) -> float | None:
-    """Balanced accuracy (percent) of a ridge linear probe ``feats float[N, D] -> labels``,
-    cross-validated over ``folds`` groups of takes (a take's clips are never split; takes
-    dealt to folds by label, so each fold has both). None if a class has < ``folds`` takes."""
+    """Balanced accuracy (percent) of a ridge linear probe ``feats float[N, D] -> labels``
+    (one label per clip), cross-validated over ``folds`` groups of takes: a take's clips are
+    never split, and takes with a positive clip and takes without are dealt to the folds
+    separately, so each fold has both. None if either kind has < ``folds`` takes."""
     labels = np.asarray(labels, bool)
-    take_label = {t: bool(lab) for t, lab in zip(takes, labels, strict=True)}
-    by_label = [sorted(t for t, lab in take_label.items() if lab == c) for c in (True, False)]
-    if min(len(b) for b in by_label) < folds:
+    positive: dict[str, bool] = {}
+    for t, lab in zip(takes, labels, strict=True):
+        positive[t] = positive.get(t, False) or bool(lab)
+    by_kind = [sorted(t for t, pos in positive.items() if pos == c) for c in (True, False)]
+    if min(len(b) for b in by_kind) < folds:
         return None
-    fold_of = {t: k % folds for b in by_label for k, t in enumerate(b)}
+    fold_of = {t: k % folds for b in by_kind for k, t in enumerate(b)}
     fold = np.asarray([fold_of[t] for t in takes])
     target = np.where(labels, 1.0, -1.0)
     pred = np.zeros(len(labels), bool)
@@ -189,16 +192,23 @@ def probe_accuracy(
     return float(50.0 * (tpr + tnr))
 
 
+# The probe's two labels of a clip (held_out_views.StepClip): the take's table holds an object
+# of the concept, or the step acts on one (what its narration, and a question about it, name).
+PROBE_LABELS = {"on the table": "labels", "acted on": "step_labels"}
+
+
 def probes(features: Mapping[str, np.ndarray], clips: Sequence[views.StepClip]) -> dict:
-    """``{concept: {feature name: balanced accuracy}}`` on mean-pooled tokens."""
+    """``{"<concept> (<label kind>)": {feature name: balanced accuracy}}`` on mean-pooled
+    tokens, for each label kind of :data:`PROBE_LABELS`."""
     takes = [c.take for c in clips]
-    return {
-        concept: {
-            name: probe_accuracy(f.mean(axis=1), [c.labels[concept] for c in clips], takes)
-            for name, f in features.items()
-        }
-        for concept in clips[0].labels
-    }
+    out = {}
+    for kind, field in PROBE_LABELS.items():
+        for concept in getattr(clips[0], field):
+            labels = [getattr(c, field)[concept] for c in clips]
+            out[f"{concept} ({kind})"] = {
+                name: probe_accuracy(f.mean(axis=1), labels, takes) for name, f in features.items()
+            }
+    return out
 
 
 # ----------------------------------------------------------------------------- the rest
