@@ -97,6 +97,15 @@ def test_mapping_distances_on_known_arrays():
     assert got["rel_l2"]["F(x) vs another take's y"] == pytest.approx(rel(y, other), rel=1e-5)
     assert got["rel_l2"]["another take's y vs y"] == pytest.approx(rel(other, y), rel=1e-5)
     assert got["kl"]["another take's y vs y"] == pytest.approx(kl(y, other), rel=1e-5)
+    # Scale: a token's norm, and how far each clip is from the mean clip.
+    tokens = [np.linalg.norm(y[i, s]) for i in range(6) for s in range(4)]
+    assert got["token_norm"]["y"] == pytest.approx(np.mean(tokens), rel=1e-5)
+    mean_clip = np.broadcast_to(x.mean(0), x.shape)
+    assert got["spread"]["x"] == pytest.approx(rel(x, mean_clip), rel=1e-5)
+    const = diag.mapping_distances({"x": x, "fx": np.broadcast_to(y[0], y.shape), "y": y}, takes)
+    assert const["spread"]["F(x)"] == pytest.approx(
+        0.0, abs=1e-6
+    )  # a constant map: F(x) the same for every clip
 
 
 def test_other_take_order_never_pairs_a_clip_with_its_own_take():
@@ -122,7 +131,12 @@ def test_exo_view_model_puts_the_exo_encoders_tokens_in_the_prompt():
 
 def test_report_leaves_a_row_the_study_has_not_scored_empty():
     # On the validation split the study's own ego-view scores are absent: "n/a", not a crash.
-    distances = {"rel_l2": {"F(x) vs y": 0.25}, "kl": {"F(x) vs y": 0.5}}
+    distances = {
+        "rel_l2": {"F(x) vs y": 0.25},
+        "kl": {"F(x) vs y": 0.5},
+        "token_norm": {"x": 0.9, "y": 12.0},
+        "spread": {"x": 0.4, "y": 0.15},
+    }
     seed = {
         "mapping": {"final": {"val": distances, "pairs": distances}},
         "probe": {"purple": {"y": 60.0, "x": None}},
@@ -135,6 +149,7 @@ def test_report_leaves_a_row_the_study_has_not_scored_empty():
     md = diag.markdown({"split": "val", "clips": {"val": 3, "pairs": 4}, "camera": "cam01",
                         "seeds": {"0": seed}})  # fmt: skip
     assert "| final | F(x) vs y | 0.250 | 0.500 | 0.250 | 0.500 |" in md
+    assert "| final | y | 12.000 | 0.150 |" in md
     assert "| purple | 60.0 | n/a |" in md
     assert "| full (final), ego view | n/a | n/a | n/a |" in md
     assert "| baseline, ego view | 30.0 | n/a | n/a |" in md

@@ -136,7 +136,9 @@ def other_take_order(takes: Sequence[str]) -> np.ndarray:
 def mapping_distances(feats: Mapping[str, np.ndarray], takes: Sequence[str]) -> dict:
     """How close ``F(x)`` comes to ``y`` (same clip) against ``x`` and against another take's
     ``y``, and how far apart the ``y`` of two takes are: ``{"rel_l2": {...}, "kl": {...}}``,
-    means over clips."""
+    means over clips; and the scale of each of ``x``, ``F(x)``, ``y``: ``"token_norm"`` (mean
+    L2 norm of a token) and ``"spread"`` (mean ``‖a_i − ā‖ / ‖ā‖``, ``ā`` the mean clip: how
+    much the tokens vary between clips, 0 for a constant)."""
     x, fx, y = feats["x"], feats["fx"], feats["y"]
     other = y[other_take_order(takes)]
 
@@ -152,9 +154,12 @@ def mapping_distances(feats: Mapping[str, np.ndarray], takes: Sequence[str]) -> 
         "F(x) vs another take's y": (fx, other),
         "another take's y vs y": (other, y),  # how much y itself varies between clips
     }
+    named = {"x": x, "F(x)": fx, "y": y}
     return {
         "rel_l2": {k: rel_l2(a, b) for k, (a, b) in pairs.items()},
         "kl": {k: kl(b, a) for k, (a, b) in pairs.items()},
+        "token_norm": {k: float(np.linalg.norm(a, axis=-1).mean()) for k, a in named.items()},
+        "spread": {k: rel_l2(a, np.broadcast_to(a.mean(0), a.shape)) for k, a in named.items()},
     }
 
 
@@ -392,6 +397,15 @@ def markdown(payload: Mapping[str, Any]) -> str:
                 _cell([s["mapping"][model][part][m][name] for s in seeds], 3)
                 for part in (split, "pairs")
                 for m in ("rel_l2", "kl")
+            ]
+            lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"## Scale of the tokens ({split} takes)", ""]
+    lines += ["| model | tokens | token norm | spread between clips |", "|---|---|---:|---:|"]
+    for model in seeds[0]["mapping"]:
+        for name in seeds[0]["mapping"][model][split]["token_norm"]:
+            cells = [
+                _cell([s["mapping"][model][split][m][name] for s in seeds], 3)
+                for m in ("token_norm", "spread")
             ]
             lines.append(f"| {model} | {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Linear probe of the transfer concepts (balanced accuracy, %; chance 50)", ""]
