@@ -213,8 +213,10 @@ def test_quick_study_end_to_end_and_rerun(tmp_path):
     assert report["clips"]["test"] == sum(len(t.object_steps()) for t in takes)
     ego_row = seed0["egobench"]["full (final), ego view"]["all"]["Average"]
     assert ego_row == payload["per_seed"]["arms"]["full"][0]["Average"]
-    exo_dir = root / "diagnostics" / "seed0" / "exo_view_final"
     full_dir = plan.evals[plan.arm_evals[("full", 0)]].out_dir
+    # Kept per model (its evaluation's digest), so a changed model is never scored from
+    # another's predictions.
+    exo_dir = root / "diagnostics" / "seed0" / f"exo_view_{full_dir.name}"
     for task in TASKS:
         ids = [json.loads(line)["item_id"] for line in (exo_dir / f"{task}.jsonl").open()]
         assert ids == [json.loads(line)["item_id"] for line in (full_dir / f"{task}.jsonl").open()]

@@ -297,8 +297,10 @@ def diagnose_seed(
         with trained.context():
             feats[name] = {part: encode_clips(trained, cl) for part, cl in clips.items()}
             log(f"[diagnostics] seed {seed}: exo-view EgoBench of full ({name})")
-            tag = name.replace(" ", "_")
-            exo = exo_view_scores(cfg, exo_world, out / f"seed{seed}" / f"exo_view_{tag}", trained)
+            # Named by the model's own evaluation (its config's digest): the predictions kept
+            # there are reused by a rerun of the same model, never by a changed one.
+            exo_dir = out / f"seed{seed}" / f"exo_view_{plan.evals[job_id].out_dir.name}"
+            exo = exo_view_scores(cfg, exo_world, exo_dir, trained)
         del trained
         takes = {part: [c.take for c in cl] for part, cl in clips.items()}
         mapping[name] = {p: mapping_distances(f, takes[p]) for p, f in feats[name].items()}
