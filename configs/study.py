@@ -173,18 +173,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     e.std_ddof = 1  # sample standard deviation over seeds
     e.plots = True  # PNGs of the ablations and the stage curve (needs matplotlib)
 
-    if preset == "quick":
-        c.root = "workdirs/study_quick"
-        c.data_dir = ""  # a tiny world of its own
-        c.seeds = (0,)
-        c.arms = ("baseline", "full")
-        w.num_takes, w.pair_takes, w.ego_takes, w.exo_takes, w.heldout_takes = 7, 2, 1, 2, 2
-        w.size, w.fps = 64, 6
-        w.val_takes = 0  # no tuning in a smoke test
-        c.lm_steps, c.clip_steps, c.clip_takes = 30, 30, 6
-        for k in range(4):
-            c.optim[f"stage{k}"].num_steps = 3
-        # 4 items: both EgoTaskQA kinds (direct, indirect) among the first ones
-        e.max_items, e.retrieval_max_clips = 4, 3
-        c.curve.after_stages = ()  # the full arm's evaluation is the only one of its chain
+    return _quick(c) if preset == "quick" else c
+
+
+def _quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ``quick`` preset over the default: a smoke test of a few minutes."""
+    c.root = "workdirs/study_quick"
+    c.data_dir = ""  # a tiny world of its own
+    c.seeds = (0,)
+    c.arms = ("baseline", "full")
+    w = c.world
+    w.num_takes, w.pair_takes, w.ego_takes, w.exo_takes, w.heldout_takes = 7, 2, 1, 2, 2
+    w.size, w.fps = 64, 6
+    w.val_takes = 0  # no tuning in a smoke test
+    c.lm_steps, c.clip_steps, c.clip_takes = 30, 30, 6
+    for k in range(4):
+        c.optim[f"stage{k}"].num_steps = 3
+    # 4 items: both EgoTaskQA kinds (direct, indirect) among the first ones
+    c.eval.max_items, c.eval.retrieval_max_clips = 4, 3
+    c.curve.after_stages = ()  # the full arm's evaluation is the only one of its chain
     return c
