@@ -42,8 +42,19 @@ def test_small_run_of_the_command_reproduces_its_record(tmp_path, views):
     assert shipped_clip.parse_losses(proc.stdout.decode()) == pytest.approx(check["loss"], abs=0.01)
     got = {name: shipped_clip.sha256(out / name) for name in shipped_clip.FILES}
     assert got["config.json"] == check["sha256"]["config.json"]
-    if check["machine"] == shipped_clip.this_machine():
+    if not shipped_clip.machine_differences(check["machine"]):
         assert got == check["sha256"]
+
+
+def test_machine_differences_name_what_changes_the_bytes():
+    here = shipped_clip.this_machine()
+    assert set(here) == {"jax", "cpu_threads", "cpu"}
+    assert shipped_clip.machine_differences(here) == []
+    other_cpu = {**here, "cpu": "Some CPU [avx]"}
+    assert shipped_clip.machine_differences(other_cpu) == [f"cpu Some CPU [avx] here {here['cpu']}"]
+    # A record without the CPU (the towers' built_with before it was recorded) is not this one.
+    old = {"jax": here["jax"], "cpu_threads": here["cpu_threads"]}
+    assert shipped_clip.machine_differences(old) == [f"cpu unrecorded here {here['cpu']}"]
 
 
 def test_shipped_files_match_their_manifest_and_the_demo_tower(tmp_path):

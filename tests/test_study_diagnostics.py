@@ -102,10 +102,9 @@ def test_mapping_distances_on_known_arrays():
     assert got["token_norm"]["y"] == pytest.approx(np.mean(tokens), rel=1e-5)
     mean_clip = np.broadcast_to(x.mean(0), x.shape)
     assert got["spread"]["x"] == pytest.approx(rel(x, mean_clip), rel=1e-5)
+    # A constant map: F(x) the same for every clip.
     const = diag.mapping_distances({"x": x, "fx": np.broadcast_to(y[0], y.shape), "y": y}, takes)
-    assert const["spread"]["F(x)"] == pytest.approx(
-        0.0, abs=1e-6
-    )  # a constant map: F(x) the same for every clip
+    assert const["spread"]["F(x)"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_other_take_order_never_pairs_a_clip_with_its_own_take():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from exo2ego_jax.demo.study_data import manifest_regime
 from input_pipeline import atomic
-from input_pipeline.synthetic.concepts import StudyRegime, load_manifest
+from input_pipeline.synthetic.concepts import StudyRegime, acted_on, load_manifest
 from input_pipeline.synthetic.parallel import map_in_processes
 from input_pipeline.synthetic.rendering import render_take, write_mp4
 from input_pipeline.synthetic.sampling import BENCH_DIRS, build_specs
@@ -172,17 +172,14 @@ def step_clips(
     with its ego video, the exo view in ``exo_videos`` (uid -> path) and the
     transfer-concept labels."""
     world = Path(world_dir)
-    study = load_manifest(world).get("study", {})
-    groups = study.get("groups", {})
-    colors, shapes = study.get("transfer_colors", ()), study.get("transfer_shapes", ())
+    manifest = load_manifest(world)
+    groups = manifest.get("study", {}).get("groups", {})
+    concepts = StudyRegime(**manifest_regime(manifest)).concepts
     out = []
     for take in takes:
-        labels = {c: any(o.color == c for o in take.objects) for c in colors}
-        labels |= {s: any(o.shape == s for o in take.objects) for s in shapes}
+        labels = concepts.labels(take.objects)
         for step in take.object_steps():
-            acted = [take.objects[i] for i in (step.obj, step.target) if i is not None]
-            step_labels = {c: any(o.color == c for o in acted) for c in colors}
-            step_labels |= {s: any(o.shape == s for o in acted) for s in shapes}
+            step_labels = concepts.labels(acted_on(take, step))
             out.append(
                 StepClip(
                     take=take.name,

@@ -291,6 +291,7 @@ def diagnose_seed(
 ) -> dict[str, Any]:
     """Every diagnostic of one seed's full and baseline arms (see the module docstring)."""
     mapping, feats, egobench = {}, {}, {}
+    takes = {part: [c.take for c in cl] for part, cl in clips.items()}
     for name, job_id in _full_models(plan, seed).items():
         cfg = plan.evals[job_id].config
         trained = runtime.load_trained(check_eval_config(cfg), log=logging.info)
@@ -302,7 +303,6 @@ def diagnose_seed(
             exo_dir = out / f"seed{seed}" / f"exo_view_{plan.evals[job_id].out_dir.name}"
             exo = exo_view_scores(cfg, exo_world, exo_dir, trained)
         del trained
-        takes = {part: [c.take for c in cl] for part, cl in clips.items()}
         mapping[name] = {p: mapping_distances(f, takes[p]) for p, f in feats[name].items()}
         egobench[f"full ({name}), ego view"] = _study_scores(job_id, plan)
         egobench[f"full ({name}), exo view (E_exo alone)"] = exo

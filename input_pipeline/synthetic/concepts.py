@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from input_pipeline.egobench.items import TASKS, EvalItem
-from input_pipeline.synthetic.takes import ObjectSpec, TakeSpec
+from input_pipeline.synthetic.takes import ObjectSpec, Step, TakeSpec
 from input_pipeline.synthetic.vocabulary import COLORS, SHAPES
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "TransferConcepts",
     "StudyRegime",
     "mentions",
+    "acted_on",
     "involves",
     "satisfies",
     "num_transfer",
@@ -81,6 +82,13 @@ class TransferConcepts:
         """Whether ``obj`` has a transfer colour or a transfer shape."""
         return obj.color in self.colors or obj.shape in self.shapes
 
+    def labels(self, objects: Iterable[ObjectSpec]) -> dict[str, bool]:
+        """For each transfer colour and shape (in that order), whether one of ``objects``
+        has it."""
+        objects = list(objects)
+        out = {c: any(o.color == c for o in objects) for c in self.colors}
+        return out | {s: any(o.shape == s for o in objects) for s in self.shapes}
+
 
 @dataclass(frozen=True)
 class StudyRegime:
@@ -122,14 +130,15 @@ def mentions(take: TakeSpec, concepts: TransferConcepts) -> bool:
     return any(concepts.marks(o) for o in take.objects)
 
 
+def acted_on(take: TakeSpec, step: Step) -> list[ObjectSpec]:
+    """The objects an object step acts on: the moved object, and the bowl it is put or
+    poured into (the step's narration names both)."""
+    return [take.objects[i] for i in (step.obj, step.target) if i is not None]
+
+
 def involves(take: TakeSpec, concepts: TransferConcepts) -> bool:
-    """Whether a step acts on a transfer-concept object (as the moved object or as the
-    bowl it is put or poured into: the step's narration names both)."""
-    for s in take.object_steps():
-        acted = [s.obj] + ([s.target] if s.target is not None else [])
-        if any(concepts.marks(take.objects[o]) for o in acted):
-            return True
-    return False
+    """Whether a step acts on a transfer-concept object (:func:`acted_on`)."""
+    return any(concepts.marks(o) for s in take.object_steps() for o in acted_on(take, s))
 
 
 def satisfies(take: TakeSpec, group: str | None, concepts: TransferConcepts) -> bool:
